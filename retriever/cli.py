@@ -1,0 +1,234 @@
+"""The `retriever` command: a thin Typer layer over the library."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UserError
+
+app = typer.Typer(
+    help="Contrastive cross-modal retrieval: embed image collections, index them, search by text or image.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+class Modality(str, Enum):
+    image = "image"
+    text = "text"
+
+
+class IndexType(str, Enum):
+    auto = "auto"
+    flat = "flat"
+    hnsw = "hnsw"
+    ivf = "ivf"
+
+
+def user_errors(fn):
+    """Turn a UserError into one red sentence and exit status 1, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        logging.getLogger().setLevel(logging.ERROR)  # open_clip logs chatty warnings on the root logger
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            err.print(f"[red]Error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("Interrupted; rerun the same command to resume.")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+ModelOpt = typer.Option(None, "--model", "-m", help="open_clip model name (default ViT-B-32), a model-config JSON, or local-dir:FOLDER.")
+PretrainedOpt = typer.Option(None, "--pretrained", "-p", help="Pretrained tag (default laion2b_s34b_b79k for ViT-B-32), a weights file, or 'random'.")
+DeviceOpt = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available).")
+PrecisionOpt = typer.Option(None, "--precision", help="fp32 (CPU), fp16 or bf16 (GPU; default fp16 there).")
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+        disable=not err.is_terminal and os.environ.get("RETRIEVER_PROGRESS") != "1",
+    )
+
+
+def _load(model: Optional[str], pretrained: Optional[str], device=None, precision=None):
+    from .models import DEFAULT_MODEL, load_model
+
+    with err.status(f"Loading model {model or DEFAULT_MODEL}…"):
+        return load_model(model or DEFAULT_MODEL, pretrained, device=device, precision=precision)
+
+
+@app.command()
+@user_errors
+def embed(
+    source: Path = typer.Argument(..., help="Folder of images (captions from same-name .txt) or a CSV/TSV/JSONL/Parquet manifest."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the Parquet shards."),
+    model: Optional[str] = ModelOpt,
+    pretrained: Optional[str] = PretrainedOpt,
+    image_column: Optional[str] = typer.Option(None, help="Manifest column with image paths (default: image, path, ...)."),
+    caption_column: Optional[str] = typer.Option(None, help="Manifest column with captions (default: caption, text, ...)."),
+    batch_size: int = typer.Option(32, help="Images per model forward."),
+    shard_size: int = typer.Option(10_000, help="Rows per Parquet shard (the unit of resumption)."),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Image-decoding worker processes (0: decode in the main process)."),
+    dtype: str = typer.Option("float32", help="Embedding storage type: float32 or float16."),
+    device: Optional[str] = DeviceOpt,
+    precision: Optional[str] = PrecisionOpt,
+    overwrite: bool = typer.Option(False, help="Replace shards in --out made with other arguments."),
+    as_json: bool = JsonOpt,
+):
+    """Embed a collection into Parquet shards (resumes an interrupted run)."""
+    from .data import read_source
+    from .embed import EmbedConfig, embed_items
+
+    items = read_source(source, image_column=image_column, caption_column=caption_column)
+    lm = _load(model, pretrained, device, precision)
+    cfg = EmbedConfig(shard_size=shard_size, batch_size=batch_size, num_workers=workers, dtype=dtype, overwrite=overwrite)
+    with _progress() as bar:
+        task = bar.add_task("Embedding", total=None)
+        result = embed_items(items, lm, out_dir, cfg, progress=lambda n, total: bar.update(task, completed=n, total=total))
+    if as_json:
+        out.print_json(json.dumps(result.__dict__))
+        return
+    out.print(
+        f"{result.rows} rows in {result.shards} shards at {result.out_dir} "
+        f"({result.shards_written} written, {result.shards_resumed} kept from an earlier run; "
+        f"{result.images_per_second:.1f} images/s)."
+    )
+    if result.errors:
+        err.print(f"[yellow]Skipped {result.errors} unreadable image(s)[/yellow]; details in {result.errors_file}:")
+        for e in result.error_samples:
+            err.print(f"  {e['path']}: {e['reason']}", highlight=False)
+
+
+@app.command()
+@user_errors
+def index(
+    shards: Path = typer.Argument(..., help="Shard folder written by `retriever embed`."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Index folder to write (replaced atomically)."),
+    index_type: IndexType = typer.Option(IndexType.auto, help="auto: exact Flat for small sets, HNSW, then IVF."),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="Build on the GPU (default: when faiss sees one)."),
+    as_json: bool = JsonOpt,
+):
+    """Build FAISS indexes (image, and text where captions exist) from shards."""
+    from .indexes import BuildConfig, build_index
+    from .shards import ShardSet
+
+    ss = ShardSet(shards)
+    with _progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(modality, n, total):
+            if modality not in tasks:
+                tasks[modality] = bar.add_task(f"Indexing {modality}", total=total)
+            bar.update(tasks[modality], completed=n)
+
+        manifest = build_index(ss, out_dir, BuildConfig(index_type=index_type.value, use_gpu=gpu), progress=progress)
+    if as_json:
+        out.print_json(json.dumps(manifest.to_dict()))
+        return
+    for m in manifest.indexes.values():
+        out.print(f"{m.modality} index: {m.count} vectors, {m.factory} {m.search_params or ''} on {m.built_on} in {m.build_seconds:.1f}s")
+    out.print(f"Wrote {out_dir}")
+
+
+@app.command()
+@user_errors
+def search(
+    index_dir: Path = typer.Argument(..., help="Index folder written by `retriever index`."),
+    query: Optional[str] = typer.Argument(None, help="Text query (or use --image)."),
+    image: Optional[Path] = typer.Option(None, "--image", "-i", help="Query image file."),
+    modality: Modality = typer.Option(Modality.image, help="What to retrieve: image (default) or text (captions)."),
+    k: int = typer.Option(10, "-k", help="Number of results."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to encode the query (default: the one named in the index)."),
+    pretrained: Optional[str] = PretrainedOpt,
+    device: Optional[str] = DeviceOpt,
+    as_json: bool = JsonOpt,
+):
+    """Search an index: text → image, image → text, image → image."""
+    from .search import Retriever
+
+    if (query is None) == (image is None):
+        raise UserError("Give a text query or --image PATH (exactly one).")
+    if image is not None and not image.is_file():
+        raise UserError(f"Query image {image} does not exist.")
+    lm = _load(model, pretrained, device) if model else None
+    r = Retriever(index_dir, lm, device=device)
+    if lm is None:
+        with err.status("Loading model…"):
+            r.model
+    results = r.search(text=query, image=image, k=k, modality=modality.value)
+    if as_json:
+        out.print_json(json.dumps([x.to_dict() for x in results]))
+        return
+    table = Table("rank", "score", "id", "caption", "path", title=f"{modality.value} results for {query or image}")
+    for x in results:
+        table.add_row(str(x.rank), f"{x.score:.4f}", str(x.id), x.caption or "", x.path)
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def info(
+    path: Path = typer.Argument(..., help="A shard folder or an index folder."),
+    as_json: bool = JsonOpt,
+):
+    """Describe shards or an index: model, counts, index types and search parameters."""
+    from .info import describe, to_json
+
+    d = describe(path)
+    if as_json:
+        out.print_json(to_json(d))
+        return
+    table = Table("field", "value", title=f"{d['kind']}: {d['path']}", show_header=False)
+    model = d["model"]
+    table.add_row("model", f"{model['name']} ({model.get('pretrained') or 'no pretrained tag'})")
+    table.add_row("weights sha256", model["weights_sha256"])
+    table.add_row("embedding dim", str(model["embed_dim"]))
+    if d["kind"] == "shards":
+        for key in ("rows", "rows_with_caption", "shards", "bytes", "dtype", "normalized", "skipped_images", "errors_file"):
+            table.add_row(key, str(d[key]))
+    else:
+        table.add_row("bytes", str(d["bytes"]))
+        table.add_row("shards", f"{d['shards']['folder']} ({d['shards']['rows']} rows, {len(d['shards']['files'])} files)")
+        for name, m in d["indexes"].items():
+            params = ", ".join(f"{k}={v}" for k, v in m["search_params"].items()) or "exact"
+            table.add_row(f"{name} index", f"{m['count']} vectors, {m['factory']} ({params}), built on {m['built_on']}")
+            for key, value in m.get("extra", {}).items():
+                table.add_row(f"  {key}", json.dumps(value) if not isinstance(value, str) else value)
+    out.print(table)
+
+
+def main() -> None:  # pragma: no cover - console-script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,234 @@
+"""Source → encoder → Parquet shards, resumable and tolerant of bad files.
+
+Items are cut into fixed shards by position: shard k holds items [k·S, (k+1)·S). A shard file
+appears only when complete (atomic rename), so on a rerun with the same arguments every existing
+shard is kept and only missing ones are computed: no row lost, none duplicated. Files that fail to
+decode are skipped and listed in `_errors.jsonl` (path, reason); the errors of a shard are written
+before the shard itself, so a crash between the two loses nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .data import DecodedBatch, ImageDataset, SourceItem, collate_decoded
+from .encode import encode_image_tensors, encode_texts
+from .errors import UserError
+from .fsutil import write_bytes_atomic, write_json_atomic
+from .models import LoadedModel
+from .shards import SHARD_GLOB, shard_name, shard_number, shard_schema, write_shard
+
+JOB_FILE = "_embed_job.json"
+ERRORS_FILE = "_errors.jsonl"
+
+
+@dataclass
+class EmbedConfig:
+    shard_size: int = 10_000
+    batch_size: int = 32
+    text_batch_size: int = 256
+    num_workers: int = 2  # DataLoader decode workers; 0 decodes in the main process
+    dtype: str = "float32"  # embedding storage: float32 or float16
+    overwrite: bool = False  # discard shards made with other arguments instead of refusing
+
+
+@dataclass
+class EmbedResult:
+    out_dir: str
+    rows: int  # rows in the folder after this run
+    errors: int  # images skipped (all runs)
+    shards: int
+    shards_written: int  # by this run
+    shards_resumed: int  # already complete and kept
+    seconds: float
+    images_per_second: float
+    errors_file: str | None
+    error_samples: list[dict] = field(default_factory=list)  # the first few, for display
+
+
+# Called after each batch with (images_done_in_this_run, total_to_do_in_this_run).
+ProgressFn = Callable[[int, int], None]
+
+
+def embed_items(
+    items: Sequence[SourceItem],
+    lm: LoadedModel,
+    out_dir: str | Path,
+    config: EmbedConfig | None = None,
+    progress: ProgressFn | None = None,
+) -> EmbedResult:
+    """Embed every item into shards under `out_dir`, resuming whatever a previous run finished."""
+    cfg = config or EmbedConfig()
+    if cfg.shard_size < 1 or cfg.batch_size < 1:
+        raise UserError("--shard-size and --batch-size must be at least 1.")
+    if not items:
+        raise UserError("Nothing to embed: the source is empty.")
+    out = Path(out_dir).expanduser()
+    schema = shard_schema(lm.identity, cfg.dtype)
+    job = {
+        "retriever_version": __version__,
+        "source_sha256": _source_digest(items),
+        "items": len(items),
+        "shard_size": cfg.shard_size,
+        "dtype": cfg.dtype,
+        "model": lm.identity.to_dict(),
+    }
+    _prepare_out_dir(out, job, cfg.overwrite)
+
+    n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
+    done = {shard_number(p.name) for p in out.glob(SHARD_GLOB)}
+    todo = [k for k in range(n_shards) if k not in done]
+    errors = [e for e in _read_errors(out) if e["shard"] in done]
+
+    t0 = time.perf_counter()
+    n_todo = sum(len(_shard_items(items, k, cfg.shard_size)) for k in todo)
+    n_seen = 0
+    for k, batches in _decoded_shards(items, todo, lm, cfg):
+        chunk = _shard_items(items, k, cfg.shard_size)
+        ids, paths, captions, vecs, shard_errors = [], [], [], [], []
+        for batch in batches:
+            for pos, reason in batch.errors:
+                it = chunk[pos]
+                shard_errors.append({"id": it.index, "path": it.path, "reason": reason, "shard": k})
+            if batch.pixels is not None:
+                vecs.append(encode_image_tensors(lm, batch.pixels))
+                for pos in batch.indices:
+                    ids.append(chunk[pos].index)
+                    paths.append(chunk[pos].path)
+                    captions.append(chunk[pos].caption)
+            n_seen += len(batch.indices) + len(batch.errors)
+            if progress:
+                progress(n_seen, n_todo)
+        img = np.concatenate(vecs) if vecs else np.zeros((0, lm.embed_dim), np.float32)
+        has_text = np.array([c is not None for c in captions], bool)
+        txt = np.zeros_like(img)
+        if has_text.any():
+            txt[has_text] = encode_texts(lm, [c for c in captions if c is not None], cfg.text_batch_size)
+        # Errors first: if we die between the two writes, the rerun redoes this shard and rewrites them.
+        errors.extend(shard_errors)
+        _write_errors(out, errors)
+        write_shard(out / shard_name(k), schema, ids, paths, captions, img, txt, has_text)
+
+    seconds = time.perf_counter() - t0
+    rows = _count_rows(out)
+    return EmbedResult(
+        out_dir=str(out),
+        rows=rows,
+        errors=len(errors),
+        shards=n_shards,
+        shards_written=len(todo),
+        shards_resumed=n_shards - len(todo),
+        seconds=seconds,
+        images_per_second=n_seen / seconds if seconds > 0 and n_seen else 0.0,
+        errors_file=str(out / ERRORS_FILE) if errors else None,
+        error_samples=errors[:5],
+    )
+
+
+def _decoded_shards(items, todo, lm: LoadedModel, cfg: EmbedConfig):
+    """Yield (shard number, iterator of DecodedBatch) with decoding overlapped in workers.
+
+    One DataLoader covers every pending shard (workers start once); batches never straddle shards.
+    """
+    paths: list[str] = []
+    batch_plan: list[tuple[int, list[int]]] = []
+    for k in todo:
+        chunk = _shard_items(items, k, cfg.shard_size)
+        base = len(paths)
+        paths.extend(it.path for it in chunk)
+        for lo in range(0, len(chunk), cfg.batch_size):
+            batch_plan.append((k, list(range(base + lo, base + min(lo + cfg.batch_size, len(chunk))))))
+    if not batch_plan:
+        return
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(paths, lm.preprocess),
+        batch_sampler=[idx for _, idx in batch_plan],
+        num_workers=cfg.num_workers,
+        collate_fn=collate_decoded,
+        pin_memory=lm.device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if cfg.num_workers > 0 else None,
+    )
+    batches = iter(loader)
+    starts = {}
+    for k, idx in batch_plan:
+        starts.setdefault(k, idx[0])
+    i = 0
+    while i < len(batch_plan):
+        k = batch_plan[i][0]
+        n = 0
+        while i + n < len(batch_plan) and batch_plan[i + n][0] == k:
+            n += 1
+        yield k, _relative(batches, n, starts[k])
+        i += n
+
+
+def _relative(batches, n: int, start: int):
+    """Take n batches, renumbering dataset positions to positions within the shard."""
+    for _ in range(n):
+        b: DecodedBatch = next(batches)
+        yield DecodedBatch([i - start for i in b.indices], b.pixels, [(i - start, r) for i, r in b.errors])
+
+
+def _shard_items(items, k: int, size: int):
+    return items[k * size : (k + 1) * size]
+
+
+def _source_digest(items: Sequence[SourceItem]) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it.index, it.path, it.caption]).encode())
+    return h.hexdigest()
+
+
+def _prepare_out_dir(out: Path, job: dict, overwrite: bool) -> None:
+    job_path = out / JOB_FILE
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder.")
+    existing = list(out.glob(SHARD_GLOB)) if out.is_dir() else []
+    if job_path.is_file():
+        old = json.loads(job_path.read_text())
+        if old != job:
+            if not overwrite:
+                raise UserError(
+                    f"{out} holds shards made with other arguments (source, model, shard size or dtype); "
+                    "use a new --out folder or pass --overwrite to replace them."
+                )
+            for p in existing + [out / ERRORS_FILE]:
+                p.unlink(missing_ok=True)
+    elif existing:
+        if not overwrite:
+            raise UserError(f"{out} already holds shards not made by this job; use a new --out or --overwrite.")
+        for p in existing:
+            p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(job_path, job)
+
+
+def _read_errors(out: Path) -> list[dict]:
+    path = out / ERRORS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_errors(out: Path, errors: list[dict]) -> None:
+    if errors:
+        write_bytes_atomic(out / ERRORS_FILE, "".join(json.dumps(e) + "\n" for e in errors).encode())
+
+
+def _count_rows(out: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob(SHARD_GLOB))
+
+

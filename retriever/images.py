@@ -1,0 +1,66 @@
+"""Decode any image a user has into the RGB picture a CLIP model expects.
+
+open_clip's own preprocessing calls `convert("RGB")`, which turns transparent pixels black and
+clips 16-bit images to white. We normalise first: EXIF orientation applied, transparency composited
+onto white, 16-bit scaled to 8-bit, CMYK / palette / grey converted. Pillow's decompression-bomb
+guard stays on: a bomb is a decode error like any other.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image]
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
+_WHITE = (255, 255, 255)
+
+
+def load_image(source: ImageInput) -> Image.Image:
+    """Open a path, raw bytes or PIL image and return a fully decoded RGB image.
+
+    Raises OSError / ValueError / Image.DecompressionBombError for undecodable input; callers that
+    process batches catch these and report the file rather than stopping.
+    """
+    if isinstance(source, Image.Image):
+        img = source
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        img = Image.open(io.BytesIO(bytes(source)))
+    else:
+        img = Image.open(Path(source))
+    if getattr(img, "is_animated", False):
+        img.seek(0)  # first frame of GIF / animated WebP
+    img.load()  # decode now, so truncated files fail here and not inside the model's transform
+    img = ImageOps.exif_transpose(img)
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grey: scale to 8 bits instead of letting convert() clip everything above 255.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
+        arr = (arr - lo) / (hi - lo or 1.0)
+        return Image.fromarray((arr * 255 + 0.5).astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info or mode in ("LA", "La", "PA", "RGBa"):
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode == "RGBA":
+        background = Image.new("RGB", img.size, _WHITE)
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    # CMYK, YCbCr, LAB, HSV, L, 1, P without transparency: Pillow's conversions are right.
+    return img.convert("RGB")

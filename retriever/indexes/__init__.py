@@ -1,0 +1,19 @@
+"""FAISS indexes over retriever shards: choice, building, storage, GPU placement."""
+
+from .build import BuildConfig, build_index, new_index, set_search_params
+from .factory import IndexSpec, choose_index
+from .gpu import gpu_count
+from .store import IndexManifest, ModalityIndex, read_manifest
+
+__all__ = [
+    "BuildConfig",
+    "IndexManifest",
+    "IndexSpec",
+    "ModalityIndex",
+    "build_index",
+    "choose_index",
+    "gpu_count",
+    "new_index",
+    "read_manifest",
+    "set_search_params",
+]

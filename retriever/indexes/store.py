@@ -1,0 +1,69 @@
+"""The on-disk index folder: faiss files, row metadata and a JSON manifest.
+
+    INDEX/
+      manifest.json        model identity, shard set, and per modality: count, factory string,
+                           search parameters, files; `rows` says how faiss rows map to ids
+      image.faiss          faiss index over image embeddings
+      image.rows.arrow     Arrow IPC file, row i = faiss row i: id, path, caption
+      text.faiss / text.rows.arrow   the same over caption embeddings (rows with a caption)
+
+The rows file is uncompressed Arrow so that search memory-maps it and reads only the k hits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+MANIFEST = "manifest.json"
+FORMAT = "retriever-index/1"
+MODALITIES = ("image", "text")
+
+
+@dataclass
+class ModalityIndex:
+    modality: str  # what the index holds: "image" or "text" vectors
+    count: int
+    dim: int
+    factory: str
+    search_params: dict[str, Any]
+    file: str
+    rows_file: str
+    metric: str = "inner_product"
+    rows: str = "row i of the faiss index is row i of rows_file (columns id, path, caption)"
+    built_on: str = "cpu"
+    build_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)  # tuning results and the like
+
+
+@dataclass
+class IndexManifest:
+    model: dict[str, Any]
+    shards: dict[str, Any]  # {"folder": str, "files": [{"name", "rows", "text_rows"}], "rows": int}
+    indexes: dict[str, ModalityIndex]
+    format: str = FORMAT
+    retriever_version: str = ""
+    created: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["indexes"] = {k: asdict(v) for k, v in self.indexes.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "IndexManifest":
+        if d.get("format") != FORMAT:
+            raise UserError(f"Unsupported index format {d.get('format')!r} (expected {FORMAT}).")
+        idx = {k: ModalityIndex(**v) for k, v in d["indexes"].items()}
+        return cls(d["model"], d["shards"], idx, d["format"], d.get("retriever_version", ""), d.get("created", ""))
+
+
+def read_manifest(index_dir: str | Path) -> IndexManifest:
+    path = Path(index_dir).expanduser() / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{Path(index_dir)} is not a retriever index (no {MANIFEST}); build one with `retriever index`.")
+    return IndexManifest.from_dict(json.loads(path.read_text()))

@@ -1,0 +1,40 @@
+"""Describe a shard folder or an index folder (what `retriever info` prints)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .embed import ERRORS_FILE
+from .errors import UserError
+from .indexes.store import MANIFEST, read_manifest
+from .shards import ShardSet
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{p} does not exist.")
+    if (p / MANIFEST).is_file():
+        m = read_manifest(p)
+        size = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
+        return {"kind": "index", "path": str(p.resolve()), "bytes": size, **m.to_dict()}
+    ss = ShardSet(p)
+    errors = p / ERRORS_FILE
+    n_errors = sum(1 for line in errors.read_text().splitlines() if line.strip()) if errors.is_file() else 0
+    return {
+        "kind": "shards",
+        "path": str(ss.folder),
+        "rows": ss.num_rows,
+        "rows_with_caption": ss.count("text"),
+        "shards": len(ss.shards),
+        "bytes": sum(s.path.stat().st_size for s in ss.shards),
+        "skipped_images": n_errors,
+        "errors_file": str(errors) if n_errors else None,
+        **{k: v for k, v in ss.meta.items()},
+    }
+
+
+def to_json(d: dict[str, Any]) -> str:
+    return json.dumps(d, indent=2, default=str)

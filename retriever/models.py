@@ -1,0 +1,316 @@
+"""Load an open_clip dual encoder and say exactly which weights it carries.
+
+Three ways in, matching what users have in hand:
+
+* a hub name and pretrained tag (`ViT-B-32` + `laion2b_s34b_b79k`), downloaded by open_clip;
+* a hub name (or a model-config JSON) plus a local weights file (`.safetensors`, or a state dict
+  read with `torch.load(weights_only=True)`);
+* an open_clip `local-dir:` folder holding `open_clip_config.json` and safetensors weights (what
+  `retriever train` writes).
+
+Every artefact written downstream records the `ModelIdentity`, whose `weights_sha256` is a hash of
+the fp32 state dict: two models produce comparable vectors only when it matches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import torch
+
+from .errors import ModelLoadError, UserError
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+RANDOM_INIT = "random"
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What produced a set of vectors. Stored with shards and indexes."""
+
+    name: str  # how to rebuild the architecture: hub name, `local-dir:PATH` or config-JSON path
+    pretrained: str | None  # tag, weights-file path, or None (local-dir / random init)
+    weights_sha256: str  # content hash of the fp32 state dict: the real identity
+    embed_dim: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelIdentity":
+        return cls(d["name"], d.get("pretrained"), d["weights_sha256"], int(d["embed_dim"]))
+
+    def describe(self) -> str:
+        w = self.pretrained or ("its folder's weights" if self.name.startswith("local-dir:") else "random init")
+        return f"{self.name} ({w}, sha256 {self.weights_sha256[:12]}, dim {self.embed_dim})"
+
+    def check_same(self, other: "ModelIdentity", what: str) -> None:
+        """Refuse to mix vectors of two different models."""
+        from .errors import ModelMismatchError
+
+        if self.weights_sha256 != other.weights_sha256 or self.embed_dim != other.embed_dim:
+            raise ModelMismatchError(
+                f"{what} was made with model {other.describe()}, "
+                f"but the model in use is {self.describe()}; use the same model for both."
+            )
+
+
+@dataclass
+class LoadedModel:
+    """An open_clip model ready to encode, with its transforms, tokenizer and identity."""
+
+    model: torch.nn.Module
+    preprocess: Callable  # eval transform: PIL RGB image -> tensor
+    preprocess_train: Callable  # open_clip's augmenting train transform
+    tokenizer: Callable
+    identity: ModelIdentity
+    device: torch.device
+    precision: str = "fp32"
+    config: dict[str, Any] = field(default_factory=dict)  # {"model_cfg":..., "preprocess_cfg":...}
+
+    @property
+    def embed_dim(self) -> int:
+        return self.identity.embed_dim
+
+    def autocast(self):
+        """Mixed precision for encoding; weights stay fp32 so the identity hash never changes."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """CUDA when available, else CPU; an explicit choice wins."""
+    if device is not None and str(device) != "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for, but torch sees no CUDA GPU here.")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    if precision is None:
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise UserError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    if device.type == "cpu" and precision != "fp32":
+        raise UserError(f"Precision {precision} needs a GPU; on the CPU retriever runs fp32.")
+    return precision
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """Hash parameter and buffer contents (fp32, sorted by name), independent of file format."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        if t.dtype in (torch.float16, torch.bfloat16):
+            t = t.float()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_model(
+    model: str = DEFAULT_MODEL,
+    pretrained: str | None = None,
+    *,
+    device: str | torch.device | None = None,
+    precision: str | None = None,
+) -> LoadedModel:
+    """Build an open_clip model from a hub name, a config JSON, or a `local-dir:` folder.
+
+    `pretrained` is a tag (`laion2b_s34b_b79k`), a local weights file, or `"random"`. With the
+    default hub model and no `pretrained`, the default tag is used; a config JSON without
+    `pretrained` is randomly (but reproducibly, seed 0) initialised, which is what tests use.
+    """
+    import open_clip
+
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    name, pretrained, config = _resolve_spec(model, pretrained)
+
+    random_init = pretrained in (None, RANDOM_INIT) and not name.startswith("local-dir:")
+    kwargs: dict[str, Any] = {}
+    if config.get("preprocess_cfg"):
+        kwargs["force_preprocess_cfg"] = config["preprocess_cfg"]
+    arch = config.get("_registered_name", name)
+    try:
+        # Seeded so that a random-init model is the same model every time it is loaded.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net, pre_train, pre_val = open_clip.create_model_and_transforms(
+                arch,
+                pretrained=None if random_init else pretrained,
+                device="cpu",
+                precision="fp32",
+                **kwargs,
+            )
+        tokenizer = open_clip.get_tokenizer(arch)
+    except FileNotFoundError as e:
+        raise ModelLoadError(f"Could not load model {name!r}: {e}.") from e
+    except RuntimeError as e:
+        if "download" in str(e).lower():
+            raise ModelLoadError(_download_failed_message(name, pretrained)) from e
+        raise ModelLoadError(f"Could not load model {name!r} with weights {pretrained!r}: {e}") from e
+
+    net.eval()
+    identity = ModelIdentity(
+        name=name,
+        pretrained=None if random_init and pretrained is None else pretrained,
+        weights_sha256=state_dict_sha256(net),
+        embed_dim=_embed_dim(net, config),
+    )
+    net.to(dev)
+    return LoadedModel(net, pre_val, pre_train, tokenizer, identity, dev, prec, config)
+
+
+def model_config_of(model: str) -> dict[str, Any]:
+    """The open_clip config ({"model_cfg", "preprocess_cfg"}) for a hub name, JSON path or folder."""
+    _, _, config = _resolve_spec(model, RANDOM_INIT)
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _resolve_spec(model: str, pretrained: str | None) -> tuple[str, str | None, dict[str, Any]]:
+    """Normalise the user's model/pretrained pair; returns (name, pretrained, config)."""
+    import open_clip
+
+    model = str(model)
+    path = Path(model.removeprefix("local-dir:")).expanduser()
+    if model.startswith("local-dir:") or (path.is_dir() and (path / "open_clip_config.json").is_file()):
+        if not (path / "open_clip_config.json").is_file():
+            raise ModelLoadError(
+                f"{path} is not an open_clip model folder: it needs open_clip_config.json and weights "
+                "(open_clip_model.safetensors)."
+            )
+        if pretrained not in (None, RANDOM_INIT):
+            raise UserError("--pretrained cannot be combined with a local-dir: model; the folder holds the weights.")
+        config = json.loads((path / "open_clip_config.json").read_text())
+        return f"local-dir:{path.resolve()}", None, config
+
+    if model.endswith(".json"):
+        if not path.is_file():
+            raise UserError(f"Model config file {path} does not exist.")
+        raw = json.loads(path.read_text())
+        config = raw if "model_cfg" in raw else {"model_cfg": raw}
+        if not all(k in config["model_cfg"] for k in ("embed_dim", "vision_cfg", "text_cfg")):
+            raise UserError(f"{path} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg).")
+        config["_registered_name"] = _register_config(config["model_cfg"])
+        return str(path.resolve()), _resolve_weights_arg(pretrained), config
+
+    if path.suffix in (".safetensors", ".pt", ".pth", ".bin") or path.is_dir():
+        raise UserError(
+            f"{model} looks like weights, not a model name: pass it as --pretrained with --model NAME, "
+            "or pass a folder with open_clip_config.json as --model local-dir:FOLDER."
+        )
+
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        raise UserError(
+            f"Unknown model {model!r}: give an open_clip model name (see open_clip.list_models()), "
+            "a model-config JSON file, or local-dir:FOLDER."
+        )
+    if pretrained is None:
+        if model != DEFAULT_MODEL:
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+            raise UserError(
+                f"Model {model} needs --pretrained: a tag (known: {tags}), a local weights file, "
+                "or 'random' for random initialisation."
+            )
+        pretrained = DEFAULT_PRETRAINED
+    pretrained = _resolve_weights_arg(pretrained)
+    if pretrained not in (None, RANDOM_INIT) and not Path(pretrained).is_file():
+        _check_tag_downloadable(model, pretrained)
+    return model, pretrained, {"model_cfg": cfg}
+
+
+def _resolve_weights_arg(pretrained: str | None) -> str | None:
+    if pretrained in (None, RANDOM_INIT):
+        return pretrained
+    p = Path(pretrained).expanduser()
+    if p.suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt") or os.sep in pretrained:
+        if not p.is_file():
+            raise UserError(f"Weights file {p} does not exist.")
+        return str(p.resolve())
+    return pretrained
+
+
+def _check_tag_downloadable(model: str, tag: str) -> None:
+    """Fail in a second, not after a minute of retries, when the weights cannot be fetched."""
+    import open_clip
+    from open_clip.pretrained import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(model, tag)
+    if not cfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+        raise UserError(f"{tag!r} is neither a known pretrained tag for {model} (known: {tags}) nor a file.")
+    if _in_hf_cache(cfg) or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
+        return
+    host = urlparse(cfg["url"]).hostname if cfg.get("url") and not cfg.get("hf_hub") else "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise ModelLoadError(_download_failed_message(model, tag)) from None
+
+
+def _in_hf_cache(cfg: dict[str, Any]) -> bool:
+    repo = (cfg.get("hf_hub") or "").strip("/")
+    if not repo:
+        return False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_pytorch_model.safetensors"):
+        if isinstance(try_to_load_from_cache(repo, fname), str):
+            return True
+    return False
+
+
+def _download_failed_message(model: str, pretrained: str | None) -> str:
+    return (
+        f"Could not download the {pretrained!r} weights for {model} (no network access?); "
+        f"download them elsewhere and pass a local checkpoint: --model {model} --pretrained PATH/TO/weights.safetensors, "
+        "or --model local-dir:FOLDER for a folder with open_clip_config.json and weights."
+    )
+
+
+def _register_config(model_cfg: dict[str, Any]) -> str:
+    """Make a config JSON known to open_clip under a content-derived name (public API only)."""
+    import open_clip
+    import tempfile
+
+    digest = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:16]
+    name = f"retriever-cfg-{digest}"
+    if open_clip.get_model_config(name) is None:
+        folder = Path(tempfile.gettempdir()) / "retriever-model-configs"
+        folder.mkdir(exist_ok=True)
+        target = folder / f"{name}.json"
+        if not target.exists():
+            tmp = folder / f".{name}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(model_cfg))
+            os.replace(tmp, target)
+        open_clip.add_model_config(target)
+    return name
+
+
+def _embed_dim(net: torch.nn.Module, config: dict[str, Any]) -> int:
+    dim = config.get("model_cfg", {}).get("embed_dim")
+    if dim is None:
+        dim = getattr(net, "embed_dim", None) or net.text_projection.shape[-1]
+    return int(dim)

@@ -1,0 +1,152 @@
+"""Query an index by text or image: `Retriever(index_dir).search(text="a red apple")`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from .encode import encode_images, encode_texts
+from .errors import UserError
+from .images import ImageInput
+from .indexes import gpu
+from .indexes.build import set_search_params
+from .indexes.store import IndexManifest, ModalityIndex, read_manifest
+from .models import LoadedModel, ModelIdentity, load_model
+
+
+@dataclass
+class SearchResult:
+    rank: int
+    id: int
+    score: float  # cosine similarity (inner product of unit vectors)
+    path: str
+    caption: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Retriever:
+    """An opened index folder plus the model its vectors came from.
+
+    The model is loaded lazily, on the first query that needs encoding, from the identity in the
+    manifest; pass `model=` to reuse one already loaded. A model whose weights differ from the
+    index's is refused: its vectors would not be comparable.
+    """
+
+    def __init__(
+        self,
+        index_dir: str | Path,
+        model: LoadedModel | None = None,
+        *,
+        device: str | None = None,
+        use_gpu: bool | None = None,
+    ):
+        self.index_dir = Path(index_dir).expanduser()
+        self.manifest: IndexManifest = read_manifest(self.index_dir)
+        self.identity = ModelIdentity.from_dict(self.manifest.model)
+        if model is not None:
+            model.identity.check_same(self.identity, f"Index {self.index_dir}")
+        self._model = model
+        self._device = device
+        self._use_gpu = use_gpu
+        self._indexes: dict[str, faiss.Index] = {}
+        self._rows: dict[str, pa.Table] = {}
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.manifest.indexes)
+
+    @property
+    def model(self) -> LoadedModel:
+        if self._model is None:
+            try:
+                lm = load_model(self.identity.name, self.identity.pretrained, device=self._device)
+            except UserError as e:
+                raise UserError(
+                    f"Could not load the index's model {self.identity.describe()} ({e}); pass it with --model."
+                ) from e
+            lm.identity.check_same(self.identity, f"Index {self.index_dir}")
+            self._model = lm
+        return self._model
+
+    def search(
+        self,
+        text: str | None = None,
+        image: ImageInput | None = None,
+        k: int = 10,
+        modality: str = "image",
+    ) -> list[SearchResult]:
+        """Top-k rows of the `modality` index ("image" or "text") for one text or image query."""
+        if (text is None) == (image is None):
+            raise UserError("Give exactly one query: a text or an image.")
+        if image is not None:
+            try:
+                q = encode_images(self.model, [image])
+            except (OSError, ValueError) as e:
+                raise UserError(f"Could not read the query image: {e}") from e
+        else:
+            q = encode_texts(self.model, [text])
+        return self.search_vectors(q, k, modality)[0]
+
+    def search_vectors(self, queries: np.ndarray, k: int = 10, modality: str = "image") -> list[list[SearchResult]]:
+        """Top-k results for each row of `queries` (unit vectors from this index's model)."""
+        scores, rows = self.search_raw(queries, k, modality)
+        return [self.lookup(modality, r, s) for r, s in zip(rows, scores)]
+
+    def search_raw(self, queries: np.ndarray, k: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
+        """faiss's (scores, rows) for a batch of queries; rows are -1 past the index's end."""
+        if k < 1:
+            raise UserError("k must be at least 1.")
+        index = self._index(modality)
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != index.d:
+            raise UserError(f"Query vectors must have shape (n, {index.d}).")
+        return index.search(q, min(k, index.ntotal))
+
+    def lookup(self, modality: str, rows: np.ndarray, scores: np.ndarray | None = None) -> list[SearchResult]:
+        """Metadata for the given faiss rows only: a `take` on the memory-mapped rows file."""
+        rows = np.asarray(rows)
+        keep = rows >= 0
+        rows = rows[keep]
+        table = self._rows_table(modality).take(pa.array(rows, pa.int64()))
+        ids = table.column("id").to_pylist()
+        paths = table.column("path").to_pylist()
+        caps = table.column("caption").to_pylist()
+        sc = np.asarray(scores)[keep] if scores is not None else np.full(len(rows), np.nan, np.float32)
+        return [SearchResult(i + 1, ids[i], float(sc[i]), paths[i], caps[i]) for i in range(len(rows))]
+
+    def _entry(self, modality: str) -> ModalityIndex:
+        if modality not in ("image", "text"):
+            raise UserError(f"Unknown modality {modality!r}; choose image or text.")
+        entry = self.manifest.indexes.get(modality)
+        if entry is None:
+            raise UserError(f"Index {self.index_dir} has no {modality} index (its shards had no captions).")
+        return entry
+
+    def _index(self, modality: str) -> faiss.Index:
+        if modality not in self._indexes:
+            entry = self._entry(modality)
+            index = faiss.read_index(str(self.index_dir / entry.file))
+            if self._use_gpu is not False and gpu.can_use_gpu(index):
+                index = gpu.to_gpu(index)
+            set_search_params(index, entry.search_params)
+            self._indexes[modality] = index
+        return self._indexes[modality]
+
+    def _rows_table(self, modality: str) -> pa.Table:
+        if modality not in self._rows:
+            entry = self._entry(modality)
+            source = pa.memory_map(str(self.index_dir / entry.rows_file), "r")
+            self._rows[modality] = pa.ipc.open_file(source).read_all()
+        return self._rows[modality]
+
+
+def search_many(retriever: Retriever, texts: Sequence[str], k: int = 10, modality: str = "image"):
+    """Batch text search: one encoder pass, one faiss call."""
+    return retriever.search_vectors(encode_texts(retriever.model, list(texts)), k, modality)

@@ -1,0 +1,206 @@
+"""Parquet shards: embeddings and metadata side by side, one self-describing file per shard.
+
+Schema (one row per image):
+
+    id               int64, unique, = the image's position in its source (stable across resumes)
+    path             string
+    caption          string, null when the image has none
+    image_embedding  fixed_size_list<float32|float16>[dim], L2-normalised
+    text_embedding   fixed_size_list<float32|float16>[dim], null when caption is null
+
+The schema metadata key `retriever` holds JSON: model identity, dim, dtype, normalisation and the
+retriever version, so a shard folder says which model made it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import __version__
+from .errors import UserError
+from .fsutil import atomic_path
+from .models import ModelIdentity
+
+METADATA_KEY = b"retriever"
+SHARD_GLOB = "part-*.parquet"
+_SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+EMBEDDING_COLUMNS = {"image": "image_embedding", "text": "text_embedding"}
+
+
+def shard_name(number: int) -> str:
+    return f"part-{number:05d}.parquet"
+
+
+def shard_number(name: str) -> int | None:
+    m = _SHARD_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def shard_schema(identity: ModelIdentity, dtype: str = "float32") -> pa.Schema:
+    if dtype not in DTYPES:
+        raise UserError(f"Unknown embedding dtype {dtype!r}; choose float32 or float16.")
+    vec = pa.list_(DTYPES[dtype], identity.embed_dim)
+    meta = {
+        "model": identity.to_dict(),
+        "dim": identity.embed_dim,
+        "dtype": dtype,
+        "normalized": "l2",
+        "retriever_version": __version__,
+    }
+    return pa.schema(
+        [
+            pa.field("id", pa.int64(), nullable=False),
+            pa.field("path", pa.string(), nullable=False),
+            pa.field("caption", pa.string()),
+            pa.field("image_embedding", vec, nullable=False),
+            pa.field("text_embedding", vec),
+        ],
+        metadata={METADATA_KEY: json.dumps(meta).encode()},
+    )
+
+
+def write_shard(
+    path: Path,
+    schema: pa.Schema,
+    ids: Sequence[int],
+    paths: Sequence[str],
+    captions: Sequence[str | None],
+    image_embeddings: np.ndarray,
+    text_embeddings: np.ndarray,
+    text_valid: np.ndarray,
+) -> None:
+    """Write one shard atomically. `text_valid[i]` is False where row i has no caption."""
+    vec_type = schema.field("image_embedding").type
+    table = pa.Table.from_arrays(
+        [
+            pa.array(ids, pa.int64()),
+            pa.array(paths, pa.string()),
+            pa.array(captions, pa.string()),
+            _fixed_list(image_embeddings, vec_type),
+            _fixed_list(text_embeddings, vec_type, mask=~np.asarray(text_valid, bool)),
+        ],
+        schema=schema,
+    )
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=4096, compression="zstd")
+
+
+def _fixed_list(vectors: np.ndarray, vec_type: pa.DataType, mask: np.ndarray | None = None) -> pa.Array:
+    dim = vec_type.list_size
+    flat = np.ascontiguousarray(vectors, dtype=vec_type.value_type.to_pandas_dtype()).reshape(-1)
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(flat), dim, mask=pa.array(mask) if mask is not None and mask.any() else None)
+    return arr
+
+
+def fixed_list_to_numpy(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(n, dim) float32 from a fixed_size_list column without nulls."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    dim = arr.type.list_size
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(len(arr), dim).astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path
+    num_rows: int
+    num_text_rows: int
+
+
+class ShardSet:
+    """A folder of shards written by one model; reads them in streaming batches."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder).expanduser().resolve()
+        if not self.folder.is_dir():
+            raise UserError(f"Shard folder {self.folder} does not exist.")
+        files = sorted(p for p in self.folder.glob(SHARD_GLOB) if shard_number(p.name) is not None)
+        if not files:
+            raise UserError(f"{self.folder} holds no shards ({SHARD_GLOB}); run `retriever embed` first.")
+        self.meta: dict[str, Any] = {}
+        shards = []
+        for f in files:
+            pf = pq.ParquetFile(f)
+            meta = read_shard_meta(pf.schema_arrow, f)
+            if not self.meta:
+                self.meta = meta
+            elif meta["model"] != self.meta["model"]:
+                raise UserError(f"{f.name} was written by a different model than {files[0].name}; one folder, one model.")
+            shards.append(ShardInfo(f, pf.metadata.num_rows, _count_valid(pf, "text_embedding")))
+        self.shards: list[ShardInfo] = shards
+        self.identity = ModelIdentity.from_dict(self.meta["model"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def num_rows(self) -> int:
+        return sum(s.num_rows for s in self.shards)
+
+    def count(self, modality: str) -> int:
+        return self.num_rows if modality == "image" else sum(s.num_text_rows for s in self.shards)
+
+    def iter_batches(self, columns: Sequence[str], batch_size: int = 16384) -> Iterator[tuple[ShardInfo, pa.RecordBatch]]:
+        for shard in self.shards:
+            for batch in pq.ParquetFile(shard.path).iter_batches(batch_size=batch_size, columns=list(columns)):
+                yield shard, batch
+
+    def iter_vectors(
+        self, modality: str, batch_size: int = 16384, extra_columns: Sequence[str] = ("id",)
+    ) -> Iterator[tuple[np.ndarray, pa.RecordBatch]]:
+        """(vectors float32 (n, dim), other columns) for every row that has this modality."""
+        col = EMBEDDING_COLUMNS[modality]
+        for _, batch in self.iter_batches([col, *extra_columns], batch_size):
+            vec = batch.column(col)
+            if vec.null_count:
+                batch = batch.filter(pc.is_valid(vec))
+                vec = batch.column(col)
+            if len(batch):
+                yield fixed_list_to_numpy(vec), batch.drop_columns([col])
+
+    def sample_vectors(self, modality: str, n: int, seed: int = 0) -> np.ndarray:
+        """A uniform random sample of up to `n` vectors, read shard by shard (never all at once)."""
+        total = self.count(modality)
+        if n >= total:
+            return np.concatenate([v for v, _ in self.iter_vectors(modality, extra_columns=())])
+        rng = np.random.default_rng(seed)
+        chosen = np.sort(rng.choice(total, size=n, replace=False))
+        out, offset = [], 0
+        for vec, _ in self.iter_vectors(modality, extra_columns=()):
+            lo, hi = np.searchsorted(chosen, [offset, offset + len(vec)])
+            if hi > lo:
+                out.append(vec[chosen[lo:hi] - offset])
+            offset += len(vec)
+        return np.concatenate(out)
+
+
+def read_shard_meta(schema: pa.Schema, path: Path | str = "shard") -> dict[str, Any]:
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise UserError(f"{path} is not a retriever shard (no '{METADATA_KEY.decode()}' schema metadata).")
+    return json.loads(raw)
+
+
+def _count_valid(pf: pq.ParquetFile, column: str) -> int:
+    """Rows with a caption (hence a text embedding), from Parquet statistics when present."""
+    md = pf.metadata
+    leaf = next(j for j in range(md.num_columns) if md.schema.column(j).path == "caption")
+    total = 0
+    for rg in range(md.num_row_groups):
+        stats = md.row_group(rg).column(leaf).statistics
+        if stats is None or not stats.has_null_count:
+            return int(pc.sum(pc.is_valid(pf.read(columns=[column]).column(0))).as_py() or 0)
+        total += md.row_group(rg).num_rows - stats.null_count
+    return total

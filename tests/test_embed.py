@@ -98,3 +98,30 @@ def test_rerun_with_other_arguments_is_refused_unless_overwrite(tmp_path, tiny_m
         embed_items(items, tiny_model, tmp_path / "s", EmbedConfig(shard_size=16, num_workers=0))
     res = embed_items(items, tiny_model, tmp_path / "s", EmbedConfig(shard_size=16, num_workers=0, overwrite=True))
     assert res.shards == 4 and len(list((tmp_path / "s").glob("part-*.parquet"))) == 4
+
+
+def test_sigkilled_embed_process_resumes_without_loss_or_duplicates(tmp_path, emoji_folder):
+    """A real kill -9 in the middle of a run, then the same command again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import TINY_CONFIG
+
+    out = tmp_path / "s"
+    cmd = [sys.executable, "-m", "retriever.cli", "embed", str(emoji_folder), "--out", str(out),
+           "--model", TINY_CONFIG, "--shard-size", "2", "--batch-size", "1", "--workers", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(out.glob("part-*.parquet"))) < 3:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_before = len(list(out.glob("part-*.parquet")))
+    assert 3 <= n_before < 32, "the run should have been killed part-way"
+    subprocess.run(cmd, check=True, capture_output=True)
+    rows = _rows(out)
+    assert [r["id"] for r in rows] == list(range(64))
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]

@@ -147,8 +147,12 @@ def load_model(
 
     random_init = pretrained in (None, RANDOM_INIT) and not name.startswith("local-dir:")
     kwargs: dict[str, Any] = {}
-    if config.get("preprocess_cfg"):
-        kwargs["force_preprocess_cfg"] = config["preprocess_cfg"]
+    # create_model_and_transforms builds its own force_preprocess_cfg from these four arguments
+    # (passing force_preprocess_cfg as well is a TypeError in open_clip 3.3).
+    pp = config.get("preprocess_cfg") or {}
+    for key in ("mean", "std", "interpolation", "resize_mode"):
+        if key in pp:
+            kwargs[f"image_{key}"] = pp[key]
     arch = config.get("_registered_name", name)
     try:
         # Seeded so that a random-init model is the same model every time it is loaded.

@@ -34,7 +34,16 @@ def write_model_files(folder: Path, model: torch.nn.Module, config: dict[str, An
     """Write config, weights and (HF text tower) tokenizer into an existing folder."""
     from safetensors.torch import save_file
 
-    (folder / CONFIG_FILE).write_text(json.dumps(public_config(config), indent=2) + "\n")
+    config = public_config(config)
+    if not config.get("preprocess_cfg"):
+        # A hub model's mean/std/interpolation come from its pretrained tag, not its model config;
+        # without them here a reload would silently fall back to open_clip's defaults.
+        import open_clip
+
+        pp = open_clip.get_model_preprocess_cfg(model)
+        if pp:
+            config = {**config, "preprocess_cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in pp.items()}}
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     # contiguous(): channels_last or transposed views are refused by safetensors; clone() breaks
     # storage sharing between tensors, which safetensors refuses too.
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}

@@ -14,6 +14,7 @@ RUN_DIR layout (every model folder is an open_clip `local-dir:` folder, see chec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -260,23 +261,11 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.optim.lr, warmup, total_steps)
             set_lr(optimizer, lr)
-            optimizer.zero_grad(set_to_none=True)
             enc_img, enc_txt = _encoders(model, cached)
-            loss = contrastive_backward(
-                enc_img, enc_txt, images, texts, lambda i, t: contrastive_loss(cfg.loss, i, t, model),
-                micro_batch=cfg.micro_batch, autocast=autocast, scale=scaler.scale if scaler else (lambda x: x),
+            loss = train_step(
+                model, optimizer, trainable, enc_img, enc_txt, images, texts, loss_kind=cfg.loss,
+                micro_batch=cfg.micro_batch, autocast=autocast, scaler=scaler, grad_clip=cfg.optim.grad_clip,
             )
-            D.average_gradients(trainable)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            clamp_logit_scale(model)
             step += 1
             step_in_epoch += 1
             losses.append(loss)
@@ -319,6 +308,45 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainable: list[torch.nn.Parameter],
+    encode_image: Callable[[torch.Tensor], torch.Tensor],
+    encode_text: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    *,
+    loss_kind: str = "infonce",
+    micro_batch: int | None = None,
+    autocast: Callable = contextlib.nullcontext,
+    scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float | None = None,
+) -> float:
+    """One optimiser step on one (global) batch: gradients (GradCache when chunked), cross-rank
+    average, unscale + clip, AdamW (through the GradScaler for fp16), temperature clamp.
+
+    The whole of what the loop does per step, so benchmarks/bench_train.py times exactly this.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss = contrastive_backward(
+        encode_image, encode_text, images, texts, lambda i, t: contrastive_loss(loss_kind, i, t, model),
+        micro_batch=micro_batch, autocast=autocast, scale=scaler.scale if scaler is not None else (lambda x: x),
+    )
+    D.average_gradients(trainable)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    clamp_logit_scale(model)
+    return loss
 
 
 def _validate(cfg: TrainConfig) -> None:

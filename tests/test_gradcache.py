@@ -132,3 +132,12 @@ def test_dropout_masks_are_replayed_in_the_second_forward():
         torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-7)
     # The global RNG ends where one pass over the chunks leaves it: later steps are unaffected.
     assert torch.rand(1) == after_ref
+
+
+def test_gradient_checkpointing_changes_memory_not_gradients():
+    images, texts = _batch(8)
+    plain, ckpt = _tiny_clip(), _tiny_clip()
+    ckpt.set_grad_checkpointing(True)
+    _, g_plain = _run(plain, images, texts, lambda i, t: infonce_loss(i, t, plain.logit_scale), 4)
+    _, g_ckpt = _run(ckpt, images, texts, lambda i, t: infonce_loss(i, t, ckpt.logit_scale), 4)
+    _assert_same_grads(g_ckpt, g_plain)

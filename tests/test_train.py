@@ -218,3 +218,16 @@ def test_cached_features_train_heads_only_and_match_the_saved_model(emoji_split,
     for k in ("t2i_R@1", "t2i_R@5", "i2t_R@5", "t2i_mean_rank"):
         assert full[k] == pytest.approx(best_val[k], abs=1e-9), k
     assert np.isfinite(result.best_score)
+
+
+def test_siglip_gradcache_and_checkpointing_run_and_reload(small_manifest, tmp_path):
+    import open_clip
+
+    cfg = TrainConfig(source=str(small_manifest), out=str(tmp_path / "s"), model=TINY, epochs=1, batch_size=32,
+                      micro_batch=8, loss="siglip", grad_checkpointing=True, augment=False, workers=0, max_steps=2)
+    result = train(cfg)
+    folder = Path(result.last_dir)
+    assert json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]["init_logit_bias"] == -10.0
+    plain, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    saved = _weights(folder)["logit_bias"]
+    assert plain.logit_bias.item() == saved.item() != -10.0  # the bias trained and survived the reload

@@ -131,4 +131,7 @@ def epoch_loader(
         num_workers=workers,
         collate_fn=make_collate(tokenizer),
         persistent_workers=False,
+        # Its own generator: otherwise each new loader draws its workers' base seed from the global
+        # RNG, shifting the dropout stream by one draw per loader, and a resumed run would differ.
+        generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
     )

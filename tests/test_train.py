@@ -94,8 +94,13 @@ def _weights(folder):
 
 
 def test_resume_continues_the_same_run_exactly(small_manifest, tmp_path):
-    """Stop mid-epoch (augmentation on), resume with another worker count: same weights as straight."""
-    common = dict(source=str(small_manifest), model=TINY, epochs=2, batch_size=32, val_fraction=0.2,
+    """Stop mid-epoch (augmentation and patch dropout on), resume with another worker count: the
+    same weights as a straight run, so data order, crops and the dropout RNG all resumed."""
+    cfg = json.loads(Path(TINY).read_text())
+    cfg["vision_cfg"]["patch_dropout"] = 0.25  # a model whose forward draws from torch's RNG
+    model = tmp_path / "tiny-dropout.json"
+    model.write_text(json.dumps(cfg))
+    common = dict(source=str(small_manifest), model=str(model), epochs=2, batch_size=32, val_fraction=0.2,
                   augment=True, seed=3, optim=OptimConfig(lr=1e-3, warmup=2))
     straight = train(TrainConfig(out=str(tmp_path / "a"), workers=0, **common))
     stopped = train(TrainConfig(out=str(tmp_path / "b"), workers=0, max_steps=7, **common))

@@ -141,3 +141,25 @@ def test_gradient_checkpointing_changes_memory_not_gradients():
     _, g_plain = _run(plain, images, texts, lambda i, t: infonce_loss(i, t, plain.logit_scale), 4)
     _, g_ckpt = _run(ckpt, images, texts, lambda i, t: infonce_loss(i, t, ckpt.logit_scale), 4)
     _assert_same_grads(g_ckpt, g_plain)
+
+
+def test_train_mode_batchnorm_stats_update_once_per_chunk():
+    """Pass 1 (no grad) must not move BN running stats; pass 2 updates them once per chunk."""
+    torch.manual_seed(0)
+    tower = torch.nn.Sequential(torch.nn.Linear(10, 6), torch.nn.BatchNorm1d(6)).train()
+    scale = torch.nn.Parameter(torch.tensor(2.0))
+    x = torch.randn(12, 10)
+    loss_fn = lambda i, t: infonce_loss(i, t, scale)  # noqa: E731
+    enc = lambda v: F.normalize(tower(v), dim=-1)  # noqa: E731
+    bn = tower[1]
+    contrastive_backward(enc, enc, x, x + 0.1, loss_fn, micro_batch=6, module=tower)
+    # Reference: the same 4 BN batches (image chunk, text chunk, twice) once, from fresh stats.
+    ref = torch.nn.BatchNorm1d(6).train()
+    ref.load_state_dict({**bn.state_dict(), "running_mean": torch.zeros(6), "running_var": torch.ones(6), "num_batches_tracked": torch.tensor(0)})
+    with torch.no_grad():
+        h = tower[0]
+        for s in (0, 6):
+            ref(h(x[s : s + 6]))
+            ref(h(x[s : s + 6] + 0.1))
+    assert int(bn.num_batches_tracked) == 4
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)

@@ -104,6 +104,10 @@ def time_steps(args) -> dict:
         "bare open_clip": _bare(model, opt, autocast, scaler),
         "retriever train_step": _ours(lm, model, opt, autocast, scaler),
     }
+    if args.batch_size >= 8:
+        # GradCache's price: one extra forward of the whole batch (pass 1), for 1/k of the activations.
+        m = args.batch_size // 4
+        variants[f"retriever train_step, GradCache m={m}"] = _ours(lm, model, opt, autocast, scaler, micro_batch=m)
     if args.grad_clip:
         variants[f"retriever train_step + clip {args.grad_clip}"] = _ours(lm, model, opt, autocast, scaler, grad_clip=args.grad_clip)
     times = {k: [] for k in variants}

@@ -226,6 +226,116 @@ def info(
     out.print(table)
 
 
+class Loss(str, Enum):
+    infonce = "infonce"
+    siglip = "siglip"
+
+
+@app.command()
+@user_errors
+def train(
+    source: Path = typer.Argument(..., help="Training pairs: a folder (captions in same-name .txt) or a CSV/TSV/JSONL/Parquet manifest."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder: best/ (the model to use), last/ (for --resume), metrics.json."),
+    val: Optional[Path] = typer.Option(None, help="Validation source (default: a seeded --val-fraction of SOURCE)."),
+    test: Optional[Path] = typer.Option(None, help="Test source, evaluated once with the best model at the end."),
+    val_fraction: float = typer.Option(0.1, help="Share of SOURCE's images held out for validation when --val is not given."),
+    test_fraction: float = typer.Option(0.0, help="Share of SOURCE's images held out for the final test when --test is not given."),
+    split_seed: int = typer.Option(0, help="Seed of the train/val/test split."),
+    model: Optional[str] = ModelOpt,
+    pretrained: Optional[str] = PretrainedOpt,
+    image_tower: Optional[str] = typer.Option(None, help="Compose a model: timm:NAME image tower (with --image-weights, or the packaged EfficientNet-Lite0 for timm:tf_efficientnet_lite0)."),
+    text_tower: Optional[str] = typer.Option(None, help="Compose a model: hf:FOLDER, a local transformers text model."),
+    image_weights: Optional[Path] = typer.Option(None, help="Local weights file for the timm image tower."),
+    embed_dim: int = typer.Option(512, help="Shared embedding size of a composed model's projection heads."),
+    image_column: Optional[str] = typer.Option(None, help="Manifest column with image paths."),
+    caption_column: Optional[str] = typer.Option(None, help="Manifest column with captions (a list column gives several)."),
+    epochs: int = typer.Option(10, help="Passes over the training images (one caption drawn per image each time)."),
+    batch_size: int = typer.Option(64, help="Pairs per contrastive batch (over all processes): each pair's negatives."),
+    micro_batch: Optional[int] = typer.Option(None, help="GradCache chunk: exact --batch-size loss with one chunk's activations in memory."),
+    lr: float = typer.Option(5e-5, help="Peak learning rate (AdamW)."),
+    weight_decay: float = typer.Option(0.1, help="AdamW weight decay (not applied to gains, biases, temperature)."),
+    warmup: float = typer.Option(0.05, help="Linear warm-up: a fraction of all steps (< 1) or a number of steps; then cosine."),
+    grad_clip: float = typer.Option(1.0, help="Clip the global gradient norm (0: off)."),
+    loss: Loss = typer.Option(Loss.infonce, help="infonce (CLIP's symmetric softmax) or siglip (sigmoid, learnable bias)."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="open_clip's random-crop train transform."),
+    lock_image: bool = typer.Option(False, help="Freeze the image tower."),
+    unlock_image_last: int = typer.Option(0, help="With --lock-image: keep the last N layer groups trainable (open_clip groups; in a native ViT the projection is the last group)."),
+    lock_text: bool = typer.Option(False, help="Freeze the text tower."),
+    unlock_text_last: int = typer.Option(0, help="With --lock-text: keep the last N layers trainable (in a native text tower the projection counts as one)."),
+    cache_features: bool = typer.Option(False, help="Both towers locked: compute tower outputs once, train heads + temperature on the cache."),
+    grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward: less memory, ~30% slower."),
+    device: Optional[str] = DeviceOpt,
+    precision: Optional[str] = PrecisionOpt,
+    seed: int = typer.Option(0, help="Seed of shuffling, caption choice, augmentation and dropout."),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Image-decoding worker processes."),
+    logdir: Optional[Path] = typer.Option(None, help="Write TensorBoard logs here."),
+    resume: bool = typer.Option(False, help="Continue the run in --out exactly where it stopped."),
+    save_every: int = typer.Option(0, help="Also checkpoint last/ every N steps (0: at epoch ends)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after N steps in total (resumable)."),
+    as_json: bool = JsonOpt,
+):
+    """Fine-tune a dual encoder with InfoNCE; the best model by val recall lands in RUN_DIR/best/."""
+    from .optim import OptimConfig
+    from .train import TrainConfig, train as run_training
+
+    cfg = TrainConfig(
+        source=str(source), out=str(out_dir), val=_str(val), test=_str(test), val_fraction=val_fraction,
+        test_fraction=test_fraction, split_seed=split_seed, image_column=image_column, caption_column=caption_column,
+        model=model, pretrained=pretrained, image_tower=image_tower, text_tower=text_tower,
+        image_weights=_str(image_weights), embed_dim=embed_dim, epochs=epochs, batch_size=batch_size,
+        micro_batch=micro_batch, loss=loss.value, augment=augment, lock_image=lock_image,
+        unlock_image_last=unlock_image_last, lock_text=lock_text, unlock_text_last=unlock_text_last,
+        cache_features=cache_features, grad_checkpointing=grad_checkpointing, precision=precision, device=device,
+        seed=seed, workers=workers, logdir=_str(logdir), resume=resume, save_every=save_every, max_steps=max_steps,
+        optim=OptimConfig(lr=lr, weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip or None),
+    )
+    from .train_progress import TrainDisplay
+
+    with TrainDisplay(err, enabled=err.is_terminal or os.environ.get("RETRIEVER_PROGRESS") == "1") as display:
+        result = run_training(cfg, display.callbacks())
+    if as_json:
+        out.print_json(json.dumps(result.__dict__))
+        return
+    out.print(TrainDisplay.history_table(result))
+    out.print(f"Best model (epoch {result.best_epoch}): {result.best_dir}  — use it as --model local-dir:{result.best_dir}")
+
+
+@app.command(name="eval")
+@user_errors
+def eval_cmd(
+    model: str = typer.Argument(..., help="Model: local-dir:FOLDER (e.g. RUN_DIR/best), a hub name, or a config JSON."),
+    source: Path = typer.Argument(..., help="Image–caption pairs: a folder with .txt captions or a manifest."),
+    pretrained: Optional[str] = PretrainedOpt,
+    image_column: Optional[str] = typer.Option(None, help="Manifest column with image paths."),
+    caption_column: Optional[str] = typer.Option(None, help="Manifest column with captions."),
+    batch_size: int = typer.Option(64, help="Images per model forward."),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Image-decoding worker processes."),
+    device: Optional[str] = DeviceOpt,
+    precision: Optional[str] = PrecisionOpt,
+    as_json: bool = JsonOpt,
+):
+    """Recall@1/5/10 and mean/median rank, text→image and image→text, of MODEL on SOURCE."""
+    from .data import read_source
+    from .eval import evaluate
+    from .train_progress import recall_table
+
+    items = read_source(source, image_column=image_column, caption_column=caption_column)
+    lm = _load(model, pretrained, device, precision)
+    with _progress() as bar:
+        task = bar.add_task("Encoding", total=len(items))
+        result = evaluate(lm, items, batch_size=batch_size, workers=workers, progress=lambda n, t: bar.update(task, completed=n, total=t))
+    if as_json:
+        out.print_json(json.dumps({"model": lm.identity.to_dict(), **result.to_dict()}))
+        return
+    out.print(recall_table(result.metrics, f"{lm.identity.describe()} on {source}"))
+    if result.skipped:
+        err.print(f"[yellow]Skipped {len(result.skipped)} unreadable image(s)[/yellow], e.g. {result.skipped[0]}", highlight=False)
+
+
+def _str(p: Optional[Path]) -> Optional[str]:
+    return None if p is None else str(p)
+
+
 def main() -> None:  # pragma: no cover - console-script entry
     app()
 

@@ -1,0 +1,99 @@
+"""Training checkpoints: an open_clip `local-dir:` folder plus, for `--resume`, a training state.
+
+A folder holds `open_clip_config.json` and `open_clip_model.safetensors`, so both
+`retriever.models.load_model("local-dir:F")` and plain
+`open_clip.create_model_and_transforms("local-dir:F")` load it. Models with a Hugging Face text
+tower also get their tokenizer files, because open_clip's `get_tokenizer("local-dir:F")` reads the
+tokenizer from F itself. `train_state.pt` holds only tensors and plain containers (optimizer state,
+RNG states as tensors, counters), so it loads with `torch.load(weights_only=True)`: no pickled code
+from a run directory is ever executed. Folders are replaced atomically (`fsutil.atomic_dir`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+from .fsutil import atomic_dir
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+STATE_FILE = "train_state.pt"
+
+
+def public_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The open_clip config without retriever's private keys (`_registered_name` and the like)."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def write_model_files(folder: Path, model: torch.nn.Module, config: dict[str, Any]) -> None:
+    """Write config, weights and (HF text tower) tokenizer into an existing folder."""
+    from safetensors.torch import save_file
+
+    config = public_config(config)
+    if not config.get("preprocess_cfg"):
+        # A hub model's mean/std/interpolation come from its pretrained tag, not its model config;
+        # without them here a reload would silently fall back to open_clip's defaults.
+        import open_clip
+
+        pp = open_clip.get_model_preprocess_cfg(model)
+        if pp:
+            config = {**config, "preprocess_cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in pp.items()}}
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    # contiguous(): channels_last or transposed views are refused by safetensors; clone() breaks
+    # storage sharing between tensors, which safetensors refuses too.
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE))
+    tok = config.get("model_cfg", {}).get("text_cfg", {}).get("hf_tokenizer_name")
+    if tok:
+        from transformers import AutoTokenizer
+
+        from .towers import _hf_offline
+
+        with _hf_offline():
+            AutoTokenizer.from_pretrained(tok).save_pretrained(folder)
+
+
+def save_checkpoint(
+    folder: str | Path,
+    model: torch.nn.Module,
+    config: dict[str, Any],
+    *,
+    state: dict[str, Any] | None = None,
+    extra_json: dict[str, dict] | None = None,
+) -> Path:
+    """Atomically (re)write `folder` as a loadable model folder, with an optional training state."""
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        write_model_files(tmp, model, config)
+        if state is not None:
+            torch.save(state, tmp / STATE_FILE)
+        for name, obj in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+    return folder
+
+
+def load_train_state(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise UserError(f"Cannot resume: {path} does not exist (no checkpoint was saved in this run yet).")
+    # weights_only=True: a run directory may come from anywhere; never unpickle code from it.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """Torch's generator states as tensors (weights_only-loadable)."""
+    out: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,81 @@
+"""Retrieval evaluation of a model on an image–caption source: `retriever eval` and per-epoch val."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .data import ImageDataset, SourceItem, collate_decoded
+from .encode import encode_image_tensors, encode_texts
+from .errors import UserError
+from .metrics import RetrievalMetrics, retrieval_metrics
+from .models import LoadedModel
+
+
+@dataclass
+class EvalResult:
+    metrics: RetrievalMetrics
+    skipped: list[str] = field(default_factory=list)  # images that could not be decoded
+
+    def to_dict(self) -> dict:
+        return {**self.metrics.to_dict(), "skipped_images": self.skipped}
+
+
+@dataclass
+class EvalSet:
+    """Normalised embeddings of an evaluation split: images, all their captions, and who owns which."""
+
+    image_emb: np.ndarray
+    text_emb: np.ndarray
+    text_image: list[int]
+    skipped: list[str]
+
+
+def embed_eval_set(
+    lm: LoadedModel,
+    items: Sequence[SourceItem],
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalSet:
+    """Encode every image (eval transform) and every caption of `items`."""
+    ds = ImageDataset([it.path for it in items], lm.preprocess)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_decoded)
+    keep: list[int] = []
+    feats: list[np.ndarray] = []
+    skipped: list[str] = []
+    for batch in loader:
+        skipped += [f"{items[i].path}: {reason}" for i, reason in batch.errors]
+        if batch.pixels is not None:
+            feats.append(encode_image_tensors(lm, batch.pixels))
+            keep += batch.indices
+        if progress:
+            progress(len(keep) + len(skipped), len(items))
+    if not keep:
+        raise UserError("None of the evaluation images could be decoded.")
+    texts, owner = [], []
+    for row, i in enumerate(keep):
+        for c in items[i].captions:
+            texts.append(c)
+            owner.append(row)
+    if not texts:
+        raise UserError("The evaluation data has no captions; recall needs image–caption pairs.")
+    return EvalSet(np.concatenate(feats), encode_texts(lm, texts), owner, skipped)
+
+
+def evaluate(
+    lm: LoadedModel,
+    items: Sequence[SourceItem],
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Recall@1/5/10 and ranks in both directions of `lm` on `items`."""
+    es = embed_eval_set(lm, items, batch_size=batch_size, workers=workers, progress=progress)
+    metrics = retrieval_metrics(torch.from_numpy(es.image_emb), torch.from_numpy(es.text_emb), es.text_image)
+    return EvalResult(metrics, es.skipped)

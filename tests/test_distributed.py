@@ -1,0 +1,67 @@
+"""`retriever train` under torchrun: 2 CPU processes (gloo) give the run that 1 process gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from retriever.errors import UserError
+from retriever.optim import OptimConfig
+from retriever.train import TrainConfig, train
+
+TINY = str(Path(__file__).parent / "assets" / "tiny-clip.json")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    from retriever.emoji_data import emoji_collection, write_manifest
+
+    try:
+        items = emoji_collection()
+    except UserError as e:
+        pytest.skip(str(e))
+    return write_manifest(items[:200], tmp_path_factory.mktemp("dist") / "pairs.jsonl")
+
+
+def test_two_gloo_processes_match_a_single_process_run(manifest, tmp_path):
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("this torch build has no gloo backend")
+    args = dict(epochs=2, batch_size=32, lr=1e-3, seed=0, val_fraction=0.2)
+    single = train(TrainConfig(
+        source=str(manifest), out=str(tmp_path / "single"), model=TINY, augment=False, workers=0, epochs=args["epochs"],
+        batch_size=args["batch_size"], seed=args["seed"], val_fraction=args["val_fraction"], optim=OptimConfig(lr=args["lr"]),
+    ))
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "retriever.cli", "train", str(manifest), "--out", str(tmp_path / "dist"), "--model", TINY,
+        "--no-augment", "--workers", "0", "--epochs", str(args["epochs"]), "--batch-size", str(args["batch_size"]),
+        "--lr", str(args["lr"]), "--seed", str(args["seed"]), "--val-fraction", str(args["val_fraction"]),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    hist_single = single.history
+    hist_dist = json.loads((tmp_path / "dist" / "metrics.json").read_text())["history"]
+    assert len(hist_dist) == len(hist_single) == 3
+    for a, b in zip(hist_dist[1:], hist_single[1:]):
+        # Each rank saw half of every global batch; the gathered loss is the global batch's loss.
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    w_single = load_file(str(tmp_path / "single" / "last" / "open_clip_model.safetensors"))
+    w_dist = load_file(str(tmp_path / "dist" / "last" / "open_clip_model.safetensors"))
+    start = load_file(str(tmp_path / "single" / "best" / "open_clip_model.safetensors")) if single.best_epoch == 0 else None
+    assert start is None or any(not torch.equal(start[k], w_single[k]) for k in start)
+    for k in w_single:
+        # Same math, different summation order (all-reduce): equal to float32 round-off.
+        torch.testing.assert_close(w_dist[k], w_single[k], rtol=1e-4, atol=1e-5, msg=k)
+    # Only rank 0 wrote: one run.json, no stray temporary folders.
+    assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == ["best", "last", "metrics.json", "run.json"]

@@ -17,6 +17,10 @@ from rich.table import Table
 
 from .errors import UserError
 
+# transformers' load reports and hub progress bars are noise on our console; users can override.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 app = typer.Typer(
     help="Contrastive cross-modal retrieval: embed image collections, index them, search by text or image.",
     no_args_is_help=True,
@@ -330,6 +334,36 @@ def eval_cmd(
     out.print(recall_table(result.metrics, f"{lm.identity.describe()} on {source}"))
     if result.skipped:
         err.print(f"[yellow]Skipped {len(result.skipped)} unreadable image(s)[/yellow], e.g. {result.skipped[0]}", highlight=False)
+
+
+@app.command()
+@user_errors
+def demo(
+    workspace: Path = typer.Option(Path("retriever-demo"), help="Folder for data, model, shards, index and report (a rerun reuses them)."),
+    limit: Optional[int] = typer.Option(None, help="Use only N emoji (a quick, reduced demo)."),
+    epochs: int = typer.Option(30, help="Fine-tuning epochs (heads and temperature on cached tower outputs)."),
+    unlock_text_last: int = typer.Option(0, help="Also tune the last N MiniLM layers (end to end; much slower on CPU)."),
+    unlock_image_last: int = typer.Option(0, help="Also tune the last N EfficientNet blocks (end to end; much slower on CPU)."),
+    seed: int = typer.Option(0, help="Seed of the concept split and the training."),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Image-decoding worker processes."),
+    as_json: bool = JsonOpt,
+):
+    """Offline end to end on Twemoji: compose the default model, fine-tune, report held-out recall, index, query."""
+    from .demo import DemoConfig, run_demo
+    from .demo_report import print_report
+    from .train_progress import TrainDisplay
+
+    cfg = DemoConfig(workspace=str(workspace), limit=limit, epochs=epochs, seed=seed, workers=workers,
+                     unlock_text_last=unlock_text_last, unlock_image_last=unlock_image_last)
+    show = err.is_terminal or os.environ.get("RETRIEVER_PROGRESS") == "1"
+    with TrainDisplay(err, enabled=show) as display, _progress() as bar:
+        task = bar.add_task("Embedding", total=None, visible=False)
+        result = run_demo(cfg, display.callbacks(), status=display.on_status,
+                          embed_progress=lambda n, t: bar.update(task, completed=n, total=t, visible=True))
+    if as_json:
+        out.print_json(json.dumps(result.__dict__))
+        return
+    print_report(out, result)
 
 
 def _str(p: Optional[Path]) -> Optional[str]:

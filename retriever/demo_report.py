@@ -1,0 +1,34 @@
+"""How `retriever demo` shows its result: recall before/after, example hits, what to try next."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from .demo import R5_BAR, DemoResult
+
+_KEYS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10")
+
+
+def print_report(console: Console, r: DemoResult) -> None:
+    t = Table("model", *[k.replace("_", " ") for k in _KEYS],
+              title=f"Held-out recall: {r.val_images} emoji never seen in training (gallery = those emoji)")
+    t.add_row("untrained heads", *[f"{100 * r.before[k]:.1f}%" for k in _KEYS])
+    t.add_row(f"tuned (epoch {r.best_epoch})", *[f"{100 * r.after[k]:.1f}%" for k in _KEYS])
+    console.print(t)
+    verdict = "meets" if r.passed_bar else "[red]misses[/red]"
+    console.print(f"Held-out text→image R@5 = {100 * r.after['t2i_R@5']:.1f}% ({verdict} the {100 * R5_BAR:.0f}% bar)")
+
+    hits = Table("query", "hit 1", "hit 2", "hit 3", title="Text → image over all emoji")
+    for q, res in r.text_examples.items():
+        hits.add_row(q, *[f"{h['caption']} ({h['score']:.2f})" for h in res])
+    console.print(hits)
+    i2t = Table("held-out image", "true name", "hit 1", "hit 2", "hit 3", title="Image → text (caption index)")
+    for ex in r.image_examples:
+        i2t.add_row(ex["image"].rsplit("/", 1)[-1], ex["truth"], *[f"{h['caption']} ({h['score']:.2f})" for h in ex["hits"]])
+    console.print(i2t)
+    console.print(f"Tuned model: {r.model}\nShards: {r.shards}\nIndex: {r.index}")
+    console.print("Try it yourself:", highlight=False)
+    console.print(f'  retriever search {r.index} "a yellow star"', highlight=False)
+    console.print(f"  retriever search {r.index} --image {r.image_examples[0]['image'] if r.image_examples else 'IMAGE.png'} --modality text", highlight=False)
+    console.print(f"  retriever embed MY_IMAGES --out my.shards --model {r.model}", highlight=False)

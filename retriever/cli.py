@@ -291,8 +291,12 @@ def train(
     )
     from .train_progress import TrainDisplay
 
-    with TrainDisplay(err, enabled=err.is_terminal or os.environ.get("RETRIEVER_PROGRESS") == "1") as display:
-        result = run_training(cfg, display.callbacks())
+    try:
+        with TrainDisplay(err, enabled=err.is_terminal or os.environ.get("RETRIEVER_PROGRESS") == "1") as display:
+            result = run_training(cfg, display.callbacks())
+    except KeyboardInterrupt:
+        err.print(f"Interrupted; add --resume to the same command to continue from the last save in {out_dir / 'last'}.")
+        raise typer.Exit(130) from None
     if as_json:
         out.print_json(json.dumps(result.__dict__))
         return

@@ -211,6 +211,8 @@ def _prepare_out_dir(out: Path, job: dict, overwrite: bool) -> None:
         for p in existing:
             p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # left by a run killed mid-write (no `finally` survives kill -9)
+        stale.unlink(missing_ok=True)
     write_json_atomic(job_path, job)
 
 

@@ -147,12 +147,11 @@ def load_model(
 
     random_init = pretrained in (None, RANDOM_INIT) and not name.startswith("local-dir:")
     kwargs: dict[str, Any] = {}
-    # create_model_and_transforms builds its own force_preprocess_cfg from these four arguments
-    # (passing force_preprocess_cfg as well is a TypeError in open_clip 3.3).
-    pp = config.get("preprocess_cfg") or {}
-    for key in ("mean", "std", "interpolation", "resize_mode"):
-        if key in pp:
-            kwargs[f"image_{key}"] = pp[key]
+    if config.get("preprocess_cfg") and not name.startswith("local-dir:"):  # open_clip reads a folder's itself
+        pp = config["preprocess_cfg"]
+        for key in ("mean", "std", "interpolation", "resize_mode"):
+            if pp.get(key) is not None:
+                kwargs[f"image_{key}"] = tuple(pp[key]) if isinstance(pp[key], list) else pp[key]
     arch = config.get("_registered_name", name)
     try:
         # Seeded so that a random-init model is the same model every time it is loaded.

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny random-init CLIP and a small real image set (Twemoji + emoji names)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+ASSETS = Path(__file__).parent / "assets"
+TINY_CONFIG = str(ASSETS / "tiny-clip.json")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from retriever.models import load_model
+
+    return load_model(TINY_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def emoji_items():
+    from retriever.emoji_data import emoji_collection
+
+    # Every 25th emoji: 64+ varied images (faces, flags, objects), deterministic.
+    return emoji_collection()[::25][:64]
+
+
+@pytest.fixture(scope="session")
+def emoji_folder(tmp_path_factory, emoji_items) -> Path:
+    """64 Twemoji PNGs in nested folders, each with its name in a same-name .txt file."""
+    root = tmp_path_factory.mktemp("emoji")
+    for i, it in enumerate(emoji_items):
+        sub = root / f"group{i % 3}"
+        sub.mkdir(exist_ok=True)
+        dst = sub / Path(it.path).name
+        shutil.copy(it.path, dst)
+        dst.with_suffix(".txt").write_text(it.captions[0] + "\n")
+    return root
+
+
+@pytest.fixture()
+def broken_folder(tmp_path, emoji_items) -> Path:
+    """A few good images plus an empty file, a truncated PNG and a text file named .jpg."""
+    root = tmp_path / "broken"
+    root.mkdir()
+    for it in emoji_items[:6]:
+        shutil.copy(it.path, root / Path(it.path).name)
+    data = Path(emoji_items[0].path).read_bytes()
+    (root / "truncated.png").write_bytes(data[: len(data) // 2])
+    (root / "empty.png").write_bytes(b"")
+    (root / "not-an-image.jpg").write_text("hello, I am text")
+    return root

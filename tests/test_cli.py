@@ -1,0 +1,88 @@
+"""The `retriever` command end to end on 64 real Twemoji images (tiny random-init model)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TINY_CONFIG
+from retriever.cli import app
+
+runner = CliRunner()
+
+
+def run(*args, code=0):
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == code, res.output + (str(res.exception) if res.exception else "")
+    return res
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, emoji_folder):
+    tmp = tmp_path_factory.mktemp("cli")
+    run("embed", emoji_folder, "--out", tmp / "shards", "--model", TINY_CONFIG, "--shard-size", "20", "--workers", "0")
+    run("index", tmp / "shards", "--out", tmp / "index")
+    return tmp
+
+
+def test_embed_index_search_info(built, emoji_folder):
+    from retriever.data import read_source
+
+    items = read_source(emoji_folder)
+    res = run("search", built / "index", items[3].caption, "--modality", "text", "-k", "3", "--json")
+    hits = json.loads(res.stdout)
+    assert hits[0]["id"] == 3 and hits[0]["caption"] == items[3].caption and len(hits) == 3
+    res = run("search", built / "index", "--image", items[10].path, "--json")
+    hits = json.loads(res.stdout)
+    assert hits[0]["id"] == 10 and hits[0]["score"] > 0.999 and len(hits) == 10
+    res = run("search", built / "index", "--image", items[10].path, "--modality", "text", "--json")
+    assert len(json.loads(res.stdout)) == 10
+    table = run("search", built / "index", "a red apple", "-k", "2").stdout
+    assert "rank" in table and "score" in table
+    info = json.loads(run("info", built / "shards", "--json").stdout)
+    assert (info["kind"], info["rows"], info["shards"]) == ("shards", 64, 4)
+    info = json.loads(run("info", built / "index", "--json").stdout)
+    assert info["indexes"]["image"]["count"] == 64
+    assert "Flat" in run("info", built / "index").stdout
+
+
+def test_rerun_of_finished_embed_resumes_everything(built, emoji_folder):
+    res = run("embed", emoji_folder, "--out", built / "shards", "--model", TINY_CONFIG, "--shard-size", "20", "--workers", "0", "--json")
+    out = json.loads(res.stdout)
+    assert (out["rows"], out["shards_written"], out["shards_resumed"]) == (64, 0, 4)
+
+
+def test_bad_images_are_counted_and_named(tmp_path, broken_folder):
+    res = run("embed", broken_folder, "--out", tmp_path / "s", "--model", TINY_CONFIG, "--workers", "0")
+    assert "6 rows" in res.stdout
+    assert "Skipped 3 unreadable image(s)" in res.stderr and "truncated.png" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["embed", "/no/such/folder", "--out", "x"], "does not exist"),
+        (["search", "/no/such/index", "query"], "not a retriever index"),
+        (["info", "/no/such/thing"], "does not exist"),
+    ],
+)
+def test_user_errors_are_one_sentence_and_exit_1(args, message):
+    res = run(*args, code=1)
+    assert message in res.stderr and "Traceback" not in res.output
+
+
+def test_empty_source_and_wrong_model_exit_1(tmp_path, built):
+    (tmp_path / "empty").mkdir()
+    assert "no images" in run("embed", tmp_path / "empty", "--out", tmp_path / "s", "--model", TINY_CONFIG, code=1).stderr
+    res = run("search", built / "index", "x", "--model", "RN50", "--pretrained", "random", code=1)
+    assert "use the same model" in res.stderr
+
+
+def test_console_script_exit_code_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "retriever.cli", "search", str(tmp_path), "q"], capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert "Error:" in proc.stderr and "Traceback" not in proc.stderr

@@ -251,7 +251,7 @@ def train(
     caption_column: Optional[str] = typer.Option(None, help="Manifest column with captions (a list column gives several)."),
     epochs: int = typer.Option(10, help="Passes over the training images (one caption drawn per image each time)."),
     batch_size: int = typer.Option(64, help="Pairs per contrastive batch (over all processes): each pair's negatives."),
-    micro_batch: Optional[int] = typer.Option(None, help="GradCache chunk: exact --batch-size loss with one chunk's activations in memory."),
+    micro_batch: Optional[int] = typer.Option(None, help="GradCache chunk (per process): the exact --batch-size loss with one chunk's activations in memory."),
     lr: float = typer.Option(5e-5, help="Peak learning rate (AdamW)."),
     weight_decay: float = typer.Option(0.1, help="AdamW weight decay (not applied to gains, biases, temperature)."),
     warmup: float = typer.Option(0.05, help="Linear warm-up: a fraction of all steps (< 1) or a number of steps; then cosine."),

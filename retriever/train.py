@@ -452,6 +452,8 @@ def _cache(lm, cfg, splits, run, cb, dist):
 
     split = split_towers(lm.model)
     out = {"split": split}
+    if cfg.augment:
+        _status(cb, dist, "Augmentation is off with --cache-features: each image's tower output is computed once.")
     for name, items in (("train", splits.train), ("val", splits.val)):
         if not items:
             continue

@@ -255,7 +255,7 @@ def train(
     caption_column: Optional[str] = typer.Option(None, help="Manifest column with captions (a list column gives several)."),
     epochs: int = typer.Option(10, help="Passes over the training images (one caption drawn per image each time)."),
     batch_size: int = typer.Option(64, help="Pairs per contrastive batch (over all processes): each pair's negatives."),
-    micro_batch: Optional[int] = typer.Option(None, help="GradCache chunk: exact --batch-size loss with one chunk's activations in memory."),
+    micro_batch: Optional[int] = typer.Option(None, help="GradCache chunk (per process): the exact --batch-size loss with one chunk's activations in memory."),
     lr: float = typer.Option(5e-5, help="Peak learning rate (AdamW)."),
     weight_decay: float = typer.Option(0.1, help="AdamW weight decay (not applied to gains, biases, temperature)."),
     warmup: float = typer.Option(0.05, help="Linear warm-up: a fraction of all steps (< 1) or a number of steps; then cosine."),
@@ -295,8 +295,12 @@ def train(
     )
     from .train_progress import TrainDisplay
 
-    with TrainDisplay(err, enabled=err.is_terminal or os.environ.get("RETRIEVER_PROGRESS") == "1") as display:
-        result = run_training(cfg, display.callbacks())
+    try:
+        with TrainDisplay(err, enabled=err.is_terminal or os.environ.get("RETRIEVER_PROGRESS") == "1") as display:
+            result = run_training(cfg, display.callbacks())
+    except KeyboardInterrupt:
+        err.print(f"Interrupted; add --resume to the same command to continue from the last save in {out_dir / 'last'}.")
+        raise typer.Exit(130) from None
     if as_json:
         out.print_json(json.dumps(result.__dict__))
         return

@@ -257,8 +257,8 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
     while epoch <= cfg.epochs and not stopped:
         t_epoch = time.perf_counter()
         set_train_mode(model)
+        t0 = time.perf_counter()  # pairs/s counts data loading too: it is the rate the run moves at
         for images, texts, n_pairs in _epoch_batches(lm, cfg, splits.train, cached, epoch, step_in_epoch, dist):
-            t0 = time.perf_counter()
             lr = lr_at(step, cfg.optim.lr, warmup, total_steps)
             set_lr(optimizer, lr)
             enc_img, enc_txt = _encoders(model, cached)
@@ -272,8 +272,9 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
             if not math.isfinite(loss):
                 raise UserError(f"The loss became {loss} at step {step}; lower --lr or use --precision bf16/fp32.")
             temperature = float(1 / model.logit_scale.detach().exp())
-            info = StepInfo(epoch, step, step_in_epoch, spe, loss, lr, temperature,
-                            n_pairs * dist.world_size / max(time.perf_counter() - t0, 1e-9))
+            now = time.perf_counter()
+            info = StepInfo(epoch, step, step_in_epoch, spe, loss, lr, temperature, n_pairs * dist.world_size / max(now - t0, 1e-9))
+            t0 = now
             if cb.on_step and dist.is_main:
                 cb.on_step(info)
             if writer:
@@ -452,6 +453,8 @@ def _cache(lm, cfg, splits, run, cb, dist):
 
     split = split_towers(lm.model)
     out = {"split": split}
+    if cfg.augment:
+        _status(cb, dist, "Augmentation is off with --cache-features: each image's tower output is computed once.")
     for name, items in (("train", splits.train), ("val", splits.val)):
         if not items:
             continue

@@ -11,8 +11,10 @@ _KEYS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10")
 
 
 def print_report(console: Console, r: DemoResult) -> None:
-    t = Table("model", *[k.replace("_", " ") for k in _KEYS],
-              title=f"Held-out recall: {r.val_images} emoji never seen in training (gallery = those emoji)")
+    t = Table(title=f"Held-out recall: {r.val_images} emoji never seen in training (gallery = those emoji)")
+    t.add_column("model", no_wrap=True)
+    for k in _KEYS:
+        t.add_column(k.replace("_", " "), justify="right")
     t.add_row("untrained heads", *[f"{100 * r.before[k]:.1f}%" for k in _KEYS])
     t.add_row(f"tuned (epoch {r.best_epoch})", *[f"{100 * r.after[k]:.1f}%" for k in _KEYS])
     console.print(t)

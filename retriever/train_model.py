@@ -8,6 +8,8 @@ starts from (and resumes into) the same kind of object with a content-hash ident
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import torch
@@ -77,7 +79,8 @@ def configure_trainable(model: torch.nn.Module, cfg) -> None:
 
         patch_hf_arch_for_unlocking()  # BERT-family towers need it for unlocked_layers > 0
         try:
-            model.lock_text_tower(unlocked_layers=cfg.unlock_text_last)
+            with contextlib.redirect_stdout(io.StringIO()):  # open_clip print()s "Unlocking N/M layers"
+                model.lock_text_tower(unlocked_layers=cfg.unlock_text_last)
         except (RuntimeError, KeyError, AttributeError) as e:
             raise UserError(f"Could not unlock the last {cfg.unlock_text_last} text layers of this model: {e}") from e
     if cfg.grad_checkpointing:

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_CONFIG = str(ASSETS / "tiny-clip.json")
@@ -51,3 +52,14 @@ def broken_folder(tmp_path, emoji_items) -> Path:
     (root / "empty.png").write_bytes(b"")
     (root / "not-an-image.jpg").write_text("hello, I am text")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models are all per-op overhead: a second intra-op thread gains nothing, and when the
+    CI machine's cores are busy, OpenMP's spin-waiting made the recall test 12x slower (measured
+    229 s vs 18 s on 2 shared cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,13 +15,7 @@ from retriever.losses import infonce_loss, siglip_loss
 ASSETS = Path(__file__).parent / "assets"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models are per-op overhead; on busy shared cores a second OpenMP thread only spin-waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny_clip(seed=0, bias=False):

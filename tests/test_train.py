@@ -17,15 +17,7 @@ from retriever.train import TrainConfig, train
 TINY = str(Path(__file__).parent / "assets" / "tiny-clip.json")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models are all per-op overhead: a second intra-op thread gains nothing, and when the
-    CI machine's cores are busy, OpenMP's spin-waiting made the recall test 12x slower (measured
-    229 s vs 18 s on 2 shared cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -112,7 +112,9 @@ def run_demo(cfg: DemoConfig, train_callbacks=None, status: Callable[[str], None
     history = _finished_history(run, cfg.epochs)
     if history is None:
         tcfg.resume = (run / "last" / "train_state.pt").is_file()
-        say("Resuming the fine-tuning run" if tcfg.resume else "Fine-tuning the heads with InfoNCE")
+        what = "the heads" + (f", the last {cfg.unlock_text_last} MiniLM layer(s)" if cfg.unlock_text_last else "") + (
+            f", the last {cfg.unlock_image_last} EfficientNet block(s)" if cfg.unlock_image_last else "")
+        say("Resuming the fine-tuning run" if tcfg.resume else f"Fine-tuning {what} with InfoNCE")
         result = train(tcfg, train_callbacks)
         history = result.history
     seconds["train"] = time.perf_counter() - t

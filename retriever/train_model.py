@@ -25,8 +25,10 @@ def build_start_model(cfg, run: Path, device: torch.device, precision: str, dist
     if cfg.image_tower:
         init = run / "init"
         if dist.is_main:
-            compose_to_folder(cfg.image_tower, cfg.text_tower, init, image_weights=cfg.image_weights,
-                              embed_dim=cfg.embed_dim, image_size=cfg.image_size, context_length=cfg.context_length)
+            with torch.random.fork_rng(devices=[]):  # seeded heads: the same run gives the same model
+                torch.manual_seed(cfg.seed)
+                compose_to_folder(cfg.image_tower, cfg.text_tower, init, image_weights=cfg.image_weights,
+                                  embed_dim=cfg.embed_dim, image_size=cfg.image_size, context_length=cfg.context_length)
         D.barrier()
         return load_model(f"local-dir:{init}", device=device, precision=precision)
     from .models import DEFAULT_MODEL

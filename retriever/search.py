@@ -14,7 +14,9 @@ from .encode import encode_images, encode_texts
 from .errors import UserError
 from .images import ImageInput
 from .indexes import gpu
+from .indexes import ondisk
 from .indexes.build import set_search_params
+from .indexes.rerank import VectorStore, search_index
 from .indexes.store import IndexManifest, ModalityIndex, read_manifest
 from .models import LoadedModel, ModelIdentity, load_model
 
@@ -57,6 +59,7 @@ class Retriever:
         self._use_gpu = use_gpu
         self._indexes: dict[str, faiss.Index] = {}
         self._rows: dict[str, pa.Table] = {}
+        self._stores: dict[str, VectorStore | None] = {}
 
     @property
     def modalities(self) -> list[str]:
@@ -107,7 +110,8 @@ class Retriever:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != index.d:
             raise UserError(f"Query vectors must have shape (n, {index.d}).")
-        return index.search(q, min(k, index.ntotal))
+        entry = self._entry(modality)
+        return search_index(index, q, k, entry.search_params, self._store(modality))
 
     def lookup(self, modality: str, rows: np.ndarray, scores: np.ndarray | None = None) -> list[SearchResult]:
         """Metadata for the given faiss rows only: a `take` on the memory-mapped rows file."""
@@ -132,12 +136,22 @@ class Retriever:
     def _index(self, modality: str) -> faiss.Index:
         if modality not in self._indexes:
             entry = self._entry(modality)
-            index = faiss.read_index(str(self.index_dir / entry.file))
-            if self._use_gpu is not False and gpu.can_use_gpu(index):
+            path = self.index_dir / entry.file
+            # On-disk inverted lists are memory-mapped from the .ivfdata file beside the index.
+            index = ondisk.open_on_disk(path) if entry.ivfdata_file else faiss.read_index(str(path))
+            if self._use_gpu is not False and not entry.ivfdata_file and gpu.can_use_gpu(index):
                 index = gpu.to_gpu(index)
             set_search_params(index, entry.search_params)
             self._indexes[modality] = index
         return self._indexes[modality]
+
+    def _store(self, modality: str) -> VectorStore | None:
+        """The memory-mapped exact vectors an index re-ranks from, if it has them."""
+        if modality not in self._stores:
+            entry = self._entry(modality)
+            files = [self.index_dir / f for f in entry.vectors_files] if entry.rerank == "mmap" else []
+            self._stores[modality] = VectorStore(files) if files else None
+        return self._stores[modality]
 
     def _rows_table(self, modality: str) -> pa.Table:
         if modality not in self._rows:

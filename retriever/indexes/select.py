@@ -70,7 +70,7 @@ def estimate_bytes(spec: IndexSpec, n: int, d: int) -> int:
 
 def estimate_build_bytes(spec: IndexSpec, n: int, d: int, batch_rows: int = BATCH_ROWS) -> int:
     """Peak RAM while building: the larger of the training phase and the adding phase."""
-    batch = 3 * batch_rows * 4 * d  # Arrow batch, float32 copy, faiss's internal copy
+    batch = 3 * min(batch_rows, n) * 4 * d  # Arrow batch, float32 copy, faiss's internal copy
     train = 0
     if spec.train_size:
         nlist, _, fixed = _ivf_parts(spec, n, d)

@@ -100,7 +100,7 @@ class Retriever:
     def search_vectors(self, queries: np.ndarray, k: int = 10, modality: str = "image") -> list[list[SearchResult]]:
         """Top-k results for each row of `queries` (unit vectors from this index's model)."""
         scores, rows = self.search_raw(queries, k, modality)
-        return [self.lookup(modality, r, s) for r, s in zip(rows, scores)]
+        return self.lookup_many(modality, rows, scores)
 
     def search_raw(self, queries: np.ndarray, k: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
         """faiss's (scores, rows) for a batch of queries; rows are -1 past the index's end."""
@@ -116,14 +116,23 @@ class Retriever:
     def lookup(self, modality: str, rows: np.ndarray, scores: np.ndarray | None = None) -> list[SearchResult]:
         """Metadata for the given faiss rows only: a `take` on the memory-mapped rows file."""
         rows = np.asarray(rows)
+        return self.lookup_many(modality, rows[None, :], None if scores is None else np.asarray(scores)[None, :])[0]
+
+    def lookup_many(self, modality: str, rows: np.ndarray, scores: np.ndarray | None = None) -> list[list[SearchResult]]:
+        """lookup() for a (queries, k) array of rows in one `take`: per-query takes cost more than
+        the search itself for fast indexes."""
+        rows = np.asarray(rows)
         keep = rows >= 0
-        rows = rows[keep]
-        table = self._rows_table(modality).take(pa.array(rows, pa.int64()))
+        table = self._rows_table(modality).take(pa.array(rows[keep], pa.int64()))
         ids = table.column("id").to_pylist()
         paths = table.column("path").to_pylist()
         caps = table.column("caption").to_pylist()
-        sc = np.asarray(scores)[keep] if scores is not None else np.full(len(rows), np.nan, np.float32)
-        return [SearchResult(i + 1, ids[i], float(sc[i]), paths[i], caps[i]) for i in range(len(rows))]
+        sc = (np.asarray(scores)[keep] if scores is not None else np.full(int(keep.sum()), np.nan, np.float32)).tolist()
+        out, pos = [], 0
+        for n in keep.sum(axis=1).tolist():
+            out.append([SearchResult(j + 1, ids[pos + j], sc[pos + j], paths[pos + j], caps[pos + j]) for j in range(n)])
+            pos += n
+        return out
 
     def _entry(self, modality: str) -> ModalityIndex:
         if modality not in ("image", "text"):

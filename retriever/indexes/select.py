@@ -85,33 +85,40 @@ def estimate_build_bytes(spec: IndexSpec, n: int, d: int, batch_rows: int = BATC
 
 
 def block_rows(spec: IndexSpec, n: int, d: int) -> int:
-    """Rows per in-RAM IVF block before it is written out and merged on disk."""
-    return min(n, 1_000_000)
+    """Rows per in-RAM IVF block before it is written out and merged on disk: an eighth of the
+    lists (10M×PQ64 → 90 MB blocks), so the merge reads a handful of files."""
+    return min(n, max(BATCH_ROWS, n // 8))
 
 
 def candidates(n: int, d: int, index_type: str = "auto", flat_max: int = FLAT_MAX) -> list[IndexSpec]:
-    """The rungs of the ladder allowed for this N and --index-type, most memory first."""
+    """The rungs of the ladder allowed for this N and --index-type, in order of preference.
+
+    Flat, HNSW and IVF-Flat all hold the full vectors, so under a budget they succeed or fail
+    together within a few percent; the rungs below them are what a budget really selects. PQ with
+    RFlat re-ranking holds the full vectors too (it is faster than IVF-Flat, not smaller), so it
+    is offered only when asked for by --index-type; `auto` goes from IVF-Flat straight to PQ
+    re-ranked from memory-mapped vectors.
+    """
     if index_type == "auto":
         pq_kind = "opq" if n >= OPQ_MIN else "ivfpq"
-        kinds = (["flat"] if n <= flat_max else []) + (["hnsw"] if n <= HNSW_MAX else []) + ["ivf", pq_kind]
-    else:
-        kinds = [index_type]
-    out: list[IndexSpec] = []
-    for kind in kinds:
-        if kind in ("flat", "hnsw"):
-            out.append(choose_index(n, d, kind, flat_max))
-        elif kind == "ivf":
-            out += [choose_index(n, d, "ivf"), choose_index(n, d, "ivf", on_disk=True)]
-        else:
-            out += [
-                choose_index(n, d, kind, rerank="rflat"),
-                choose_index(n, d, kind, rerank="mmap"),
-                choose_index(n, d, kind, rerank="mmap", on_disk=True),
-            ]
-    if index_type == "auto":
-        # On-disk IVF-Flat is only worth it after the compressed in-RAM options.
-        out.sort(key=lambda s: (s.on_disk, 0))
-    return out
+        out = [choose_index(n, d, "flat")] if n <= flat_max else []
+        if n <= HNSW_MAX:
+            out.append(choose_index(n, d, "hnsw"))
+        return out + [
+            choose_index(n, d, "ivf"),
+            choose_index(n, d, pq_kind, rerank="mmap"),
+            choose_index(n, d, pq_kind, rerank="mmap", on_disk=True),
+            choose_index(n, d, "ivf", on_disk=True),
+        ]
+    if index_type in ("flat", "hnsw"):
+        return [choose_index(n, d, index_type, flat_max)]
+    if index_type == "ivf":
+        return [choose_index(n, d, "ivf"), choose_index(n, d, "ivf", on_disk=True)]
+    return [
+        choose_index(n, d, index_type, rerank="rflat"),
+        choose_index(n, d, index_type, rerank="mmap"),
+        choose_index(n, d, index_type, rerank="mmap", on_disk=True),
+    ]
 
 
 def choose_for_budget(

@@ -97,9 +97,12 @@ def plan_index(n: int, d: int, cfg: BuildConfig) -> IndexSpec:
 
 def new_index(spec: IndexSpec, dim: int) -> faiss.Index:
     index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
-    if isinstance(index, faiss.IndexPreTransform):
-        for i in range(index.chain.size()):
-            vt = faiss.downcast_VectorTransform(index.chain.at(i))
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, (faiss.IndexRefine, faiss.IndexRefineFlat)):
+        inner = faiss.downcast_index(inner.base_index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        for i in range(inner.chain.size()):
+            vt = faiss.downcast_VectorTransform(inner.chain.at(i))
             if isinstance(vt, faiss.OPQMatrix):
                 # faiss's default of 50 iterations took 76 s for 20k×64-d vectors on 2 cores; the
                 # rotation barely improves after 10, and re-ranking repairs the rest.

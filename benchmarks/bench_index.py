@@ -193,7 +193,7 @@ def print_table(rows: list[dict]) -> None:
         params = ",".join(f"{k}={v}" for k, v in r["params"].items()) or "exact"
         fac = r["factory"] + (" +mmap" if r["rerank"] == "mmap" else "") + (" disk" if r["on_disk"] else "")
         print(
-            f"{r['n']:>9} {r['type']:<10} {fac[:34]:<34} {params[:36]:<36} {r['build_s']:>7.1f} {format_bytes(r['peak_rss']):>9} "
+            f"{r['n']:>9} {r['type']:<10} {fac[:34]:<34} {params[:36]:<36} {r['build_s']:>7.1f} {format_bytes(r['peak_rss_above_imports']):>9} "
             f"{format_bytes(r['index_bytes']):>9} {r['qps']:>8.0f} {r.get('speedup_vs_flat', float('nan')):>6.1f} {r['recall@10']:>6.3f} "
             f"{(r['ours_vs_raw'] or float('nan')):>8.3f} {(r['with_metadata_vs_raw'] or float('nan')):>9.3f}"
         )
@@ -214,7 +214,11 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5, help="timed repetitions (best kept)")
     p.add_argument("--workdir", default="bench-out/index")
     p.add_argument("--json", dest="json_path", default=None)
+    p.add_argument("--table-from", default=None, help="print the table of an earlier --json file and exit")
     args = p.parse_args()
+    if args.table_from:
+        print_table(json.loads(Path(args.table_from).read_text())["rows"])
+        return
     ns = list(args.n) + ([10_000_000] if args.large else [])
     rows = []
     t0 = time.time()

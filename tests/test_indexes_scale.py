@@ -241,3 +241,13 @@ def test_gpu_search_agrees_with_cpu(shards, tmp_path):
         s_cpu, r_cpu = Retriever(tmp_path / kind, use_gpu=False).search_raw(q, 10, "image")
         assert recall_at_k(r_gpu, r_cpu, 10) >= 0.95, kind  # float16 storage may swap near-ties
         np.testing.assert_allclose(s_gpu[:, 0], s_cpu[:, 0], atol=2e-3)
+
+
+def test_tuning_ignores_the_query_itself():
+    truth = np.array([[5, 6, 7], [8, 9, 1]])
+    found = np.array([[0, 5, 6, 7], [9, 1, 8, 2]])  # query rows 0 and 2 find themselves
+    from retriever.indexes.tune import drop_rows
+
+    kept = drop_rows(found, np.array([0, 2]), 3)
+    assert kept.tolist() == [[5, 6, 7], [9, 1, 8]]
+    assert recall_at_k(kept, truth, 3) == 1.0

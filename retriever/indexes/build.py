@@ -252,15 +252,24 @@ def _write_block(block: faiss.Index, out: Path, i: int) -> Path:
 
 
 def tune_index(index: faiss.Index, entry: ModalityIndex, folder: Path, ss: ShardSet, modality: str, cfg: BuildConfig):
-    """Tune entry's search parameters on queries drawn from the shards; exact truth by streaming."""
+    """Tune entry's search parameters on queries drawn from the shards; exact truth by streaming.
+
+    A query drawn from the data finds itself at rank 1 in every index, which would inflate
+    recall; its own row (the exact top-1) is left out of both truth and results, so recall@k is
+    measured on its k other neighbours, as for an unseen query from the same distribution.
+    """
+    self_excluded = entry.count > 1  # a one-row index has no other neighbour to find
     nq = min(cfg.tune_queries, entry.count)
+    k = min(cfg.k, entry.count - self_excluded)
     queries = np.ascontiguousarray(ss.sample_vectors(modality, nq, cfg.seed + 1))
-    k = min(cfg.k, entry.count)
-    _, truth = tune.exact_knn(queries, (v for v, _ in ss.iter_vectors(modality, extra_columns=())), k)
+    blocks = (v for v, _ in ss.iter_vectors(modality, extra_columns=()))
+    _, truth = tune.exact_knn(queries, blocks, k + self_excluded)
+    exclude = truth[:, 0] if self_excluded else None
+    truth = truth[:, int(self_excluded) :]
     store = VectorStore([folder / f for f in entry.vectors_files]) if entry.rerank == "mmap" else None
 
     def search(params, q, kk):
         set_search_params(index, params)
         return search_index(index, q, kk, params, store)
 
-    return tune.tune(search, queries, truth, k, cfg.target_recall, tune.grid(entry.factory, entry.count, k, entry.rerank))
+    return tune.tune(search, queries, truth, k, cfg.target_recall, tune.grid(entry.factory, entry.count, k, entry.rerank), exclude)

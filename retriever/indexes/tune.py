@@ -77,21 +77,48 @@ def grid(factory: str, ntotal: int, k: int, rerank: str = "") -> list[list[dict]
     return [inner({})]
 
 
+def drop_rows(rows: np.ndarray, exclude: np.ndarray, k: int) -> np.ndarray:
+    """The first k of each row of `rows` other than exclude[i] (a query's own row)."""
+    keep = rows != exclude[:, None]
+    order = np.argsort(~keep, axis=1, kind="stable")  # kept entries first, in rank order
+    return np.take_along_axis(rows, order, 1)[:, :k]
+
+
 def tune(
-    search: SearchFn, queries: np.ndarray, truth: np.ndarray, k: int, target: float, settings: list[list[dict]]
+    search: SearchFn,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    k: int,
+    target: float,
+    settings: list[list[dict]],
+    exclude: np.ndarray | None = None,
+    plateau: float = 0.002,
 ) -> TuneResult:
-    """Walk each inner list until recall@k ≥ target; keep the fastest setting that reached it."""
+    """Walk each inner list until recall@k ≥ target; keep the fastest setting that reached it.
+
+    `exclude[i]`: a row to ignore in query i's results (the query itself when queries are drawn
+    from the indexed data: finding it is free and would inflate recall). An inner walk also stops
+    once two more steps of effort gained less than `plateau` recall: e.g. PQ without enough
+    re-ranking tops out below the target however many lists it probes.
+    """
     tried: list[dict] = []
     limit = None  # once effort level j reached the target, larger factors need no more than j
+    extra = 0 if exclude is None else 1
     for inner in settings:
+        recalls: list[float] = []
         for j, params in enumerate(inner if limit is None else inner[: limit + 1]):
             t0 = time.perf_counter()
-            _, rows = search(params, queries, k)
+            _, rows = search(params, queries, k + extra)
             dt = time.perf_counter() - t0
+            if exclude is not None:
+                rows = drop_rows(rows, exclude, k)
             r = recall_at_k(rows, truth, k)
             tried.append({"params": params, "recall": r, "qps": len(queries) / dt})
+            recalls.append(r)
             if r >= target:
                 limit = j if limit is None else min(limit, j)
+                break
+            if len(recalls) >= 3 and recalls[-1] - recalls[-3] < plateau:
                 break
     ok = [t for t in tried if t["recall"] >= target]
     best = max(ok, key=lambda t: t["qps"]) if ok else max(tried, key=lambda t: (t["recall"], t["qps"]))

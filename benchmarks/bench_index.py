@@ -33,7 +33,7 @@ from retriever.indexes.tune import exact_knn, recall_at_k  # noqa: E402
 from retriever.search import Retriever  # noqa: E402
 from retriever.shards import ShardSet  # noqa: E402
 
-DEFAULT_TYPES = {100_000: "flat,hnsw,ivf,ivfpq,opq,ivfpq-disk,auto@200M", 1_000_000: "flat,ivf,ivfpq", 10_000_000: "auto@4G"}
+DEFAULT_TYPES = {100_000: "flat,hnsw,ivf,ivfpq,opq,ivfpq-disk,auto@200M", 1_000_000: "flat,ivf,ivfpq,auto@1G", 10_000_000: "auto@4G"}
 
 
 def child_build(shards: str, out: str, kind: str, target: float, k: int, nq: int) -> None:

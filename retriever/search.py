@@ -149,7 +149,7 @@ class Retriever:
             # On-disk inverted lists are memory-mapped from the .ivfdata file beside the index.
             index = ondisk.open_on_disk(path) if entry.ivfdata_file else faiss.read_index(str(path))
             if self._use_gpu is not False and not entry.ivfdata_file and gpu.can_use_gpu(index):
-                index = gpu.to_gpu(index)
+                index = gpu.to_gpu(index, index_bytes=int(entry.extra.get("estimated_memory_bytes", 0)))
             set_search_params(index, entry.search_params)
             self._indexes[modality] = index
         return self._indexes[modality]

@@ -127,7 +127,7 @@ def _build_one(ss: ShardSet, modality: str, spec: IndexSpec, out: Path, cfg: Bui
     if cfg.use_gpu and not on_gpu:
         raise UserError("--gpu was asked for, but faiss has no GPU support here or the index type cannot run on a GPU.")
     if on_gpu:
-        index = gpu.to_gpu(index)
+        index = gpu.to_gpu(index, index_bytes=spec.memory_bytes)  # sharded if one GPU is too small
     if spec.train_size:
         sample = ss.sample_vectors(modality, spec.train_size, cfg.seed)
         index.train(sample)

@@ -36,10 +36,19 @@ from retriever.shards import ShardSet  # noqa: E402
 DEFAULT_TYPES = {100_000: "flat,hnsw,ivf,ivfpq,opq,ivfpq-disk,auto@200M", 1_000_000: "flat,ivf,ivfpq,auto@1G", 10_000_000: "auto@4G"}
 
 
+def vm_hwm() -> int:
+    """This process's peak resident memory in bytes. Not getrusage's ru_maxrss: Linux carries
+    that across fork+exec, so a child started by a big parent reports the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child_build(shards: str, out: str, kind: str, target: float, k: int, nq: int) -> None:
     """Runs in a fresh process: build one index, print build seconds and peak RSS as JSON."""
     # kind: TYPE, TYPE-disk (on-disk inverted lists) or TYPE@BUDGET (e.g. auto@4G)
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # interpreter + torch + faiss
+    base_rss = vm_hwm()  # interpreter + torch (imported by retriever.models) + faiss + pyarrow
     index_type, _, budget = kind.partition("@")
     on_disk = index_type.endswith("-disk")
     cfg = BuildConfig(
@@ -53,7 +62,7 @@ def child_build(shards: str, out: str, kind: str, target: float, k: int, nq: int
     t0 = time.perf_counter()
     m = build_index(shards, out, cfg, modalities=("image",))
     secs = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = vm_hwm()
     print(json.dumps({"build_s": secs, "peak_rss": rss, "base_rss": base_rss, "manifest": m.to_dict()}))
 
 

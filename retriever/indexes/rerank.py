@@ -44,22 +44,28 @@ class VectorStore:
 
 
 class VectorWriter:
-    """Streams vectors into a pre-sized .npy file (its size is known before the build starts)."""
+    """Streams vectors into a .npy file whose row count is known before the build starts.
+
+    Plain file writes, not a writable memmap: dirty pages of a shared mapping count in the
+    process's RSS (a 1M×512 build peaked 2 GB higher that way), page-cache pages do not.
+    """
 
     def __init__(self, path: str | Path, count: int, dim: int):
         self.path = Path(path)
-        self.array = np.lib.format.open_memmap(str(self.path), mode="w+", dtype=np.float32, shape=(count, dim))
+        self.count, self.dim = count, dim
+        self.file = open(self.path, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": (count, dim)}
+        np.lib.format.write_array_header_1_0(self.file, header)
         self.pos = 0
 
     def write(self, vectors: np.ndarray) -> None:
-        self.array[self.pos : self.pos + len(vectors)] = vectors
+        self.file.write(np.ascontiguousarray(vectors, np.float32).tobytes())
         self.pos += len(vectors)
 
     def close(self) -> None:
-        if self.pos != len(self.array):
-            raise RuntimeError(f"{self.path.name}: wrote {self.pos} of {len(self.array)} vectors")
-        self.array.flush()
-        del self.array
+        self.file.close()
+        if self.pos != self.count:
+            raise RuntimeError(f"{self.path.name}: wrote {self.pos} of {self.count} vectors")
 
 
 def rerank(store: VectorStore, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

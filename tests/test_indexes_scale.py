@@ -70,7 +70,7 @@ def test_budget_walks_the_ladder_down_to_compressed_and_on_disk():
             assert "np" in factory  # never polysemous training
     # Asked for by type, IVF-PQ re-ranks in RAM (RFlat) when that fits, else from disk.
     assert choose_for_budget(n, d, 2**30, "ivfpq").factory.endswith(",RFlat")
-    assert choose_for_budget(n, d, 30 * 2**20, "ivfpq").rerank == "mmap"
+    assert choose_for_budget(n, d, 50 * 2**20, "ivfpq").rerank == "mmap"
     assert choose_for_budget(n, d, 2**30, flat_max=100_000).factory == "Flat"
 
 

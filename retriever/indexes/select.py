@@ -148,7 +148,7 @@ def choose_for_budget(
         if best_need is None or need < best_need[0]:
             best_need = (need, spec)
     need, spec = best_need
-    what = "any index" if index_type == "auto" else f"a {index_type} index"
+    what = "any index" if index_type == "auto" else f"{'an' if index_type[0] in 'aeiou' else 'a'} {index_type} index"
     raise UserError(
         f"{format_bytes(max_memory)} is too little for {what} over {n:,} vectors of dim {d}: the smallest "
         f"({describe(spec)}) needs about {format_bytes(need)}; raise --max-memory."

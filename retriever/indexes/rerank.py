@@ -8,6 +8,7 @@ asked for are paged in. Several files (one per `--add`) form one store in row or
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +24,12 @@ class VectorStore:
 
     def __init__(self, paths: Sequence[str | Path]):
         self.parts = [np.load(str(p), mmap_mode="r") for p in paths]
+        for part in self.parts:
+            # Rows are fetched at random: without this, each fault reads ahead 128 KiB and the
+            # whole file ends up resident (and counted in RSS) after a few thousand queries.
+            mm = getattr(part, "_mmap", None)
+            if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+                mm.madvise(mmap.MADV_RANDOM)
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
         self.d = self.parts[0].shape[1] if self.parts else 0
 

@@ -260,6 +260,8 @@ def info(
     else:
         table.add_row("bytes", str(d["bytes"]))
         table.add_row("shards", f"{d['shards']['folder']} ({d['shards']['rows']} rows, {len(d['shards']['files'])} files)")
+        for a in d["shards"].get("added", []):
+            table.add_row("  added", f"{a['folder']} ({a['rows']} rows, ids shifted by {a['id_offset']})")
         for name, m in d["indexes"].items():
             params = ", ".join(f"{k}={v}" for k, v in m["search_params"].items()) or "exact"
             table.add_row(f"{name} index", f"{m['count']} vectors, {m['factory']} ({params}), built on {m['built_on']}")

@@ -42,6 +42,8 @@ class IndexType(str, Enum):
     flat = "flat"
     hnsw = "hnsw"
     ivf = "ivf"
+    ivfpq = "ivfpq"
+    opq = "opq"
 
 
 def user_errors(fn):
@@ -136,16 +138,36 @@ def embed(
 @app.command()
 @user_errors
 def index(
-    shards: Path = typer.Argument(..., help="Shard folder written by `retriever embed`."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Index folder to write (replaced atomically)."),
-    index_type: IndexType = typer.Option(IndexType.auto, help="auto: exact Flat for small sets, HNSW, then IVF."),
+    shards: Path = typer.Argument(..., help="Shard folder written by `retriever embed` (with --add: the new shards)."),
+    target: Optional[Path] = typer.Argument(None, help="With --add: the existing index folder to extend."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Index folder to write (replaced atomically)."),
+    index_type: IndexType = typer.Option(
+        IndexType.auto, help="auto: chosen from N, d and --max-memory; flat, hnsw, ivf (IVF-Flat), ivfpq (IVF-PQ + exact re-rank), opq (OPQ + IVF-HNSW + PQ + re-rank)."
+    ),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="RAM budget for the index, e.g. 4G or 512M (default: no limit)."),
+    target_recall: Optional[float] = typer.Option(None, "--target-recall", help="Tune search parameters to reach this recall@k against exact search, e.g. 0.95."),
+    k: int = typer.Option(10, "--k", help="The k of recall@k for --target-recall."),
+    on_disk: bool = typer.Option(False, "--on-disk", help="Keep IVF inverted lists on disk (memory-mapped) even when RAM would hold them."),
+    add: bool = typer.Option(False, "--add", help="Append SHARDS to the index TARGET without retraining."),
+    renumber: bool = typer.Option(False, "--renumber", help="With --add: shift new ids past the index's largest id instead of refusing clashing ids."),
     gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="Build on the GPU (default: when faiss sees one)."),
     as_json: bool = JsonOpt,
 ):
-    """Build FAISS indexes (image, and text where captions exist) from shards."""
+    """Build FAISS indexes (image, and text where captions exist) from shards, or --add shards to one."""
     from .indexes import BuildConfig, build_index
+    from .indexes.add import add_to_index
+    from .indexes.select import parse_memory
     from .shards import ShardSet
 
+    if add:
+        if target is None or out_dir is not None:
+            raise UserError("--add takes the new shard folder and the index folder: retriever index --add NEW_SHARDS INDEX.")
+        if target_recall is not None or max_memory is not None or index_type != IndexType.auto:
+            raise UserError("--add keeps the index's type and tuned parameters; rebuild to change them.")
+    elif out_dir is None:
+        raise UserError("Give the index folder to write with --out (or use --add NEW_SHARDS INDEX).")
+    elif target is not None:
+        raise UserError(f"Unexpected second folder {target}; did you mean --add?")
     ss = ShardSet(shards)
     with _progress() as bar:
         tasks: dict[str, int] = {}
@@ -155,13 +177,33 @@ def index(
                 tasks[modality] = bar.add_task(f"Indexing {modality}", total=total)
             bar.update(tasks[modality], completed=n)
 
-        manifest = build_index(ss, out_dir, BuildConfig(index_type=index_type.value, use_gpu=gpu), progress=progress)
+        if add:
+            manifest = add_to_index(target, ss, renumber=renumber, progress=progress)
+            out_dir = target
+        else:
+            cfg = BuildConfig(
+                index_type=index_type.value,
+                use_gpu=gpu,
+                max_memory=parse_memory(max_memory) if max_memory else None,
+                on_disk=on_disk,
+                target_recall=target_recall,
+                k=k,
+            )
+            manifest = build_index(ss, out_dir, cfg, progress=progress)
     if as_json:
         out.print_json(json.dumps(manifest.to_dict()))
         return
     for m in manifest.indexes.values():
-        out.print(f"{m.modality} index: {m.count} vectors, {m.factory} {m.search_params or ''} on {m.built_on} in {m.build_seconds:.1f}s")
-    out.print(f"Wrote {out_dir}")
+        where = " (lists on disk)" if m.ivfdata_file else ""
+        out.print(f"{m.modality} index: {m.count} vectors, {m.factory}{where} {m.search_params or ''} on {m.built_on} in {m.build_seconds:.1f}s")
+        t = m.extra.get("tuning")
+        if t and not add:
+            line = f"  tuned: recall@{t['k']} {t['recall']:.3f} at {t['qps']:.0f} queries/s ({t['queries']} sample queries)"
+            if t["reached"]:
+                out.print(line)
+            else:
+                err.print(f"[yellow]{line}: target {t['target']} not reached; kept the best setting found.[/yellow]", highlight=False)
+    out.print(f"{'Updated' if add else 'Wrote'} {out_dir}")
 
 
 @app.command()
@@ -223,11 +265,32 @@ def info(
     else:
         table.add_row("bytes", str(d["bytes"]))
         table.add_row("shards", f"{d['shards']['folder']} ({d['shards']['rows']} rows, {len(d['shards']['files'])} files)")
+        for a in d["shards"].get("added", []):
+            table.add_row("  added", f"{a['folder']} ({a['rows']} rows, ids shifted by {a['id_offset']})")
         for name, m in d["indexes"].items():
             params = ", ".join(f"{k}={v}" for k, v in m["search_params"].items()) or "exact"
             table.add_row(f"{name} index", f"{m['count']} vectors, {m['factory']} ({params}), built on {m['built_on']}")
+            if m.get("ivfdata_file"):
+                table.add_row("  inverted lists", f"on disk, memory-mapped ({m['ivfdata_file']})")
+            if m.get("rerank") == "mmap":
+                table.add_row("  re-ranking", f"exact, from memory-mapped vectors ({', '.join(m['vectors_files'])})")
             for key, value in m.get("extra", {}).items():
-                table.add_row(f"  {key}", json.dumps(value) if not isinstance(value, str) else value)
+                if key == "tuning":
+                    t = value
+                    status = "reached" if t["reached"] else "NOT reached (best setting kept)"
+                    params = ", ".join(f"{a}={b}" for a, b in t["params"].items()) or "exact"
+                    table.add_row(
+                        "  tuning",
+                        f"target recall@{t['k']} {t['target']} {status}: {params} → recall {t['recall']:.4f}, "
+                        f"{t['qps']:.0f} queries/s ({t['latency_ms']:.2f} ms/query batched, {t['queries']} queries, "
+                        f"{len(t['tried'])} settings tried)" + (f"; tuned at {t['tuned_at_count']} vectors" if "tuned_at_count" in t else ""),
+                    )
+                elif key.endswith("_bytes"):
+                    from .indexes.select import format_bytes
+
+                    table.add_row(f"  {key[:-6].replace('_', ' ')}", format_bytes(value))
+                else:
+                    table.add_row(f"  {key}", json.dumps(value) if not isinstance(value, str) else value)
     out.print(table)
 
 

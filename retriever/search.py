@@ -14,7 +14,9 @@ from .encode import encode_images, encode_texts
 from .errors import UserError
 from .images import ImageInput
 from .indexes import gpu
+from .indexes import ondisk
 from .indexes.build import set_search_params
+from .indexes.rerank import VectorStore, search_index
 from .indexes.store import IndexManifest, ModalityIndex, read_manifest
 from .models import LoadedModel, ModelIdentity, load_model
 
@@ -57,6 +59,7 @@ class Retriever:
         self._use_gpu = use_gpu
         self._indexes: dict[str, faiss.Index] = {}
         self._rows: dict[str, pa.Table] = {}
+        self._stores: dict[str, VectorStore | None] = {}
 
     @property
     def modalities(self) -> list[str]:
@@ -97,7 +100,7 @@ class Retriever:
     def search_vectors(self, queries: np.ndarray, k: int = 10, modality: str = "image") -> list[list[SearchResult]]:
         """Top-k results for each row of `queries` (unit vectors from this index's model)."""
         scores, rows = self.search_raw(queries, k, modality)
-        return [self.lookup(modality, r, s) for r, s in zip(rows, scores)]
+        return self.lookup_many(modality, rows, scores)
 
     def search_raw(self, queries: np.ndarray, k: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
         """faiss's (scores, rows) for a batch of queries; rows are -1 past the index's end."""
@@ -107,19 +110,29 @@ class Retriever:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != index.d:
             raise UserError(f"Query vectors must have shape (n, {index.d}).")
-        return index.search(q, min(k, index.ntotal))
+        entry = self._entry(modality)
+        return search_index(index, q, k, entry.search_params, self._store(modality))
 
     def lookup(self, modality: str, rows: np.ndarray, scores: np.ndarray | None = None) -> list[SearchResult]:
         """Metadata for the given faiss rows only: a `take` on the memory-mapped rows file."""
         rows = np.asarray(rows)
+        return self.lookup_many(modality, rows[None, :], None if scores is None else np.asarray(scores)[None, :])[0]
+
+    def lookup_many(self, modality: str, rows: np.ndarray, scores: np.ndarray | None = None) -> list[list[SearchResult]]:
+        """lookup() for a (queries, k) array of rows in one `take`: per-query takes cost more than
+        the search itself for fast indexes."""
+        rows = np.asarray(rows)
         keep = rows >= 0
-        rows = rows[keep]
-        table = self._rows_table(modality).take(pa.array(rows, pa.int64()))
+        table = self._rows_table(modality).take(pa.array(rows[keep], pa.int64()))
         ids = table.column("id").to_pylist()
         paths = table.column("path").to_pylist()
         caps = table.column("caption").to_pylist()
-        sc = np.asarray(scores)[keep] if scores is not None else np.full(len(rows), np.nan, np.float32)
-        return [SearchResult(i + 1, ids[i], float(sc[i]), paths[i], caps[i]) for i in range(len(rows))]
+        sc = (np.asarray(scores)[keep] if scores is not None else np.full(int(keep.sum()), np.nan, np.float32)).tolist()
+        out, pos = [], 0
+        for n in keep.sum(axis=1).tolist():
+            out.append([SearchResult(j + 1, ids[pos + j], sc[pos + j], paths[pos + j], caps[pos + j]) for j in range(n)])
+            pos += n
+        return out
 
     def _entry(self, modality: str) -> ModalityIndex:
         if modality not in ("image", "text"):
@@ -132,12 +145,22 @@ class Retriever:
     def _index(self, modality: str) -> faiss.Index:
         if modality not in self._indexes:
             entry = self._entry(modality)
-            index = faiss.read_index(str(self.index_dir / entry.file))
-            if self._use_gpu is not False and gpu.can_use_gpu(index):
-                index = gpu.to_gpu(index)
+            path = self.index_dir / entry.file
+            # On-disk inverted lists are memory-mapped from the .ivfdata file beside the index.
+            index = ondisk.open_on_disk(path) if entry.ivfdata_file else faiss.read_index(str(path))
+            if self._use_gpu is not False and not entry.ivfdata_file and gpu.can_use_gpu(index):
+                index = gpu.to_gpu(index, index_bytes=int(entry.extra.get("estimated_memory_bytes", 0)))
             set_search_params(index, entry.search_params)
             self._indexes[modality] = index
         return self._indexes[modality]
+
+    def _store(self, modality: str) -> VectorStore | None:
+        """The memory-mapped exact vectors an index re-ranks from, if it has them."""
+        if modality not in self._stores:
+            entry = self._entry(modality)
+            files = [self.index_dir / f for f in entry.vectors_files] if entry.rerank == "mmap" else []
+            self._stores[modality] = VectorStore(files) if files else None
+        return self._stores[modality]
 
     def _rows_table(self, modality: str) -> pa.Table:
         if modality not in self._rows:

@@ -1,12 +1,18 @@
-"""Build faiss indexes from a shard folder by streaming batches: vectors are never held twice."""
+"""Build faiss indexes from a shard folder by streaming batches: vectors are never held twice.
+
+Training uses a random sample read shard by shard; vectors are then added batch by batch. With a
+memory budget the index kind comes from select.choose_for_budget; indexes whose inverted lists do
+not fit are built in blocks merged on disk (ondisk.py). With a recall target the search
+parameters are tuned against exact search (tune.py) and the result stored in the manifest.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -16,8 +22,9 @@ from .. import __version__
 from ..errors import UserError
 from ..fsutil import atomic_dir, write_json_atomic
 from ..shards import ShardSet
-from . import gpu
+from . import gpu, ondisk, select, tune
 from .factory import FLAT_MAX, IndexSpec, choose_index
+from .rerank import OWN_PARAMS, VectorStore, VectorWriter, search_index
 from .store import MANIFEST, MODALITIES, IndexManifest, ModalityIndex
 
 ROWS_SCHEMA = pa.schema([("id", pa.int64()), ("path", pa.string()), ("caption", pa.string())])
@@ -28,11 +35,16 @@ BuildProgress = Callable[[str, int, int], None]
 
 @dataclass
 class BuildConfig:
-    index_type: str = "auto"  # auto | flat | hnsw | ivf
+    index_type: str = "auto"  # auto | flat | hnsw | ivf | ivfpq | opq
     flat_max: int = FLAT_MAX
     use_gpu: bool | None = None  # None: when faiss has GPU support and sees a GPU
     batch_size: int = 16_384
     seed: int = 0
+    max_memory: int | None = None  # bytes for the index (see select.py); None: no limit
+    on_disk: bool = False  # force on-disk inverted lists (IVF kinds); the budget may also ask for them
+    target_recall: float | None = None  # tune search parameters to reach this recall@k
+    k: int = 10
+    tune_queries: int = 1000  # queries drawn from the data for tuning
 
 
 def build_index(
@@ -44,17 +56,19 @@ def build_index(
 ) -> IndexManifest:
     """Build an image index, and a text index where captions exist; write the folder atomically."""
     cfg = config or BuildConfig()
+    if cfg.target_recall is not None and not 0 < cfg.target_recall <= 1:
+        raise UserError("--target-recall must be between 0 and 1, e.g. 0.95.")
+    if cfg.k < 1:
+        raise UserError("--k must be at least 1.")
     ss = shards if isinstance(shards, ShardSet) else ShardSet(shards)
     out = Path(out_dir).expanduser()
+    specs = {m: plan_index(ss.count(m), ss.dim, cfg) for m in modalities if ss.count(m)}
+    if not specs:
+        raise UserError(f"{ss.folder} has no rows to index.")
     built: dict[str, ModalityIndex] = {}
     with atomic_dir(out) as tmp:
-        for modality in modalities:
-            if ss.count(modality) == 0:
-                continue  # no captions anywhere: no text index, search says so
-            spec = choose_index(ss.count(modality), ss.dim, cfg.index_type, cfg.flat_max)
+        for modality, spec in specs.items():
             built[modality] = _build_one(ss, modality, spec, tmp, cfg, progress)
-        if not built:
-            raise UserError(f"{ss.folder} has no rows to index.")
         manifest = IndexManifest(
             model=ss.meta["model"],
             shards={
@@ -70,11 +84,34 @@ def build_index(
     return manifest
 
 
+def plan_index(n: int, d: int, cfg: BuildConfig) -> IndexSpec:
+    """The index to build for n vectors under cfg's type, budget and on-disk choices."""
+    spec = select.choose_for_budget(n, d, cfg.max_memory, cfg.index_type, cfg.flat_max)
+    if cfg.on_disk and not spec.on_disk:
+        if spec.kind in ("flat", "hnsw"):
+            raise UserError("On-disk inverted lists need an IVF index (--index-type ivf, ivfpq or opq).")
+        spec = choose_index(n, d, spec.kind, rerank="mmap", on_disk=True)
+        spec = replace(spec, memory_bytes=select.estimate_bytes(spec, n, d))
+    return spec
+
+
 def new_index(spec: IndexSpec, dim: int) -> faiss.Index:
-    return faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, (faiss.IndexRefine, faiss.IndexRefineFlat)):
+        inner = faiss.downcast_index(inner.base_index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        for i in range(inner.chain.size()):
+            vt = faiss.downcast_VectorTransform(inner.chain.at(i))
+            if isinstance(vt, faiss.OPQMatrix):
+                # faiss's default of 50 iterations took 76 s for 20k×64-d vectors on 2 cores; the
+                # rotation barely improves after 10, and re-ranking repairs the rest.
+                vt.niter = 10
+    return index
 
 
 def set_search_params(index: faiss.Index, params: dict) -> None:
+    params = {k: v for k, v in (params or {}).items() if k not in OWN_PARAMS}
     if not params:
         return
     desc = ",".join(f"{k}={v}" for k, v in params.items())
@@ -86,34 +123,153 @@ def _build_one(ss: ShardSet, modality: str, spec: IndexSpec, out: Path, cfg: Bui
     t0 = time.perf_counter()
     total = ss.count(modality)
     index = new_index(spec, ss.dim)
-    on_gpu = (cfg.use_gpu is not False) and gpu.can_use_gpu(index)
+    on_gpu = (cfg.use_gpu is not False) and not spec.on_disk and gpu.can_use_gpu(index)
     if cfg.use_gpu and not on_gpu:
         raise UserError("--gpu was asked for, but faiss has no GPU support here or the index type cannot run on a GPU.")
     if on_gpu:
-        index = gpu.to_gpu(index)
+        index = gpu.to_gpu(index, index_bytes=spec.memory_bytes)  # sharded if one GPU is too small
     if spec.train_size:
-        index.train(ss.sample_vectors(modality, spec.train_size, cfg.seed))
-    rows_path = out / f"{modality}.rows.arrow"
-    added = 0
-    with pa.OSFile(str(rows_path), "wb") as sink, pa.ipc.new_file(sink, ROWS_SCHEMA) as writer:
-        for vectors, meta in ss.iter_vectors(modality, cfg.batch_size, extra_columns=("id", "path", "caption")):
-            index.add(np.ascontiguousarray(vectors))
-            writer.write_batch(pa.record_batch([meta.column(c) for c in ROWS_SCHEMA.names], schema=ROWS_SCHEMA))
-            added += len(vectors)
-            if progress:
-                progress(modality, added, total)
-    index = gpu.to_cpu(index)
-    if index.ntotal != total:
-        raise RuntimeError(f"{modality} index holds {index.ntotal} vectors, expected {total}")
-    faiss.write_index(index, str(out / f"{modality}.faiss"))
-    return ModalityIndex(
+        sample = ss.sample_vectors(modality, spec.train_size, cfg.seed)
+        index.train(sample)
+        del sample
+    index = gpu.to_cpu(index) if spec.on_disk else index
+    entry = ModalityIndex(
         modality=modality,
-        count=int(index.ntotal),
+        count=0,
         dim=ss.dim,
         factory=spec.factory,
         search_params=dict(spec.search_params),
         file=f"{modality}.faiss",
-        rows_file=rows_path.name,
+        rows_file=f"{modality}.rows.arrow",
         built_on="gpu" if on_gpu else "cpu",
-        build_seconds=round(time.perf_counter() - t0, 3),
+        rerank=spec.rerank,
     )
+    batches = ss.iter_vectors(modality, cfg.batch_size, extra_columns=("id", "path", "caption"))
+    index = add_batches(
+        index, entry, out, batches, total, on_disk=spec.on_disk, progress=progress, block_rows=select.block_rows(spec, total, ss.dim)
+    )
+    index = gpu.to_cpu(index)
+    if index.ntotal != total:
+        raise RuntimeError(f"{modality} index holds {index.ntotal} vectors, expected {total}")
+    entry.count = int(index.ntotal)
+    entry.extra["estimated_memory_bytes"] = spec.memory_bytes or select.estimate_bytes(spec, total, ss.dim)
+    if cfg.max_memory is not None:
+        entry.extra["max_memory_bytes"] = cfg.max_memory
+    if cfg.target_recall is not None:
+        result = tune_index(index, entry, out, ss, modality, cfg)
+        entry.search_params = result.params
+        entry.extra["tuning"] = result.to_dict()
+    if not entry.ivfdata_file:  # an on-disk index was written when its lists were merged
+        faiss.write_index(index, str(out / entry.file))
+    entry.build_seconds = round(time.perf_counter() - t0, 3)
+    return entry
+
+
+def add_batches(
+    index: faiss.Index,
+    entry: ModalityIndex,
+    out: Path,
+    batches: Iterator[tuple[np.ndarray, pa.RecordBatch]],
+    count: int,
+    *,
+    first_row: int = 0,
+    on_disk: bool = False,
+    old_rows: Path | None = None,
+    old_ivf: faiss.Index | None = None,
+    progress: BuildProgress | None = None,
+    block_rows: int = 1_000_000,
+) -> faiss.Index:
+    """Add `count` streamed vectors as rows first_row… and write the files that go with them.
+
+    Used by build and by --add: the rows file (old rows copied first), a vectors segment when the
+    index re-ranks from disk, and for on-disk indexes the blocks merged (with `old_ivf`'s lists)
+    into a fresh .ivfdata. Returns the index holding old and new rows.
+    """
+    rows_path = out / entry.rows_file
+    writer_vec = None
+    if entry.rerank == "mmap":
+        name = f"{entry.modality}.vectors.npy" if first_row == 0 else f"{entry.modality}.vectors.{first_row}.npy"
+        writer_vec = VectorWriter(out / name, count, entry.dim)
+        entry.vectors_files.append(name)
+    on_disk = on_disk or bool(entry.ivfdata_file)
+    trained_path = out / f"{entry.modality}.trained.faiss"
+    if on_disk and first_row == 0:
+        faiss.write_index(index, str(trained_path))
+        entry.trained_file = trained_path.name
+    blocks: list[Path] = []
+    block = None
+    added = 0
+    with pa.OSFile(str(rows_path), "wb") as sink, pa.ipc.new_file(sink, ROWS_SCHEMA) as writer:
+        if old_rows is not None:
+            for b in _file_batches(old_rows):
+                writer.write_batch(b)
+        for vectors, meta in batches:
+            vectors = np.ascontiguousarray(vectors)
+            ids = np.arange(first_row + added, first_row + added + len(vectors), dtype=np.int64)
+            if on_disk:
+                if block is None:
+                    block = faiss.read_index(str(trained_path))
+                block.add_with_ids(vectors, ids)
+                if block.ntotal >= block_rows:
+                    blocks.append(_write_block(block, out, len(blocks)))
+                    block = None
+            else:
+                index.add(vectors)  # in RAM, faiss numbers rows ntotal…, which is first_row + added
+            if writer_vec is not None:
+                writer_vec.write(vectors)
+            writer.write_batch(pa.record_batch([meta.column(c) for c in ROWS_SCHEMA.names], schema=ROWS_SCHEMA))
+            added += len(vectors)
+            if progress:
+                progress(entry.modality, added, count)
+    if writer_vec is not None:
+        writer_vec.close()
+    if added != count:
+        raise RuntimeError(f"{entry.modality}: streamed {added} vectors, expected {count}")
+    if on_disk:
+        if block is not None:
+            blocks.append(_write_block(block, out, len(blocks)))
+        parts = ([old_ivf] if old_ivf is not None else []) + [ondisk.read_block(p) for p in blocks]
+        entry.ivfdata_file = f"{entry.modality}.ivfdata"
+        index = ondisk.merge_on_disk(faiss.read_index(str(trained_path)), parts, out / entry.ivfdata_file)
+        faiss.write_index(index, str(out / entry.file))
+        del parts
+        for p in blocks:
+            p.unlink()
+        index = ondisk.open_on_disk(out / entry.file)
+    return index
+
+
+def _file_batches(path: Path):
+    reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+    for i in range(reader.num_record_batches):
+        yield reader.get_batch(i)
+
+
+def _write_block(block: faiss.Index, out: Path, i: int) -> Path:
+    path = out / f".block-{i:04d}.faiss"
+    faiss.write_index(block, str(path))
+    return path
+
+
+def tune_index(index: faiss.Index, entry: ModalityIndex, folder: Path, ss: ShardSet, modality: str, cfg: BuildConfig):
+    """Tune entry's search parameters on queries drawn from the shards; exact truth by streaming.
+
+    A query drawn from the data finds itself at rank 1 in every index, which would inflate
+    recall; its own row (the exact top-1) is left out of both truth and results, so recall@k is
+    measured on its k other neighbours, as for an unseen query from the same distribution.
+    """
+    self_excluded = entry.count > 1  # a one-row index has no other neighbour to find
+    nq = min(cfg.tune_queries, entry.count)
+    k = min(cfg.k, entry.count - self_excluded)
+    queries = np.ascontiguousarray(ss.sample_vectors(modality, nq, cfg.seed + 1))
+    blocks = (v for v, _ in ss.iter_vectors(modality, extra_columns=()))
+    _, truth = tune.exact_knn(queries, blocks, k + self_excluded)
+    exclude = truth[:, 0] if self_excluded else None
+    truth = truth[:, int(self_excluded) :]
+    store = VectorStore([folder / f for f in entry.vectors_files]) if entry.rerank == "mmap" else None
+
+    def search(params, q, kk):
+        set_search_params(index, params)
+        return search_index(index, q, kk, params, store)
+
+    return tune.tune(search, queries, truth, k, cfg.target_recall, tune.grid(entry.factory, entry.count, k, entry.rerank), exclude)

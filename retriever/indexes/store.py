@@ -6,6 +6,9 @@
       image.faiss          faiss index over image embeddings
       image.rows.arrow     Arrow IPC file, row i = faiss row i: id, path, caption
       text.faiss / text.rows.arrow   the same over caption embeddings (rows with a caption)
+      image.ivfdata        (on-disk indexes) the inverted lists, memory-mapped at search time
+      image.trained.faiss  (on-disk indexes) the trained empty index, to add blocks without retraining
+      image.vectors*.npy   (re-ranking from disk) float32 vectors in row order, one file per build/add
 
 The rows file is uncompressed Arrow so that search memory-maps it and reads only the k hits.
 """
@@ -37,7 +40,12 @@ class ModalityIndex:
     rows: str = "row i of the faiss index is row i of rows_file (columns id, path, caption)"
     built_on: str = "cpu"
     build_seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)  # tuning results and the like
+    extra: dict[str, Any] = field(default_factory=dict)  # tuning results, budget and the like
+    # Added by the scale work; absent from older manifests, whose defaults mean "not used".
+    rerank: str = ""  # "mmap": search_params["rerank_k_factor"]·k candidates re-ranked from vectors_files
+    vectors_files: list[str] = field(default_factory=list)
+    ivfdata_file: str = ""  # set when the inverted lists are on disk
+    trained_file: str = ""
 
 
 @dataclass
@@ -58,7 +66,8 @@ class IndexManifest:
     def from_dict(cls, d: dict[str, Any]) -> "IndexManifest":
         if d.get("format") != FORMAT:
             raise UserError(f"Unsupported index format {d.get('format')!r} (expected {FORMAT}).")
-        idx = {k: ModalityIndex(**v) for k, v in d["indexes"].items()}
+        known = set(ModalityIndex.__dataclass_fields__)
+        idx = {k: ModalityIndex(**{f: x for f, x in v.items() if f in known}) for k, v in d["indexes"].items()}
         return cls(d["model"], d["shards"], idx, d["format"], d.get("retriever_version", ""), d.get("created", ""))
 
 

@@ -1,0 +1,130 @@
+"""Embed pipeline throughput against the bare model forward, same model, batch and precision.
+
+    python benchmarks/bench_embed.py --json bench-out/embed.json
+    python benchmarks/bench_embed.py --model RN50 --pretrained random --images 256
+
+Pipeline: `embed_items` over Twemoji PNGs (retriever.emoji_data), i.e. file reading, PNG decoding
+and preprocessing in DataLoader workers, the forward, normalisation and Parquet shard writing.
+Bare: the model's `encode_image` on tensors decoded and preprocessed beforehand, in the same
+memory format the pipeline uses (channels_last on the CPU). Items carry no captions so both sides
+do image work only. Runs alternate (pipeline, bare, pipeline, …) and the best of each is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from retriever.data import SourceItem  # noqa: E402
+from retriever.embed import EmbedConfig, embed_items  # noqa: E402
+from retriever.emoji_data import emoji_collection  # noqa: E402
+from retriever.images import load_image  # noqa: E402
+from retriever.models import load_model  # noqa: E402
+
+TINY = str(Path(__file__).resolve().parents[1] / "tests" / "assets" / "tiny-clip.json")
+
+
+def bare_forward(lm, tensors: list[torch.Tensor], batch: int) -> float:
+    """Seconds for the model forward alone over pre-decoded tensors."""
+    batches = [torch.stack(tensors[i : i + batch]) for i in range(0, len(tensors), batch)]
+    if lm.device.type == "cpu":
+        batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
+    batches = [b.to(lm.device) for b in batches]
+    t0 = time.perf_counter()
+    with torch.no_grad(), lm.autocast():
+        for b in batches:
+            lm.model.encode_image(b)
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def pipeline(lm, items: list[SourceItem], batch: int, workers: int) -> float:
+    """Seconds for embed_items end to end (shards written to a temporary folder)."""
+    out = Path(tempfile.mkdtemp(prefix="bench-embed-"))
+    try:
+        t0 = time.perf_counter()
+        embed_items(items, lm, out / "shards", EmbedConfig(batch_size=batch, num_workers=workers, shard_size=len(items)))
+        return time.perf_counter() - t0
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def bench(model: str, pretrained: str | None, n_images: int, batch: int, workers: int, repeat: int, device: str | None) -> dict:
+    lm = load_model(model, pretrained, device=device)
+    emoji = emoji_collection()[:n_images]
+    items = [SourceItem(i, e.path) for i, e in enumerate(emoji)]
+    t0 = time.perf_counter()
+    tensors = [lm.preprocess(load_image(it.path)) for it in items]
+    decode_s = time.perf_counter() - t0
+    pipeline(lm, items[: 2 * batch], batch, workers)  # warm-up: worker start, kernels, allocator
+    bare_forward(lm, tensors[: 2 * batch], batch)
+    pipe_s, bare_s = float("inf"), float("inf")
+    for _ in range(repeat):
+        pipe_s = min(pipe_s, pipeline(lm, items, batch, workers))
+        bare_s = min(bare_s, bare_forward(lm, tensors, batch))
+    n = len(items)
+    return {
+        "model": model,
+        "pretrained": pretrained,
+        "image_size": tuple(tensors[0].shape[-2:]),
+        "images": n,
+        "batch": batch,
+        "workers": workers,
+        "precision": lm.precision,
+        "device": str(lm.device),
+        "pipeline_images_per_s": round(n / pipe_s, 1),
+        "bare_images_per_s": round(n / bare_s, 1),
+        "ratio": round(bare_s / pipe_s, 3),
+        "decode_only_images_per_s_one_process": round(n / decode_s, 1),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", help=f"model(s) to run (default: {TINY} and RN50 random)")
+    p.add_argument("--pretrained", default=None, help="pretrained tag for hub models (default: random)")
+    p.add_argument("--images", type=int, default=None, help="images per run (default: all ~1.9k for the tiny model, 256 otherwise)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", dest="json_path", default=None)
+    args = p.parse_args()
+    models = args.model or [TINY, "RN50"]
+    rows = []
+    t0 = time.time()
+    for m in models:
+        tiny = m.endswith(".json")
+        pretrained = None if tiny else (args.pretrained or "random")
+        n = args.images or (10_000 if tiny else 256)
+        rows.append(bench(m, pretrained, n, args.batch, args.workers, args.repeat, args.device))
+    head = f"{'model':<28} {'px':>7} {'imgs':>5} {'batch':>5} {'prec':>5} {'pipeline img/s':>15} {'bare img/s':>11} {'ratio':>6} {'decode img/s':>12}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        name = Path(r["model"]).name if r["model"].endswith(".json") else f"{r['model']} ({r['pretrained']})"
+        print(
+            f"{name[:28]:<28} {'x'.join(map(str, r['image_size'])):>7} {r['images']:>5} {r['batch']:>5} {r['precision']:>5} "
+            f"{r['pipeline_images_per_s']:>15.1f} {r['bare_images_per_s']:>11.1f} {r['ratio']:>6.3f} {r['decode_only_images_per_s_one_process']:>12.1f}"
+        )
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)), "cpus": os.cpu_count(), "argv": sys.argv, "loadavg_at_end": os.getloadavg()}
+        tmp = Path(args.json_path).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+        os.replace(tmp, args.json_path)
+
+
+if __name__ == "__main__":
+    main()

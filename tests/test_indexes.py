@@ -114,7 +114,9 @@ def test_approximate_index_types_find_exact_copies(tmp_path, shards, tiny_model,
 def test_default_choice_by_size():
     assert choose_index(1_000, 512).factory == "Flat"
     assert choose_index(500_000, 512).factory.startswith("HNSW")
-    spec = choose_index(5_000_000, 512)
-    assert spec.factory == f"IVF{ivf_nlist(5_000_000)},Flat" and spec.train_size > 0
+    assert choose_index(500_000, 512, "ivf").factory == f"IVF{ivf_nlist(500_000)},Flat"
+    spec = choose_index(5_000_000, 512)  # no budget given: the compressed, re-ranked ladder top
+    assert spec.factory.startswith("OPQ") and f"IVF{ivf_nlist(5_000_000)}_HNSW" in spec.factory
+    assert spec.train_size > 0
     with pytest.raises(UserError):
         choose_index(10, 8, "bogus")

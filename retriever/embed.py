@@ -25,10 +25,9 @@ from .encode import encode_image_tensors, encode_texts
 from .errors import UserError
 from .fsutil import write_bytes_atomic, write_json_atomic
 from .models import LoadedModel
-from .shards import SHARD_GLOB, shard_name, shard_number, shard_schema, write_shard
+from .shards import ERRORS_FILE, SHARD_GLOB, shard_name, shard_number, shard_schema, write_shard
 
 JOB_FILE = "_embed_job.json"
-ERRORS_FILE = "_errors.jsonl"
 
 
 @dataclass

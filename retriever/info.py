@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .embed import ERRORS_FILE
 from .errors import UserError
 from .indexes.store import MANIFEST, read_manifest
-from .shards import ShardSet
+from .shards import ERRORS_FILE, ShardSet
 
 
 def describe(path: str | Path) -> dict[str, Any]:

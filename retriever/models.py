@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 import torch
 
 from .errors import ModelLoadError, UserError
+from .identity import ModelIdentity
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
@@ -35,37 +36,6 @@ RANDOM_INIT = "random"
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What produced a set of vectors. Stored with shards and indexes."""
-
-    name: str  # how to rebuild the architecture: hub name, `local-dir:PATH` or config-JSON path
-    pretrained: str | None  # tag, weights-file path, or None (local-dir / random init)
-    weights_sha256: str  # content hash of the fp32 state dict: the real identity
-    embed_dim: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelIdentity":
-        return cls(d["name"], d.get("pretrained"), d["weights_sha256"], int(d["embed_dim"]))
-
-    def describe(self) -> str:
-        w = self.pretrained or ("its folder's weights" if self.name.startswith("local-dir:") else "random init")
-        return f"{self.name} ({w}, sha256 {self.weights_sha256[:12]}, dim {self.embed_dim})"
-
-    def check_same(self, other: "ModelIdentity", what: str) -> None:
-        """Refuse to mix vectors of two different models."""
-        from .errors import ModelMismatchError
-
-        if self.weights_sha256 != other.weights_sha256 or self.embed_dim != other.embed_dim:
-            raise ModelMismatchError(
-                f"{what} was made with model {other.describe()}, "
-                f"but the model in use is {self.describe()}; use the same model for both."
-            )
 
 
 @dataclass

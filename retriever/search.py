@@ -4,21 +4,23 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import faiss
 import numpy as np
 import pyarrow as pa
 
-from .encode import encode_images, encode_texts
 from .errors import UserError
-from .images import ImageInput
+from .identity import ModelIdentity
 from .indexes import gpu
 from .indexes import ondisk
 from .indexes.build import set_search_params
 from .indexes.rerank import VectorStore, search_index
 from .indexes.store import IndexManifest, ModalityIndex, read_manifest
-from .models import LoadedModel, ModelIdentity, load_model
+
+if TYPE_CHECKING:  # torch is imported only when a query has to be encoded
+    from .images import ImageInput
+    from .models import LoadedModel
 
 
 @dataclass
@@ -68,6 +70,8 @@ class Retriever:
     @property
     def model(self) -> LoadedModel:
         if self._model is None:
+            from .models import load_model
+
             try:
                 lm = load_model(self.identity.name, self.identity.pretrained, device=self._device)
             except UserError as e:
@@ -88,6 +92,8 @@ class Retriever:
         """Top-k rows of the `modality` index ("image" or "text") for one text or image query."""
         if (text is None) == (image is None):
             raise UserError("Give exactly one query: a text or an image.")
+        from .encode import encode_images, encode_texts
+
         if image is not None:
             try:
                 q = encode_images(self.model, [image])
@@ -172,4 +178,6 @@ class Retriever:
 
 def search_many(retriever: Retriever, texts: Sequence[str], k: int = 10, modality: str = "image"):
     """Batch text search: one encoder pass, one faiss call."""
+    from .encode import encode_texts
+
     return retriever.search_vectors(encode_texts(retriever.model, list(texts)), k, modality)

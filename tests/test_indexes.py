@@ -120,3 +120,13 @@ def test_default_choice_by_size():
     assert spec.train_size > 0
     with pytest.raises(UserError):
         choose_index(10, 8, "bogus")
+
+
+def test_index_and_vector_search_do_not_import_torch():
+    """Index-only work stays light: torch alone is ~1 GB of RSS and seconds of start-up."""
+    import subprocess
+    import sys
+
+    code = "import sys, retriever.indexes, retriever.indexes.add, retriever.search, retriever.info; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from ..errors import UserError
 from ..fsutil import atomic_dir, write_json_atomic
-from ..models import ModelIdentity
+from ..identity import ModelIdentity
 from ..shards import ShardSet
 from . import ondisk
 from .build import BuildProgress, add_batches

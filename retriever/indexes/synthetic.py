@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models import ModelIdentity
+from ..identity import ModelIdentity
 from ..shards import shard_name, shard_schema, write_shard
 
 

@@ -69,6 +69,15 @@ PretrainedOpt = typer.Option(None, "--pretrained", "-p", help="Pretrained tag (d
 DeviceOpt = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available).")
 PrecisionOpt = typer.Option(None, "--precision", help="fp32 (CPU), fp16 or bf16 (GPU; default fp16 there).")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
+WorkersOpt = typer.Option(
+    None, help="Image-decoding worker processes (default: cores - 2, at most 4, on a CPU-only machine; 0 decodes in the main process)."
+)
+
+
+def _workers(n: Optional[int]) -> int:
+    from .data import default_workers
+
+    return default_workers() if n is None else n
 
 
 def _progress():
@@ -104,7 +113,7 @@ def embed(
     caption_column: Optional[str] = typer.Option(None, help="Manifest column with captions (default: caption, text, ...)."),
     batch_size: int = typer.Option(32, help="Images per model forward."),
     shard_size: int = typer.Option(10_000, help="Rows per Parquet shard (the unit of resumption)."),
-    workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Image-decoding worker processes (0: decode in the main process)."),
+    workers: Optional[int] = WorkersOpt,
     dtype: str = typer.Option("float32", help="Embedding storage type: float32 or float16."),
     device: Optional[str] = DeviceOpt,
     precision: Optional[str] = PrecisionOpt,
@@ -117,7 +126,7 @@ def embed(
 
     items = read_source(source, image_column=image_column, caption_column=caption_column)
     lm = _load(model, pretrained, device, precision)
-    cfg = EmbedConfig(shard_size=shard_size, batch_size=batch_size, num_workers=workers, dtype=dtype, overwrite=overwrite)
+    cfg = EmbedConfig(shard_size=shard_size, batch_size=batch_size, num_workers=_workers(workers), dtype=dtype, overwrite=overwrite)
     with _progress() as bar:
         task = bar.add_task("Embedding", total=None)
         result = embed_items(items, lm, out_dir, cfg, progress=lambda n, total: bar.update(task, completed=n, total=total))
@@ -335,7 +344,7 @@ def train(
     device: Optional[str] = DeviceOpt,
     precision: Optional[str] = PrecisionOpt,
     seed: int = typer.Option(0, help="Seed of shuffling, caption choice, augmentation and dropout."),
-    workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Image-decoding worker processes."),
+    workers: Optional[int] = WorkersOpt,
     logdir: Optional[Path] = typer.Option(None, help="Write TensorBoard logs here."),
     resume: bool = typer.Option(False, help="Continue the run in --out exactly where it stopped."),
     save_every: int = typer.Option(0, help="Also checkpoint last/ every N steps (0: at epoch ends)."),
@@ -354,7 +363,7 @@ def train(
         micro_batch=micro_batch, loss=loss.value, augment=augment, lock_image=lock_image,
         unlock_image_last=unlock_image_last, lock_text=lock_text, unlock_text_last=unlock_text_last,
         cache_features=cache_features, grad_checkpointing=grad_checkpointing, precision=precision, device=device,
-        seed=seed, workers=workers, logdir=_str(logdir), resume=resume, save_every=save_every, max_steps=max_steps,
+        seed=seed, workers=_workers(workers), logdir=_str(logdir), resume=resume, save_every=save_every, max_steps=max_steps,
         optim=OptimConfig(lr=lr, weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip or None),
     )
     from .train_progress import TrainDisplay
@@ -381,7 +390,7 @@ def eval_cmd(
     image_column: Optional[str] = typer.Option(None, help="Manifest column with image paths."),
     caption_column: Optional[str] = typer.Option(None, help="Manifest column with captions."),
     batch_size: int = typer.Option(64, help="Images per model forward."),
-    workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Image-decoding worker processes."),
+    workers: Optional[int] = WorkersOpt,
     device: Optional[str] = DeviceOpt,
     precision: Optional[str] = PrecisionOpt,
     as_json: bool = JsonOpt,
@@ -395,7 +404,7 @@ def eval_cmd(
     lm = _load(model, pretrained, device, precision)
     with _progress() as bar:
         task = bar.add_task("Encoding", total=len(items))
-        result = evaluate(lm, items, batch_size=batch_size, workers=workers, progress=lambda n, t: bar.update(task, completed=n, total=t))
+        result = evaluate(lm, items, batch_size=batch_size, workers=_workers(workers), progress=lambda n, t: bar.update(task, completed=n, total=t))
     if as_json:
         out.print_json(json.dumps({"model": lm.identity.to_dict(), **result.to_dict()}))
         return
@@ -413,7 +422,7 @@ def demo(
     unlock_text_last: int = typer.Option(0, help="Also tune the last N MiniLM layers (end to end; much slower on CPU)."),
     unlock_image_last: int = typer.Option(0, help="Also tune the last N EfficientNet blocks (end to end; much slower on CPU)."),
     seed: int = typer.Option(0, help="Seed of the concept split and the training."),
-    workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Image-decoding worker processes."),
+    workers: Optional[int] = WorkersOpt,
     as_json: bool = JsonOpt,
 ):
     """Offline end to end on Twemoji: compose the default model, fine-tune, report held-out recall, index, query."""
@@ -421,7 +430,7 @@ def demo(
     from .demo_report import print_report
     from .train_progress import TrainDisplay
 
-    cfg = DemoConfig(workspace=str(workspace), limit=limit, epochs=epochs, seed=seed, workers=workers,
+    cfg = DemoConfig(workspace=str(workspace), limit=limit, epochs=epochs, seed=seed, workers=_workers(workers),
                      unlock_text_last=unlock_text_last, unlock_image_last=unlock_image_last)
     show = err.is_terminal or os.environ.get("RETRIEVER_PROGRESS") == "1"
     with TrainDisplay(err, enabled=show) as display, _progress() as bar:

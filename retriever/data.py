@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -139,6 +140,20 @@ def _captions_of(value: Any) -> list[str]:
 
 def _clean(text: str) -> str:
     return " ".join(text.split())
+
+
+def default_workers() -> int:
+    """Image-decoding worker processes that help rather than hurt.
+
+    On a CPU-only machine every worker competes with torch's intra-op threads for the same cores:
+    on 2 cores, RN50 embedding ran at 0.82x the bare forward with 2 workers and 0.91x with none
+    (benchmarks/RESULTS.md). So leave two cores to torch there; with a GPU, decoding is all the
+    CPU has to do.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if torch.cuda.is_available():
+        return min(8, cpus)
+    return max(0, min(4, cpus - 2))
 
 
 @dataclass

@@ -41,7 +41,7 @@ class DemoConfig:
     lr: float = 1e-3
     unlock_text_last: int = 0  # > 0: also tune the last MiniLM layers (end to end, slower)
     unlock_image_last: int = 0  # > 0: also tune the last EfficientNet blocks
-    workers: int = 2
+    workers: int | None = None  # image-decoding processes; None: data.default_workers()
     examples: tuple[str, ...] = EXAMPLE_TEXT_QUERIES
 
 
@@ -77,7 +77,10 @@ def run_demo(cfg: DemoConfig, train_callbacks=None, status: Callable[[str], None
     from .optim import OptimConfig
     from .towers import DEFAULT_IMAGE_TOWER, default_tower_paths
 
+    from .data import default_workers
+
     say = status or (lambda s: None)
+    workers = default_workers() if cfg.workers is None else cfg.workers
     ws = Path(cfg.workspace).expanduser()
     ws.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -107,7 +110,7 @@ def run_demo(cfg: DemoConfig, train_callbacks=None, status: Callable[[str], None
         lock_image=True, lock_text=True, unlock_image_last=cfg.unlock_image_last,
         unlock_text_last=cfg.unlock_text_last,
         cache_features=not (cfg.unlock_image_last or cfg.unlock_text_last),
-        augment=False, seed=cfg.seed, workers=cfg.workers,
+        augment=False, seed=cfg.seed, workers=workers,
     )
     history = _finished_history(run, cfg.epochs)
     if history is None:
@@ -126,7 +129,7 @@ def run_demo(cfg: DemoConfig, train_callbacks=None, status: Callable[[str], None
     lm = load_model(tuned)
     say("Embedding every emoji with the tuned model")
     embed_items(read_source(data / "all.jsonl"), lm, ws / "shards",
-                EmbedConfig(batch_size=16, num_workers=cfg.workers, overwrite=True), progress=embed_progress)
+                EmbedConfig(batch_size=16, num_workers=workers, overwrite=True), progress=embed_progress)
     seconds["embed"] = time.perf_counter() - t
     t = time.perf_counter()
     build_index(ws / "shards", ws / "index")

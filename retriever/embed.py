@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .data import DecodedBatch, ImageDataset, SourceItem, collate_decoded
+from .data import DecodedBatch, ImageDataset, SourceItem, collate_decoded, default_workers
 from .encode import encode_image_tensors, encode_texts
 from .errors import UserError
 from .fsutil import write_bytes_atomic, write_json_atomic
@@ -35,7 +35,7 @@ class EmbedConfig:
     shard_size: int = 10_000
     batch_size: int = 32
     text_batch_size: int = 256
-    num_workers: int = 2  # DataLoader decode workers; 0 decodes in the main process
+    num_workers: int = field(default_factory=default_workers)  # decode processes; 0: in the main process
     dtype: str = "float32"  # embedding storage: float32 or float16
     overwrite: bool = False  # discard shards made with other arguments instead of refusing
 

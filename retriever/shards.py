@@ -154,9 +154,18 @@ class ShardSet:
         return self.num_rows if modality == "image" else sum(s.num_text_rows for s in self.shards)
 
     def iter_batches(self, columns: Sequence[str], batch_size: int = 16384) -> Iterator[tuple[ShardInfo, pa.RecordBatch]]:
+        """Stream record batches shard by shard, holding about one batch in memory.
+
+        pre_buffer=False: Arrow's default pre-buffering reads a shard's whole column ahead of the
+        batches (200 MB for 100k×512 float32), and its allocator (mimalloc) keeps freed pages
+        mapped: streaming 1M×512 left 418 MB resident with it and 222 MB without (and ran
+        faster). The pool is trimmed after each shard for the same reason.
+        """
         for shard in self.shards:
-            for batch in pq.ParquetFile(shard.path).iter_batches(batch_size=batch_size, columns=list(columns)):
+            pf = pq.ParquetFile(shard.path, pre_buffer=False)
+            for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns)):
                 yield shard, batch
+            pa.default_memory_pool().release_unused()
 
     def iter_vectors(
         self, modality: str, batch_size: int = 16384, extra_columns: Sequence[str] = ("id",)
@@ -174,17 +183,17 @@ class ShardSet:
     def sample_vectors(self, modality: str, n: int, seed: int = 0) -> np.ndarray:
         """A uniform random sample of up to `n` vectors, read shard by shard (never all at once)."""
         total = self.count(modality)
-        if n >= total:
-            return np.concatenate([v for v, _ in self.iter_vectors(modality, extra_columns=())])
-        rng = np.random.default_rng(seed)
-        chosen = np.sort(rng.choice(total, size=n, replace=False))
-        out, offset = [], 0
+        n = min(n, total)
+        chosen = np.arange(n) if n == total else np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
+        # Filled in place: collecting pieces and concatenating held the sample twice at the peak.
+        out = np.empty((n, self.dim), np.float32)
+        offset = 0
         for vec, _ in self.iter_vectors(modality, extra_columns=()):
             lo, hi = np.searchsorted(chosen, [offset, offset + len(vec)])
             if hi > lo:
-                out.append(vec[chosen[lo:hi] - offset])
+                out[lo:hi] = vec[chosen[lo:hi] - offset]
             offset += len(vec)
-        return np.concatenate(out)
+        return out
 
 
 def read_shard_meta(schema: pa.Schema, path: Path | str = "shard") -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -211,6 +212,23 @@ def test_vector_store_and_rerank_are_exact(tmp_path):
         valid = rows[i][rows[i] >= 0]
         best = valid[np.argsort(-(allv[valid] @ q[i]))[:2]]
         assert r[i].tolist() == best.tolist()
+
+
+def test_vector_store_reads_without_mapping_the_file(tmp_path):
+    # Mapped pages count in RSS (megabytes per random row with large page-cache folios), so the
+    # store for low-memory indexes must read rows, never map the file.
+    v = np.arange(4000 * 16, dtype=np.float32).reshape(4000, 16)
+    np.save(tmp_path / "v.npy", v)
+    store = VectorStore([tmp_path / "v.npy"])
+    rows = np.array([3999, 0, 1234, 1234, -1])
+    got = store.take(rows)
+    np.testing.assert_array_equal(got[:4], v[[3999, 0, 1234, 1234]])
+    assert not got[4].any()
+    if Path("/proc/self/maps").exists():
+        assert str(tmp_path / "v.npy") not in Path("/proc/self/maps").read_text()
+    with pytest.raises(IndexError):
+        store.take(np.array([4000]))
+    store.close()
 
 
 def test_gpu_plan_without_a_gpu():

@@ -272,4 +272,8 @@ def tune_index(index: faiss.Index, entry: ModalityIndex, folder: Path, ss: Shard
         set_search_params(index, params)
         return search_index(index, q, kk, params, store)
 
-    return tune.tune(search, queries, truth, k, cfg.target_recall, tune.grid(entry.factory, entry.count, k, entry.rerank), exclude)
+    try:
+        return tune.tune(search, queries, truth, k, cfg.target_recall, tune.grid(entry.factory, entry.count, k, entry.rerank), exclude)
+    finally:
+        if store is not None:
+            store.close()

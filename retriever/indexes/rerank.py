@@ -1,14 +1,14 @@
-"""Exact re-ranking of approximate candidates from a memory-mapped copy of the vectors.
+"""Exact re-ranking of approximate candidates from an on-disk copy of the vectors.
 
 PQ codes rank neighbours coarsely (recall@10 ≈ 0.74 on 512-d data); re-scoring the top k·factor
 candidates with exact inner products restores it. faiss's RFlat does this with the vectors in RAM;
 when RAM is short the float32 vectors live in `.npy` files in the index folder and only the rows
-asked for are paged in. Several files (one per `--add`) form one store in row order.
+asked for are read. Several files (one per `--add`) form one store in row order.
 """
 
 from __future__ import annotations
 
-import mmap
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -20,18 +20,32 @@ OWN_PARAMS = ("rerank_k_factor",)
 
 
 class VectorStore:
-    """Row-ordered float32 vectors from one or more memory-mapped .npy segments."""
+    """Row-ordered float32 vectors from one or more .npy segments, read row by row with pread().
+
+    Not a memory map: this store is the rung of the ladder for when RAM is short, and on Linux
+    pages of a mapped file count in the process's RSS — with large page-cache folios one random
+    row mapped megabytes (fetching 200 rows of a freshly written 2 GB file made 459 MiB resident,
+    320k rows all 2 GB, and MADV_RANDOM / MADV_DONTNEED could not bound it cheaply). pread() leaves
+    the data in the page cache, where the kernel reclaims it freely, and costs 2.5 µs a row
+    against 1.3 µs through a map (20k random rows of 1M×512: 49 ms against 26 ms).
+    """
 
     def __init__(self, paths: Sequence[str | Path]):
-        self.parts = [np.load(str(p), mmap_mode="r") for p in paths]
-        for part in self.parts:
-            # Rows are fetched at random: without this, each fault reads ahead 128 KiB and the
-            # whole file ends up resident (and counted in RSS) after a few thousand queries.
-            mm = getattr(part, "_mmap", None)
-            if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
-                mm.madvise(mmap.MADV_RANDOM)
-        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
-        self.d = self.parts[0].shape[1] if self.parts else 0
+        self.files, self.header_bytes, lengths = [], [], []
+        self.d = 0
+        for p in paths:
+            f = open(p, "rb")
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            if fortran or dtype != np.float32 or len(shape) != 2:
+                f.close()
+                raise ValueError(f"{p}: expected a C-ordered float32 matrix, found {dtype} {shape}")
+            self.files.append(f)
+            self.header_bytes.append(f.tell())
+            lengths.append(shape[0])
+            self.d = shape[1]
+        self.offsets = np.cumsum([0] + lengths)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -40,14 +54,25 @@ class VectorStore:
         """Vectors of `rows` (any shape of int64); rows < 0 give zero vectors."""
         flat = np.asarray(rows, np.int64).ravel()
         out = np.zeros((len(flat), self.d), np.float32)
-        valid = flat >= 0
-        seg = np.searchsorted(self.offsets, flat, side="right") - 1
-        for s in np.unique(seg[valid]):
-            m = valid & (seg == s)
-            local = flat[m] - self.offsets[s]
-            order = np.argsort(local)  # sorted reads walk the file forwards
-            out[np.flatnonzero(m)[order]] = self.parts[s][local[order]]
+        buf = memoryview(out).cast("B")
+        row_bytes = 4 * self.d
+        positions = np.flatnonzero(flat >= 0)
+        positions = positions[np.argsort(flat[positions], kind="stable")]  # sorted reads walk the file forwards
+        wanted = flat[positions]
+        seg = np.searchsorted(self.offsets, wanted, side="right") - 1
+        if len(wanted) and wanted[-1] >= len(self):
+            raise IndexError(f"row {int(wanted[-1])} is beyond the {len(self)} stored vectors")
+        starts = (wanted - self.offsets[seg]) * row_bytes + np.asarray(self.header_bytes, np.int64)[seg]
+        fds = [f.fileno() for f in self.files]
+        for pos, s, start in zip(positions.tolist(), seg.tolist(), starts.tolist()):
+            dst = buf[pos * row_bytes : (pos + 1) * row_bytes]
+            if os.preadv(fds[s], [dst], start) != row_bytes:
+                raise OSError(f"{self.files[s].name}: short read at byte {start}")
         return out.reshape(*np.shape(rows), self.d)
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
 
 
 class VectorWriter:

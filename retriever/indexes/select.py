@@ -5,8 +5,9 @@
 
 The budget bounds what retriever itself holds: the index while searching, and while building the
 training sample (k-means runs before any vector is added) or the index plus a batch of vectors.
-The Python interpreter with faiss and pyarrow loaded (~0.3 GB) and the OS page cache for
-memory-mapped files are not counted: mapped pages are evicted under pressure instead of failing.
+The Python interpreter with faiss and pyarrow loaded (~0.1 GB) is not counted, nor is the OS page
+cache: re-ranking vectors are read with pread() into the page cache, not mapped (rerank.py).
+Pages of faiss's own map of on-disk inverted lists do count in RSS while they stay mapped.
 """
 
 from __future__ import annotations

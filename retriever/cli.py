@@ -282,7 +282,7 @@ def info(
             if m.get("ivfdata_file"):
                 table.add_row("  inverted lists", f"on disk, memory-mapped ({m['ivfdata_file']})")
             if m.get("rerank") == "mmap":
-                table.add_row("  re-ranking", f"exact, from memory-mapped vectors ({', '.join(m['vectors_files'])})")
+                table.add_row("  re-ranking", f"exact, vectors read from disk ({', '.join(m['vectors_files'])})")
             for key, value in m.get("extra", {}).items():
                 if key == "tuning":
                     t = value

@@ -161,7 +161,7 @@ class Retriever:
         return self._indexes[modality]
 
     def _store(self, modality: str) -> VectorStore | None:
-        """The memory-mapped exact vectors an index re-ranks from, if it has them."""
+        """The on-disk exact vectors an index re-ranks from, if it has them."""
         if modality not in self._stores:
             entry = self._entry(modality)
             files = [self.index_dir / f for f in entry.vectors_files] if entry.rerank == "mmap" else []

@@ -196,6 +196,20 @@ def test_cli_add_appends(shards, tmp_path):
     assert Retriever(tmp_path / "i").manifest.indexes["image"].count == N + 600
 
 
+def test_sample_vectors_draws_distinct_rows_across_shards(shards):
+    from retriever.shards import ShardSet
+
+    ss = ShardSet(shards / "a")
+    every = np.concatenate([v for v, _ in ss.iter_vectors("image", extra_columns=())])
+    np.testing.assert_array_equal(ss.sample_vectors("image", N + 5), every)  # more than there are: all, in order
+    sample = ss.sample_vectors("image", 2000, seed=1)
+    assert sample.shape == (2000, 32)
+    rows = {tuple(v) for v in every}
+    assert len({tuple(v) for v in sample}) == 2000 and all(tuple(v) in rows for v in sample)
+    text = ss.sample_vectors("text", 10_000)  # only rows with captions have text vectors
+    assert len(text) == ss.count("text") == N // 4
+
+
 def test_vector_store_and_rerank_are_exact(tmp_path):
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((50, 8)).astype(np.float32), rng.standard_normal((30, 8)).astype(np.float32)

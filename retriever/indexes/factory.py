@@ -97,7 +97,7 @@ def choose_index(
         return IndexSpec(factory + ",RFlat", {**params, "k_factor_rf": 4}, train_size=train)
     if rerank not in ("rflat", "mmap"):
         raise ValueError(f"rerank must be rflat or mmap, not {rerank!r}")
-    # On-disk lists cannot sit under faiss's RFlat wrapper, so they re-rank from the mmap copy.
+    # On-disk lists cannot sit under faiss's RFlat wrapper, so they re-rank from the vectors on disk.
     return IndexSpec(factory, {**params, "rerank_k_factor": 4}, train_size=train, rerank="mmap", on_disk=on_disk)
 
 

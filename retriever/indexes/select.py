@@ -1,7 +1,7 @@
 """Choose an index by memory budget: the first rung of the ladder whose estimate fits.
 
     flat → hnsw → ivf (IVF-Flat) → ivfpq/opq + RFlat re-ranking in RAM
-         → ivfpq/opq + re-ranking from memory-mapped vectors → the same with on-disk inverted lists
+         → ivfpq/opq + re-ranking from vectors on disk → the same with on-disk inverted lists
 
 The budget bounds what retriever itself holds: the index while searching, and while building the
 training sample (k-means runs before any vector is added) or the index plus a batch of vectors.
@@ -108,7 +108,7 @@ def candidates(n: int, d: int, index_type: str = "auto", flat_max: int = FLAT_MA
     together within a few percent; the rungs below them are what a budget really selects. PQ with
     RFlat re-ranking holds the full vectors too (it is faster than IVF-Flat, not smaller), so it
     is offered only when asked for by --index-type; `auto` goes from IVF-Flat straight to PQ
-    re-ranked from memory-mapped vectors.
+    re-ranked from vectors on disk.
     """
     if index_type == "auto":
         pq_kind = "opq" if n >= OPQ_MIN else "ivfpq"
@@ -170,7 +170,7 @@ def _fit_training(spec: IndexSpec, n: int, d: int, budget: int) -> IndexSpec:
 def describe(spec: IndexSpec) -> str:
     extra = []
     if spec.rerank == "mmap":
-        extra.append("re-ranked from memory-mapped vectors")
+        extra.append("re-ranked from vectors on disk")
     if spec.on_disk:
         extra.append("inverted lists on disk")
     return spec.factory + (f" ({', '.join(extra)})" if extra else "")

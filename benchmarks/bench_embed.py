@@ -7,7 +7,12 @@ Pipeline: `embed_items` over Twemoji PNGs (retriever.emoji_data), i.e. file read
 and preprocessing in DataLoader workers, the forward, normalisation and Parquet shard writing.
 Bare: the model's `encode_image` on tensors decoded and preprocessed beforehand, in the same
 memory format the pipeline uses (channels_last on the CPU). Items carry no captions so both sides
-do image work only. Runs alternate (pipeline, bare, pipeline, …) and the best of each is kept.
+do image work only.
+
+Runs alternate (pipeline, bare, pipeline, bare, …). This VM's speed drifts by ±5–10 % from one
+run to the next, as much as the effect measured, so the table gives two estimates: the ratio of
+the best run of each side, and the median of the ratios of adjacent (pipeline, bare) pairs, with
+the spread of those pair ratios. Raise --repeat when they disagree.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -25,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retriever.data import SourceItem  # noqa: E402
+from retriever.data import SourceItem, default_workers  # noqa: E402
 from retriever.embed import EmbedConfig, embed_items  # noqa: E402
 from retriever.emoji_data import emoji_collection  # noqa: E402
 from retriever.images import load_image  # noqa: E402
@@ -69,10 +75,12 @@ def bench(model: str, pretrained: str | None, n_images: int, batch: int, workers
     decode_s = time.perf_counter() - t0
     pipeline(lm, items[: 2 * batch], batch, workers)  # warm-up: worker start, kernels, allocator
     bare_forward(lm, tensors[: 2 * batch], batch)
-    pipe_s, bare_s = float("inf"), float("inf")
+    pipe_runs, bare_runs = [], []
     for _ in range(repeat):
-        pipe_s = min(pipe_s, pipeline(lm, items, batch, workers))
-        bare_s = min(bare_s, bare_forward(lm, tensors, batch))
+        pipe_runs.append(pipeline(lm, items, batch, workers))
+        bare_runs.append(bare_forward(lm, tensors, batch))
+    pipe_s, bare_s = min(pipe_runs), min(bare_runs)
+    pair_ratios = sorted(b / p for p, b in zip(pipe_runs, bare_runs))
     n = len(items)
     return {
         "model": model,
@@ -85,7 +93,10 @@ def bench(model: str, pretrained: str | None, n_images: int, batch: int, workers
         "device": str(lm.device),
         "pipeline_images_per_s": round(n / pipe_s, 1),
         "bare_images_per_s": round(n / bare_s, 1),
-        "ratio": round(bare_s / pipe_s, 3),
+        "ratio": round(bare_s / pipe_s, 3),  # best against best
+        "median_pair_ratio": round(statistics.median(pair_ratios), 3),
+        "pair_ratio_range": (round(pair_ratios[0], 3), round(pair_ratios[-1], 3)),
+        "repeat": repeat,
         "decode_only_images_per_s_one_process": round(n / decode_s, 1),
     }
 
@@ -96,27 +107,29 @@ def main() -> None:
     p.add_argument("--pretrained", default=None, help="pretrained tag for hub models (default: random)")
     p.add_argument("--images", type=int, default=None, help="images per run (default: all ~1.9k for the tiny model, 256 otherwise)")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None, help="decode workers (default: what `retriever embed` uses here)")
+    p.add_argument("--repeat", type=int, default=5, help="alternating (pipeline, bare) pairs")
     p.add_argument("--device", default=None)
     p.add_argument("--json", dest="json_path", default=None)
     args = p.parse_args()
     models = args.model or [TINY, "RN50"]
+    workers = default_workers() if args.workers is None else args.workers
     rows = []
     t0 = time.time()
     for m in models:
         tiny = m.endswith(".json")
         pretrained = None if tiny else (args.pretrained or "random")
         n = args.images or (10_000 if tiny else 256)
-        rows.append(bench(m, pretrained, n, args.batch, args.workers, args.repeat, args.device))
-    head = f"{'model':<28} {'px':>7} {'imgs':>5} {'batch':>5} {'prec':>5} {'pipeline img/s':>15} {'bare img/s':>11} {'ratio':>6} {'decode img/s':>12}"
+        rows.append(bench(m, pretrained, n, args.batch, workers, args.repeat, args.device))
+    head = f"{'model':<28} {'px':>7} {'imgs':>5} {'batch':>5} {'prec':>5} {'pipeline img/s':>15} {'bare img/s':>11} {'best':>6} {'median':>6} {'pair range':>11} {'decode img/s':>12}"
     print(head)
     print("-" * len(head))
     for r in rows:
         name = Path(r["model"]).name if r["model"].endswith(".json") else f"{r['model']} ({r['pretrained']})"
         print(
             f"{name[:28]:<28} {'x'.join(map(str, r['image_size'])):>7} {r['images']:>5} {r['batch']:>5} {r['precision']:>5} "
-            f"{r['pipeline_images_per_s']:>15.1f} {r['bare_images_per_s']:>11.1f} {r['ratio']:>6.3f} {r['decode_only_images_per_s_one_process']:>12.1f}"
+            f"{r['pipeline_images_per_s']:>15.1f} {r['bare_images_per_s']:>11.1f} {r['ratio']:>6.3f} {r['median_pair_ratio']:>6.3f} "
+            f"{'–'.join(f'{x:.2f}' for x in r['pair_ratio_range']):>11} {r['decode_only_images_per_s_one_process']:>12.1f}"
         )
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)

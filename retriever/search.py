@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # torch is imported only when a query has to be encoded
     from .models import LoadedModel
 
 
-@dataclass
+@dataclass(slots=True)
 class SearchResult:
     rank: int
     id: int
@@ -131,11 +131,9 @@ class Retriever:
         keep = rows >= 0
         ids, paths, caps = self._take_rows(modality, rows[keep])
         sc = (np.asarray(scores)[keep] if scores is not None else np.full(int(keep.sum()), np.nan, np.float32)).tolist()
-        out, pos = [], 0
-        for n in keep.sum(axis=1).tolist():
-            out.append([SearchResult(j + 1, ids[pos + j], sc[pos + j], paths[pos + j], caps[pos + j]) for j in range(n)])
-            pos += n
-        return out
+        hits = list(map(SearchResult, _ranks(keep), ids, sc, paths, caps))
+        ends = np.cumsum(keep.sum(axis=1)).tolist()
+        return [hits[lo:hi] for lo, hi in zip([0, *ends], ends)]
 
     def _entry(self, modality: str) -> ModalityIndex:
         if modality not in ("image", "text"):
@@ -169,23 +167,24 @@ class Retriever:
         """(ids, paths, captions) of faiss rows, reading only the record batches that hold them.
 
         Not Table.take: on a table of many record batches (one per 16k rows written) Arrow joins
-        the chunks first, which made k = 10 cost 28 ms over 10M rows. Grouping by batch keeps it
-        proportional to k.
+        the chunks first, which made k = 10 cost 28 ms over 10M rows. Rows are grouped by batch,
+        taken, and put back in the caller's order with one more take.
         """
         batches, starts = self._rows_batches(modality)
-        ids: list = [None] * len(rows)
-        paths: list = [None] * len(rows)
-        caps: list = [None] * len(rows)
+        rows = np.asarray(rows, np.int64)
         which = np.searchsorted(starts, rows, side="right") - 1
         order = np.argsort(which, kind="stable")
         groups, first = np.unique(which[order], return_index=True)
-        for b, lo, hi in zip(groups.tolist(), first.tolist(), [*first[1:].tolist(), len(order)]):
-            pos = order[lo:hi]
-            part = batches[b].take(pa.array(rows[pos] - starts[b], pa.int64()))
-            for name, out in (("id", ids), ("path", paths), ("caption", caps)):
-                for j, v in zip(pos.tolist(), part.column(name).to_pylist()):
-                    out[j] = v
-        return ids, paths, caps
+        bounds = [*first.tolist(), len(order)]
+        parts = [
+            batches[b].take(pa.array(rows[order[lo:hi]] - starts[b], pa.int64()))
+            for b, lo, hi in zip(groups.tolist(), bounds, bounds[1:])
+        ]
+        if not parts:
+            return [], [], []
+        table = pa.Table.from_batches(parts).combine_chunks() if len(parts) > 1 else pa.Table.from_batches(parts)
+        table = table.take(pa.array(np.argsort(order, kind="stable"), pa.int64()))
+        return table.column("id").to_pylist(), table.column("path").to_pylist(), table.column("caption").to_pylist()
 
     def _rows_batches(self, modality: str) -> tuple[list[pa.RecordBatch], np.ndarray]:
         """The rows file's record batches (memory-mapped) and the first row of each."""
@@ -197,6 +196,11 @@ class Retriever:
             starts = np.cumsum([0] + [b.num_rows for b in batches])[:-1]
             self._rows[modality] = (batches, starts)
         return self._rows[modality]
+
+
+def _ranks(keep: np.ndarray) -> list[int]:
+    """1-based rank of each kept hit, row by row (hits of a row are kept in rank order)."""
+    return (np.cumsum(keep, axis=1)[keep]).tolist()
 
 
 def search_many(retriever: Retriever, texts: Sequence[str], k: int = 10, modality: str = "image"):

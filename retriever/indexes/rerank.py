@@ -19,6 +19,15 @@ import numpy as np
 OWN_PARAMS = ("rerank_k_factor",)
 
 
+def _read_into(fd: int, dst: memoryview, offset: int) -> int:
+    """pread straight into `dst` (os.preadv: Linux, BSD, macOS), or through a bytes copy."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [dst], offset)
+    data = os.pread(fd, len(dst), offset)
+    dst[: len(data)] = data
+    return len(data)
+
+
 class VectorStore:
     """Row-ordered float32 vectors from one or more .npy segments, read row by row with pread().
 
@@ -66,7 +75,7 @@ class VectorStore:
         fds = [f.fileno() for f in self.files]
         for pos, s, start in zip(positions.tolist(), seg.tolist(), starts.tolist()):
             dst = buf[pos * row_bytes : (pos + 1) * row_bytes]
-            if os.preadv(fds[s], [dst], start) != row_bytes:
+            if _read_into(fds[s], dst, start) != row_bytes:
                 raise OSError(f"{self.files[s].name}: short read at byte {start}")
         return out.reshape(*np.shape(rows), self.d)
 

@@ -4,7 +4,7 @@
     python benchmarks/bench_embed.py --model RN50 --images 64 --repeat 15
 
 Pipeline: `embed_items` over Twemoji PNGs (retriever.emoji_data), i.e. file reading, PNG decoding
-and preprocessing in DataLoader workers, the forward, normalisation and Parquet shard writing.
+and preprocessing (in DataLoader workers when --workers > 0), the forward, normalisation and Parquet shard writing.
 Bare: the model's `encode_image` on tensors decoded and preprocessed beforehand, in the same
 memory format the pipeline uses (channels_last on the CPU). Items carry no captions so both sides
 do image work only.

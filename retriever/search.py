@@ -182,8 +182,7 @@ class Retriever:
         ]
         if not parts:
             return [], [], []
-        table = pa.Table.from_batches(parts).combine_chunks() if len(parts) > 1 else pa.Table.from_batches(parts)
-        table = table.take(pa.array(np.argsort(order, kind="stable"), pa.int64()))
+        table = pa.Table.from_batches(parts).combine_chunks().take(pa.array(np.argsort(order, kind="stable"), pa.int64()))
         return table.column("id").to_pylist(), table.column("path").to_pylist(), table.column("caption").to_pylist()
 
     def _rows_batches(self, modality: str) -> tuple[list[pa.RecordBatch], np.ndarray]:

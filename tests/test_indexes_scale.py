@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import faiss
@@ -156,8 +157,6 @@ def test_unreachable_target_keeps_the_best_setting():
 def test_tuning_choice_does_not_depend_on_a_cold_first_run():
     # Both settings reach the target; nprobe=2 is the faster one but its first search pays a
     # cold start (as reading re-rank vectors from disk does). Re-timing must still pick it.
-    import time
-
     truth = np.arange(10)[None, :].repeat(4, 0)
     calls = {1: 0, 2: 0}
 

@@ -3,7 +3,7 @@
     python benchmarks/bench_embed.py --json bench-out/embed.json
     python benchmarks/bench_embed.py --model RN50 --images 64 --repeat 15
 
-Pipeline: `embed_items` over Twemoji PNGs (retriever.emoji_data), i.e. file reading, PNG decoding
+Pipeline: `embed_items` over Twemoji PNGs (retriever.demo.emoji), i.e. file reading, PNG decoding
 and preprocessing (in DataLoader workers when --workers > 0), the forward, normalisation and Parquet shard writing.
 Bare: the model's `encode_image` on tensors decoded and preprocessed beforehand, in the same
 memory format the pipeline uses (channels_last on the CPU). Items carry no captions so both sides
@@ -32,11 +32,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retriever.data import SourceItem, default_workers  # noqa: E402
+from retriever.data.images import load_image  # noqa: E402
+from retriever.data.loading import default_workers  # noqa: E402
+from retriever.data.sources import SourceItem
+from retriever.demo.emoji import emoji_collection  # noqa: E402
 from retriever.embed import EmbedConfig, embed_items  # noqa: E402
-from retriever.emoji_data import emoji_collection  # noqa: E402
-from retriever.images import load_image  # noqa: E402
-from retriever.models import load_model  # noqa: E402
+from retriever.models.load import load_model  # noqa: E402
 
 TINY = str(Path(__file__).resolve().parents[1] / "tests" / "assets" / "tiny-clip.json")
 
@@ -61,13 +62,17 @@ def pipeline(lm, items: list[SourceItem], batch: int, workers: int) -> float:
     out = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     try:
         t0 = time.perf_counter()
-        embed_items(items, lm, out / "shards", EmbedConfig(batch_size=batch, num_workers=workers, shard_size=len(items)))
+        embed_items(
+            items, lm, out / "shards", EmbedConfig(batch_size=batch, num_workers=workers, shard_size=len(items))
+        )
         return time.perf_counter() - t0
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def bench(model: str, pretrained: str | None, n_images: int, batch: int, workers: int, repeat: int, device: str | None) -> dict:
+def bench(
+    model: str, pretrained: str | None, n_images: int, batch: int, workers: int, repeat: int, device: str | None
+) -> dict:
     lm = load_model(model, pretrained, device=device)
     emoji = emoji_collection()[:n_images]
     items = [SourceItem(i, e.path) for i, e in enumerate(emoji)]
@@ -108,9 +113,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help=f"model(s) to run (default: {TINY} and RN50 random)")
     p.add_argument("--pretrained", default=None, help="pretrained tag for hub models (default: random)")
-    p.add_argument("--images", type=int, default=None, help="images per run (default: all ~1.9k for the tiny model, 64 otherwise)")
+    p.add_argument(
+        "--images", type=int, default=None, help="images per run (default: all ~1.9k for the tiny model, 64 otherwise)"
+    )
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None, help="decode workers (default: what `retriever embed` uses here)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="decode workers (default: what `retriever embed` uses here)"
+    )
     p.add_argument("--repeat", type=int, default=15, help="alternating (pipeline, bare) pairs")
     p.add_argument("--device", default=None)
     p.add_argument("--json", dest="json_path", default=None)
@@ -136,7 +145,12 @@ def main() -> None:
         )
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)), "cpus": os.cpu_count(), "argv": sys.argv, "loadavg_at_end": os.getloadavg()}
+        meta = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)),
+            "cpus": os.cpu_count(),
+            "argv": sys.argv,
+            "loadavg_at_end": os.getloadavg(),
+        }
         tmp = Path(args.json_path).with_suffix(".tmp")
         tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
         os.replace(tmp, args.json_path)

@@ -27,13 +27,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retriever.indexes import BuildConfig, build_index  # noqa: E402
-from retriever.indexes.select import format_bytes, parse_memory  # noqa: E402
+from retriever.indexes.memory import format_bytes, parse_memory  # noqa: E402
 from retriever.indexes.synthetic import ClipLike, write_synthetic_shards  # noqa: E402
 from retriever.indexes.tune import exact_knn, recall_at_k  # noqa: E402
 from retriever.search import Retriever  # noqa: E402
 from retriever.shards import ShardSet  # noqa: E402
 
-DEFAULT_TYPES = {100_000: "flat,hnsw,ivf,ivfpq,opq,ivfpq-disk,auto@200M", 1_000_000: "flat,ivf,ivfpq,auto@1G", 10_000_000: "auto@4G"}
+DEFAULT_TYPES = {
+    100_000: "flat,hnsw,ivf,ivfpq,opq,ivfpq-disk,auto@200M",
+    1_000_000: "flat,ivf,ivfpq,auto@1G",
+    10_000_000: "auto@4G",
+}
 
 
 def vm_hwm() -> int:
@@ -48,7 +52,7 @@ def vm_hwm() -> int:
 def child_build(shards: str, out: str, kind: str, target: float, k: int, nq: int) -> None:
     """Runs in a fresh process: build one index, print build seconds and peak RSS as JSON."""
     # kind: TYPE, TYPE-disk (on-disk inverted lists) or TYPE@BUDGET (e.g. auto@4G)
-    base_rss = vm_hwm()  # interpreter + torch (imported by retriever.models) + faiss + pyarrow
+    base_rss = vm_hwm()  # interpreter + torch (imported by retriever.models.load) + faiss + pyarrow
     index_type, _, budget = kind.partition("@")
     on_disk = index_type.endswith("-disk")
     cfg = BuildConfig(
@@ -66,7 +70,11 @@ def child_build(shards: str, out: str, kind: str, target: float, k: int, nq: int
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     # Now, not peak: anonymous memory vs file pages mapped in (re-rank vectors, .ivfdata).
     rss_split = {k: int(status[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile") if k in status}
-    print(json.dumps({"build_s": secs, "peak_rss": rss, "base_rss": base_rss, "rss_end": rss_split, "manifest": m.to_dict()}))
+    print(
+        json.dumps(
+            {"build_s": secs, "peak_rss": rss, "base_rss": base_rss, "rss_end": rss_split, "manifest": m.to_dict()}
+        )
+    )
 
 
 def timed(fn, repeat: int = 3) -> float:
@@ -112,13 +120,25 @@ def bench_n(n: int, types: list[str], args) -> list[dict]:
         out = root / f"index-{kind.replace('@', '-')}"
         t0 = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, __file__, "--_child", str(shards), str(out), kind, str(args.target_recall), "10", str(args.tune_queries)],
+            [
+                sys.executable,
+                __file__,
+                "--_child",
+                str(shards),
+                str(out),
+                kind,
+                str(args.target_recall),
+                "10",
+                str(args.tune_queries),
+            ],
             capture_output=True,
             text=True,
         )
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
-            rows.append({"n": n, "type": kind, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"})
+            rows.append(
+                {"n": n, "type": kind, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
+            )
             continue
         child = json.loads(proc.stdout.strip().splitlines()[-1])
         entry = child["manifest"]["indexes"]["image"]
@@ -128,10 +148,13 @@ def bench_n(n: int, types: list[str], args) -> list[dict]:
         index = r._index("image")  # the very faiss object our path searches, parameters set
         q = np.ascontiguousarray(queries)
         _, found = r.search_raw(q, 10, "image")
-        fns = {"ours": lambda: r.search_raw(q, 10, "image"), "meta": lambda: r.search_vectors(q, 10, "image")}
+        fns = {
+            "ours": lambda: r.search_raw(q, 10, "image"),  # noqa: B023, F821 (timed inside this iteration)
+            "meta": lambda: r.search_vectors(q, 10, "image"),  # noqa: B023, F821
+        }
         faiss_native = entry.get("rerank", "") != "mmap"
         if faiss_native:  # with mmap re-ranking, the re-rank is ours: there is no raw-faiss equivalent
-            fns["raw"] = lambda: index.search(q, 10)
+            fns["raw"] = lambda: index.search(q, 10)  # noqa: B023, F821
         t = side_by_side(fns, args.repeat)
         ours, with_meta, raw = t["ours"], t["meta"], t.get("raw")
         qps = len(q) / ours
@@ -188,7 +211,7 @@ def lookup_times(root: Path, types: list[str]) -> dict:
     out["lookup_first_call_ms"] = round(1000 * (time.perf_counter() - t0), 3)  # includes opening the mmap
     for k in (10, 2000):
         rows = rng.choice(n, size=min(k, n), replace=False)
-        out[f"lookup_k{k}_ms"] = round(1000 * timed(lambda: r.lookup("image", rows), repeat=20), 3)
+        out[f"lookup_k{k}_ms"] = round(1000 * timed(lambda: r.lookup("image", rows), repeat=20), 3)  # noqa: B023
     return out
 
 
@@ -198,7 +221,9 @@ def print_table(rows: list[dict]) -> None:
     print("-" * len(head))
     for r in rows:
         if r["type"] == "metadata":
-            print(f"{r['n']:>9} metadata lookup: k=10 {r['lookup_k10_ms']} ms, k=2000 {r['lookup_k2000_ms']} ms (first call {r['lookup_first_call_ms']} ms)")
+            print(
+                f"{r['n']:>9} metadata lookup: k=10 {r['lookup_k10_ms']} ms, k=2000 {r['lookup_k2000_ms']} ms (first call {r['lookup_first_call_ms']} ms)"
+            )
             continue
         if "error" in r:
             print(f"{r['n']:>9} {r['type']:<10} ERROR {r['error']}")

@@ -1,6 +1,6 @@
 """Training step time against a bare open_clip loop, and GradCache's peak memory.
 
-1. Step time: `retriever.train.train_step` (what `retriever train` runs per step) against the
+1. Step time: `retriever.training.loop.train_step` (what `retriever train` runs per step) against the
    loop open_clip's own trainer boils down to (model forward → open_clip ClipLoss → backward →
    AdamW step), on the same model, batch and precision, interleaved in one process so machine
    load affects both alike. Goal: ratio ≤ 1.05. Gradient clipping is off in both by default
@@ -34,10 +34,12 @@ TINY = str(ROOT / "tests" / "assets" / "tiny-clip.json")
 
 
 def _setup(model_spec: str, device: str, precision: str, seed: int = 0):
-    from retriever.models import load_model
-    from retriever.optim import OptimConfig, autocast_for, build_optimizer, make_scaler
+    from retriever.models.load import load_model
+    from retriever.training.optim import OptimConfig, autocast_for, build_optimizer, make_scaler
 
-    lm = load_model(model_spec, "random" if not model_spec.endswith(".json") else None, device=device, precision=precision)
+    lm = load_model(
+        model_spec, "random" if not model_spec.endswith(".json") else None, device=device, precision=precision
+    )
     model = lm.model.train()
     optimizer = build_optimizer(model, OptimConfig(lr=1e-5))
     return lm, model, optimizer, autocast_for(lm.precision, lm.device), make_scaler(lm.precision, lm.device)
@@ -54,15 +56,26 @@ def _batch(lm, n: int, seed: int = 0):
 
 
 def _ours(lm, model, optimizer, autocast, scaler, micro_batch=None, grad_clip=None):
-    from retriever.train import train_step
+    from retriever.training.loop import train_step
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     enc_i = lambda x: model.encode_image(x, normalize=True)  # noqa: E731
     enc_t = lambda t: model.encode_text(t, normalize=True)  # noqa: E731
 
     def step(images, texts):
-        return train_step(model, optimizer, trainable, enc_i, enc_t, images, texts, micro_batch=micro_batch,
-                          autocast=autocast, scaler=scaler, grad_clip=grad_clip)
+        return train_step(
+            model,
+            optimizer,
+            trainable,
+            enc_i,
+            enc_t,
+            images,
+            texts,
+            micro_batch=micro_batch,
+            autocast=autocast,
+            scaler=scaler,
+            grad_clip=grad_clip,
+        )
 
     return step
 
@@ -109,7 +122,9 @@ def time_steps(args) -> dict:
         m = args.batch_size // 4
         variants[f"retriever train_step, GradCache m={m}"] = _ours(lm, model, opt, autocast, scaler, micro_batch=m)
     if args.grad_clip:
-        variants[f"retriever train_step + clip {args.grad_clip}"] = _ours(lm, model, opt, autocast, scaler, grad_clip=args.grad_clip)
+        variants[f"retriever train_step + clip {args.grad_clip}"] = _ours(
+            lm, model, opt, autocast, scaler, grad_clip=args.grad_clip
+        )
     times = {k: [] for k in variants}
     for _ in range(args.warmup):
         for fn in variants.values():
@@ -124,9 +139,16 @@ def time_steps(args) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["bare open_clip"]
     return {
-        "model": args.model, "device": str(lm.device), "precision": lm.precision, "batch_size": args.batch_size,
-        "steps": args.steps, "threads": torch.get_num_threads(),
-        "rows": [{"variant": k, "median_step_s": v, "pairs_per_s": args.batch_size / v, "ratio_to_bare": v / base} for k, v in med.items()],
+        "model": args.model,
+        "device": str(lm.device),
+        "precision": lm.precision,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "threads": torch.get_num_threads(),
+        "rows": [
+            {"variant": k, "median_step_s": v, "pairs_per_s": args.batch_size / v, "ratio_to_bare": v / base}
+            for k, v in med.items()
+        ],
         "ratio": med["retriever train_step"] / base,
     }
 
@@ -191,8 +213,14 @@ def peak_memory(args) -> dict:
         p.start()
         out[name], how = q.get(timeout=1800)
         p.join()
-    return {"batch_size": B, "micro_batch": m, "measure": how, "plain_bytes": out["plain"],
-            "gradcache_bytes": out["gradcache"], "ratio": out["gradcache"] / max(out["plain"], 1)}
+    return {
+        "batch_size": B,
+        "micro_batch": m,
+        "measure": how,
+        "plain_bytes": out["plain"],
+        "gradcache_bytes": out["gradcache"],
+        "ratio": out["gradcache"] / max(out["plain"], 1),
+    }
 
 
 def main(argv=None) -> dict:
@@ -211,8 +239,10 @@ def main(argv=None) -> dict:
 
     res = {"step_time": time_steps(args)}
     st = res["step_time"]
-    print(f"\nStep time: {st['model']} on {st['device']} ({st['precision']}, batch {st['batch_size']}, "
-          f"median of {st['steps']} interleaved steps, {st['threads']} threads)")
+    print(
+        f"\nStep time: {st['model']} on {st['device']} ({st['precision']}, batch {st['batch_size']}, "
+        f"median of {st['steps']} interleaved steps, {st['threads']} threads)"
+    )
     print(f"{'variant':<36}{'step (ms)':>12}{'pairs/s':>12}{'ratio':>8}")
     for r in st["rows"]:
         print(f"{r['variant']:<36}{r['median_step_s'] * 1e3:>12.1f}{r['pairs_per_s']:>12.0f}{r['ratio_to_bare']:>8.3f}")
@@ -226,7 +256,7 @@ def main(argv=None) -> dict:
         print(f"{'GradCache, micro-batch ' + str(mem['micro_batch']):<36}{mem['gradcache_bytes'] / 2**20:>12.1f}")
         print(f"ratio gradcache/plain = {mem['ratio']:.3f}")
     if args.json:
-        from retriever.fsutil import write_json_atomic
+        from retriever.atomic import write_json_atomic
 
         write_json_atomic(args.json, res)
     return res

@@ -1,6 +1,6 @@
 """retriever: contrastive cross-modal retrieval (fine-tune, embed to Parquet, index with FAISS, search).
 
-    from retriever import load_model, read_source, embed_items, build_index, Retriever
+from retriever import load_model, read_source, embed_items, build_index, Retriever
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ __version__ = "0.1.0"
 
 # Imported on first use so that `retriever --help` and light scripts do not pay for torch and faiss.
 _EXPORTS = {
-    "load_model": "models",
-    "LoadedModel": "models",
-    "ModelIdentity": "models",
-    "encode_images": "encode",
-    "encode_texts": "encode",
-    "load_image": "images",
-    "read_source": "data",
-    "SourceItem": "data",
+    "load_model": "models.load",
+    "LoadedModel": "models.load",
+    "ModelIdentity": "identity",
+    "encode_images": "models.encode",
+    "encode_texts": "models.encode",
+    "load_image": "data.images",
+    "read_source": "data.sources",
+    "SourceItem": "data.sources",
     "embed_items": "embed",
     "EmbedConfig": "embed",
     "EmbedResult": "embed",

@@ -12,20 +12,21 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from . import __version__
-from .data import DecodedBatch, ImageDataset, SourceItem, collate_decoded, default_workers
-from .encode import encode_image_tensors, encode_texts
-from .errors import UserError
-from .fsutil import write_bytes_atomic, write_json_atomic
-from .models import LoadedModel
-from .shards import ERRORS_FILE, SHARD_GLOB, shard_name, shard_number, shard_schema, write_shard
+from retriever import __version__
+from retriever.atomic import write_bytes_atomic, write_json_atomic
+from retriever.data.loading import DecodedBatch, ImageDataset, collate_decoded, default_workers
+from retriever.data.sources import SourceItem
+from retriever.errors import UserError
+from retriever.models.encode import encode_image_tensors, encode_texts
+from retriever.models.load import LoadedModel
+from retriever.shards import ERRORS_FILE, SHARD_GLOB, shard_name, shard_number, shard_schema, write_shard
 
 JOB_FILE = "_embed_job.json"
 
@@ -231,5 +232,3 @@ def _count_rows(out: Path) -> int:
     import pyarrow.parquet as pq
 
     return sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob(SHARD_GLOB))
-
-

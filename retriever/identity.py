@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .errors import ModelMismatchError
+from retriever.errors import ModelMismatchError
 
 
 @dataclass(frozen=True)
@@ -25,14 +25,14 @@ class ModelIdentity:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelIdentity":
+    def from_dict(cls, d: dict[str, Any]) -> ModelIdentity:
         return cls(d["name"], d.get("pretrained"), d["weights_sha256"], int(d["embed_dim"]))
 
     def describe(self) -> str:
         w = self.pretrained or ("its folder's weights" if self.name.startswith("local-dir:") else "random init")
         return f"{self.name} ({w}, sha256 {self.weights_sha256[:12]}, dim {self.embed_dim})"
 
-    def check_same(self, other: "ModelIdentity", what: str) -> None:
+    def check_same(self, other: ModelIdentity, what: str) -> None:
         """Refuse to mix vectors of two different models."""
         if self.weights_sha256 != other.weights_sha256 or self.embed_dim != other.embed_dim:
             raise ModelMismatchError(

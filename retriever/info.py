@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .indexes.store import MANIFEST, read_manifest
-from .shards import ERRORS_FILE, ShardSet
+from retriever.errors import UserError
+from retriever.indexes.manifest import MANIFEST, read_manifest
+from retriever.shards import ERRORS_FILE, ShardSet
 
 
 def describe(path: str | Path) -> dict[str, Any]:

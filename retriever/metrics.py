@@ -11,8 +11,8 @@ the implementation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -111,4 +111,6 @@ def retrieval_metrics(
     # image→text queries: there is nothing to find.
     has_caption = [i for i, caps in enumerate(captions_of) if caps]
     i2t = first_hit_ranks(image_emb[has_caption], text_emb, [captions_of[i] for i in has_caption])
-    return RetrievalMetrics(direction_metrics(t2i, ks), direction_metrics(i2t, ks), image_emb.shape[0], text_emb.shape[0])
+    return RetrievalMetrics(
+        direction_metrics(t2i, ks), direction_metrics(i2t, ks), image_emb.shape[0], text_emb.shape[0]
+    )

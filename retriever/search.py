@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
 import pyarrow as pa
 
-from .errors import UserError
-from .identity import ModelIdentity
-from .indexes import gpu
-from .indexes import ondisk
-from .indexes.build import set_search_params
-from .indexes.rerank import VectorStore, search_index
-from .indexes.store import IndexManifest, ModalityIndex, read_manifest
+from retriever.errors import UserError
+from retriever.identity import ModelIdentity
+from retriever.indexes import gpu, ondisk
+from retriever.indexes.build import set_search_params
+from retriever.indexes.manifest import IndexManifest, ModalityIndex, read_manifest
+from retriever.indexes.rerank import VectorStore, search_index
 
 if TYPE_CHECKING:  # torch is imported only when a query has to be encoded
-    from .images import ImageInput
-    from .models import LoadedModel
+    from retriever.data.images import ImageInput
+    from retriever.models.load import LoadedModel
 
 
 @dataclass(slots=True)
@@ -70,7 +70,7 @@ class Retriever:
     @property
     def model(self) -> LoadedModel:
         if self._model is None:
-            from .models import load_model
+            from retriever.models.load import load_model
 
             try:
                 lm = load_model(self.identity.name, self.identity.pretrained, device=self._device)
@@ -92,7 +92,7 @@ class Retriever:
         """Top-k rows of the `modality` index ("image" or "text") for one text or image query."""
         if (text is None) == (image is None):
             raise UserError("Give exactly one query: a text or an image.")
-        from .encode import encode_images, encode_texts
+        from retriever.models.encode import encode_images, encode_texts
 
         if image is not None:
             try:
@@ -124,7 +124,9 @@ class Retriever:
         rows = np.asarray(rows)
         return self.lookup_many(modality, rows[None, :], None if scores is None else np.asarray(scores)[None, :])[0]
 
-    def lookup_many(self, modality: str, rows: np.ndarray, scores: np.ndarray | None = None) -> list[list[SearchResult]]:
+    def lookup_many(
+        self, modality: str, rows: np.ndarray, scores: np.ndarray | None = None
+    ) -> list[list[SearchResult]]:
         """lookup() for a (queries, k) array of rows in one `take`: per-query takes cost more than
         the search itself for fast indexes."""
         rows = np.asarray(rows)
@@ -182,7 +184,9 @@ class Retriever:
         ]
         if not parts:
             return [], [], []
-        table = pa.Table.from_batches(parts).combine_chunks().take(pa.array(np.argsort(order, kind="stable"), pa.int64()))
+        table = (
+            pa.Table.from_batches(parts).combine_chunks().take(pa.array(np.argsort(order, kind="stable"), pa.int64()))
+        )
         return table.column("id").to_pylist(), table.column("path").to_pylist(), table.column("caption").to_pylist()
 
     def _rows_batches(self, modality: str) -> tuple[list[pa.RecordBatch], np.ndarray]:
@@ -204,6 +208,6 @@ def _ranks(keep: np.ndarray) -> list[int]:
 
 def search_many(retriever: Retriever, texts: Sequence[str], k: int = 10, modality: str = "image"):
     """Batch text search: one encoder pass, one faiss call."""
-    from .encode import encode_texts
+    from retriever.models.encode import encode_texts
 
     return retriever.search_vectors(encode_texts(retriever.model, list(texts)), k, modality)

@@ -16,19 +16,20 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import __version__
-from .errors import UserError
-from .fsutil import atomic_path
-from .identity import ModelIdentity
+from retriever import __version__
+from retriever.atomic import atomic_path
+from retriever.errors import UserError
+from retriever.identity import ModelIdentity
 
 METADATA_KEY = b"retriever"
 SHARD_GLOB = "part-*.parquet"
@@ -99,7 +100,9 @@ def write_shard(
 def _fixed_list(vectors: np.ndarray, vec_type: pa.DataType, mask: np.ndarray | None = None) -> pa.Array:
     dim = vec_type.list_size
     flat = np.ascontiguousarray(vectors, dtype=vec_type.value_type.to_pandas_dtype()).reshape(-1)
-    arr = pa.FixedSizeListArray.from_arrays(pa.array(flat), dim, mask=pa.array(mask) if mask is not None and mask.any() else None)
+    arr = pa.FixedSizeListArray.from_arrays(
+        pa.array(flat), dim, mask=pa.array(mask) if mask is not None and mask.any() else None
+    )
     return arr
 
 
@@ -137,7 +140,9 @@ class ShardSet:
             if not self.meta:
                 self.meta = meta
             elif meta["model"] != self.meta["model"]:
-                raise UserError(f"{f.name} was written by a different model than {files[0].name}; one folder, one model.")
+                raise UserError(
+                    f"{f.name} was written by a different model than {files[0].name}; one folder, one model."
+                )
             shards.append(ShardInfo(f, pf.metadata.num_rows, _count_valid(pf, "text_embedding")))
         self.shards: list[ShardInfo] = shards
         self.identity = ModelIdentity.from_dict(self.meta["model"])
@@ -153,7 +158,9 @@ class ShardSet:
     def count(self, modality: str) -> int:
         return self.num_rows if modality == "image" else sum(s.num_text_rows for s in self.shards)
 
-    def iter_batches(self, columns: Sequence[str], batch_size: int = 16384) -> Iterator[tuple[ShardInfo, pa.RecordBatch]]:
+    def iter_batches(
+        self, columns: Sequence[str], batch_size: int = 16384
+    ) -> Iterator[tuple[ShardInfo, pa.RecordBatch]]:
         """Stream record batches shard by shard, holding about one batch in memory.
 
         pre_buffer=False: Arrow's default pre-buffering reads a shard's whole column ahead of the
@@ -184,7 +191,9 @@ class ShardSet:
         """A uniform random sample of up to `n` vectors, read shard by shard (never all at once)."""
         total = self.count(modality)
         n = min(n, total)
-        chosen = np.arange(n) if n == total else np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
+        chosen = (
+            np.arange(n) if n == total else np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
+        )
         # Filled in place: collecting pieces and concatenating held the sample twice at the peak.
         out = np.empty((n, self.dim), np.float32)
         offset = 0

@@ -14,14 +14,14 @@ TINY_CONFIG = str(ASSETS / "tiny-clip.json")
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from retriever.models import load_model
+    from retriever.models.load import load_model
 
     return load_model(TINY_CONFIG)
 
 
 @pytest.fixture(scope="session")
 def emoji_items():
-    from retriever.emoji_data import emoji_collection
+    from retriever.demo.emoji import emoji_collection
 
     # Every 25th emoji: 64+ varied images (faces, flags, objects), deterministic.
     return emoji_collection()[::25][:64]

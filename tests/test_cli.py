@@ -5,10 +5,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TINY_CONFIG
 from typer.testing import CliRunner
 
-from conftest import TINY_CONFIG
-from retriever.cli import app
+from retriever.cli.app import app
 
 runner = CliRunner()
 
@@ -28,7 +28,7 @@ def built(tmp_path_factory, emoji_folder):
 
 
 def test_embed_index_search_info(built, emoji_folder):
-    from retriever.data import read_source
+    from retriever.data.sources import read_source
 
     items = read_source(emoji_folder)
     res = run("search", built / "index", items[3].caption, "--modality", "text", "-k", "3", "--json")
@@ -49,7 +49,19 @@ def test_embed_index_search_info(built, emoji_folder):
 
 
 def test_rerun_of_finished_embed_resumes_everything(built, emoji_folder):
-    res = run("embed", emoji_folder, "--out", built / "shards", "--model", TINY_CONFIG, "--shard-size", "20", "--workers", "0", "--json")
+    res = run(
+        "embed",
+        emoji_folder,
+        "--out",
+        built / "shards",
+        "--model",
+        TINY_CONFIG,
+        "--shard-size",
+        "20",
+        "--workers",
+        "0",
+        "--json",
+    )
     out = json.loads(res.stdout)
     assert (out["rows"], out["shards_written"], out["shards_resumed"]) == (64, 0, 4)
 
@@ -75,14 +87,16 @@ def test_user_errors_are_one_sentence_and_exit_1(args, message):
 
 def test_empty_source_and_wrong_model_exit_1(tmp_path, built):
     (tmp_path / "empty").mkdir()
-    assert "no images" in run("embed", tmp_path / "empty", "--out", tmp_path / "s", "--model", TINY_CONFIG, code=1).stderr
+    assert (
+        "no images" in run("embed", tmp_path / "empty", "--out", tmp_path / "s", "--model", TINY_CONFIG, code=1).stderr
+    )
     res = run("search", built / "index", "x", "--model", "RN50", "--pretrained", "random", code=1)
     assert "use the same model" in res.stderr
 
 
 def test_console_script_exit_code_without_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "retriever.cli", "search", str(tmp_path), "q"], capture_output=True, text=True
+        [sys.executable, "-m", "retriever.cli.app", "search", str(tmp_path), "q"], capture_output=True, text=True
     )
     assert proc.returncode == 1
     assert "Error:" in proc.stderr and "Traceback" not in proc.stderr

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retriever.data import read_source
+from retriever.data.sources import read_source
 from retriever.errors import UserError
 
 

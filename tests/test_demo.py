@@ -5,8 +5,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from retriever.cli import app
-from retriever.demo import DemoConfig, run_demo
+from retriever.cli.app import app
+from retriever.demo.run import DemoConfig, run_demo
 from retriever.search import Retriever
 
 

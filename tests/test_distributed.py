@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from retriever.errors import UserError
-from retriever.optim import OptimConfig
-from retriever.train import TrainConfig, train
+from retriever.training.loop import TrainConfig, train
+from retriever.training.optim import OptimConfig
 
 TINY = str(Path(__file__).parent / "assets" / "tiny-clip.json")
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    from retriever.emoji_data import emoji_collection, write_manifest
+    from retriever.demo.emoji import emoji_collection, write_manifest
 
     try:
         items = emoji_collection()
@@ -38,18 +38,55 @@ def test_two_gloo_processes_match_a_single_process_run(manifest, tmp_path):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("this torch build has no gloo backend")
     args = dict(epochs=2, batch_size=32, lr=1e-3, seed=0, val_fraction=0.2)
-    single = train(TrainConfig(
-        source=str(manifest), out=str(tmp_path / "single"), model=TINY, augment=False, workers=0, epochs=args["epochs"],
-        batch_size=args["batch_size"], seed=args["seed"], val_fraction=args["val_fraction"], optim=OptimConfig(lr=args["lr"]),
-    ))
+    single = train(
+        TrainConfig(
+            source=str(manifest),
+            out=str(tmp_path / "single"),
+            model=TINY,
+            augment=False,
+            workers=0,
+            epochs=args["epochs"],
+            batch_size=args["batch_size"],
+            seed=args["seed"],
+            val_fraction=args["val_fraction"],
+            optim=OptimConfig(lr=args["lr"]),
+        )
+    )
 
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "retriever.cli", "train", str(manifest), "--out", str(tmp_path / "dist"), "--model", TINY,
-        "--no-augment", "--workers", "0", "--epochs", str(args["epochs"]), "--batch-size", str(args["batch_size"]),
-        "--lr", str(args["lr"]), "--seed", str(args["seed"]), "--val-fraction", str(args["val_fraction"]),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "retriever.cli.app",
+        "train",
+        str(manifest),
+        "--out",
+        str(tmp_path / "dist"),
+        "--model",
+        TINY,
+        "--no-augment",
+        "--workers",
+        "0",
+        "--epochs",
+        str(args["epochs"]),
+        "--batch-size",
+        str(args["batch_size"]),
+        "--lr",
+        str(args["lr"]),
+        "--seed",
+        str(args["seed"]),
+        "--val-fraction",
+        str(args["val_fraction"]),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -61,7 +98,9 @@ def test_two_gloo_processes_match_a_single_process_run(manifest, tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
     w_single = load_file(str(tmp_path / "single" / "last" / "open_clip_model.safetensors"))
     w_dist = load_file(str(tmp_path / "dist" / "last" / "open_clip_model.safetensors"))
-    start = load_file(str(tmp_path / "single" / "best" / "open_clip_model.safetensors")) if single.best_epoch == 0 else None
+    start = (
+        load_file(str(tmp_path / "single" / "best" / "open_clip_model.safetensors")) if single.best_epoch == 0 else None
+    )
     assert start is None or any(not torch.equal(start[k], w_single[k]) for k in start)
     for k in w_single:
         # Same math, different summation order (all-reduce): equal to float32 round-off.

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from retriever import embed as embed_mod
-from retriever.data import read_source
+from retriever.data.sources import read_source
 from retriever.embed import ERRORS_FILE, EmbedConfig, embed_items
 from retriever.errors import UserError
 from retriever.shards import ShardSet, read_shard_meta
@@ -47,7 +47,9 @@ def test_rows_without_caption_have_null_text_embedding(tmp_path, tiny_model, emo
     assert (ss.num_rows, ss.count("text")) == (64, 32)
     rows = _rows(tmp_path / "s")
     assert all((r["caption"] is None) == (r["text_embedding"] is None) for r in rows)
-    assert pq.read_schema(next((tmp_path / "s").glob("*.parquet"))).field("text_embedding").type.value_type == "halffloat"
+    assert (
+        pq.read_schema(next((tmp_path / "s").glob("*.parquet"))).field("text_embedding").type.value_type == "halffloat"
+    )
 
 
 def test_bad_files_are_skipped_and_reported(tmp_path, tiny_model, broken_folder):
@@ -111,8 +113,23 @@ def test_sigkilled_embed_process_resumes_without_loss_or_duplicates(tmp_path, em
     from conftest import TINY_CONFIG
 
     out = tmp_path / "s"
-    cmd = [sys.executable, "-m", "retriever.cli", "embed", str(emoji_folder), "--out", str(out),
-           "--model", TINY_CONFIG, "--shard-size", "2", "--batch-size", "1", "--workers", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "retriever.cli.app",
+        "embed",
+        str(emoji_folder),
+        "--out",
+        str(out),
+        "--model",
+        TINY_CONFIG,
+        "--shard-size",
+        "2",
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline and len(list(out.glob("part-*.parquet"))) < 3:

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retriever.gradcache import contrastive_backward
-from retriever.losses import infonce_loss, siglip_loss
+from retriever.training.gradcache import contrastive_backward
+from retriever.training.losses import infonce_loss, siglip_loss
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -38,8 +38,12 @@ def _grads(model):
 def _run(model, images, texts, loss_fn, micro_batch):
     model.zero_grad(set_to_none=True)
     loss = contrastive_backward(
-        lambda x: model.encode_image(x, normalize=True), lambda t: model.encode_text(t, normalize=True),
-        images, texts, loss_fn, micro_batch=micro_batch,
+        lambda x: model.encode_image(x, normalize=True),
+        lambda t: model.encode_text(t, normalize=True),
+        images,
+        texts,
+        loss_fn,
+        micro_batch=micro_batch,
     )
     return loss, _grads(model)
 
@@ -86,7 +90,10 @@ def test_loss_parameters_get_their_gradient_once_not_k_times():
     model.zero_grad(set_to_none=True)
     chunks = [(s, s + 4) for s in range(0, 16, 4)]
     with torch.no_grad():
-        cached = [(model.encode_image(images[s:e], normalize=True), model.encode_text(texts[s:e], normalize=True)) for s, e in chunks]
+        cached = [
+            (model.encode_image(images[s:e], normalize=True), model.encode_text(texts[s:e], normalize=True))
+            for s, e in chunks
+        ]
     for j, (s, e) in enumerate(chunks):
         img = [c[0] for c in cached]
         txt = [c[1] for c in cached]
@@ -158,7 +165,14 @@ def test_train_mode_batchnorm_stats_update_once_per_chunk():
     contrastive_backward(enc, enc, x, x + 0.1, loss_fn, micro_batch=6, module=tower)
     # Reference: the same 4 BN batches (image chunk, text chunk, twice) once, from fresh stats.
     ref = torch.nn.BatchNorm1d(6).train()
-    ref.load_state_dict({**bn.state_dict(), "running_mean": torch.zeros(6), "running_var": torch.ones(6), "num_batches_tracked": torch.tensor(0)})
+    ref.load_state_dict(
+        {
+            **bn.state_dict(),
+            "running_mean": torch.zeros(6),
+            "running_var": torch.ones(6),
+            "num_batches_tracked": torch.tensor(0),
+        }
+    )
     with torch.no_grad():
         h = tower[0]
         for s in (0, 6):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retriever.images import load_image
+from retriever.data.images import load_image
 
 
 def _png_bytes(img: Image.Image, fmt="PNG", **kw) -> bytes:

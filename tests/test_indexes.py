@@ -4,16 +4,16 @@ import shutil
 import faiss
 import numpy as np
 import pytest
+from conftest import TINY_CONFIG
 
-from retriever.data import read_source
+from retriever.data.sources import read_source
 from retriever.embed import EmbedConfig, embed_items
 from retriever.errors import ModelMismatchError, UserError
 from retriever.indexes import BuildConfig, build_index, choose_index, read_manifest
-from retriever.indexes.factory import ivf_nlist
-from retriever.models import load_model
+from retriever.indexes.choose import ivf_nlist
+from retriever.models.load import load_model
 from retriever.search import Retriever
 from retriever.shards import ShardSet
-from conftest import TINY_CONFIG
 
 
 @pytest.fixture(scope="module")

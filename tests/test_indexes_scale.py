@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from retriever.cli import app
+from retriever.cli.app import app
 from retriever.errors import ModelMismatchError, UserError
 from retriever.indexes import BuildConfig, build_index
 from retriever.indexes.add import add_to_index
-from retriever.indexes.factory import choose_index, kind_of
+from retriever.indexes.choose import choose_index, kind_of
 from retriever.indexes.gpu import gpu_plan
+from retriever.indexes.memory import candidates, choose_for_budget, estimate_build_bytes, estimate_bytes, parse_memory
 from retriever.indexes.rerank import VectorStore, rerank
-from retriever.indexes.select import candidates, choose_for_budget, estimate_build_bytes, estimate_bytes, parse_memory
 from retriever.indexes.synthetic import ClipLike, write_synthetic_shards
 from retriever.indexes.tune import recall_at_k, tune
 from retriever.search import Retriever
@@ -97,7 +97,9 @@ def test_budget_too_small_is_a_clear_error(shards, tmp_path):
 
 def test_build_under_budget_fits_and_searches(shards, tmp_path):
     budget = _need(choose_index(N, 32, "flat")) - 1  # one byte short of what Flat needs
-    m = build_index(shards / "a", tmp_path / "i", BuildConfig(max_memory=budget, flat_max=100_000), modalities=("image",))
+    m = build_index(
+        shards / "a", tmp_path / "i", BuildConfig(max_memory=budget, flat_max=100_000), modalities=("image",)
+    )
     e = m.indexes["image"]
     assert e.factory != "Flat"
     assert e.extra["estimated_memory_bytes"] <= budget and e.extra["max_memory_bytes"] == budget
@@ -119,7 +121,9 @@ def test_tuning_reaches_a_reachable_target_and_is_shown(shards, tmp_path):
     r = Retriever(tmp_path / "i")
     q = GEN.sample(300, stream=77)
     _, found = r.search_raw(q, 10, "image")
-    _, truth = faiss.knn(q, np.concatenate([v for v, _ in _vectors(shards / "a")]), 10, metric=faiss.METRIC_INNER_PRODUCT)
+    _, truth = faiss.knn(
+        q, np.concatenate([v for v, _ in _vectors(shards / "a")]), 10, metric=faiss.METRIC_INNER_PRODUCT
+    )
     assert recall_at_k(found, truth, 10) >= 0.85
     res = CliRunner().invoke(app, ["info", str(tmp_path / "i")])
     assert res.exit_code == 0 and "tuning" in res.output and "reached" in res.output
@@ -143,11 +147,13 @@ def test_pq_tuning_uses_exact_reranking(shards, tmp_path):
 
 def test_unreachable_target_keeps_the_best_setting():
     truth = np.arange(40).reshape(4, 10)
+
     def search(params, q, k):  # recall grows with nprobe but tops out at 0.5
         hit = min(params["nprobe"], 5)
         rows = np.full((4, k), -1)
         rows[:, :hit] = truth[:, :hit]
         return None, rows
+
     res = tune(search, np.zeros((4, 2), np.float32), truth, 10, 0.95, [[{"nprobe": p} for p in (1, 2, 4, 8, 16)]])
     assert not res.reached
     assert res.recall == 0.5 and res.params["nprobe"] >= 8
@@ -208,7 +214,10 @@ def test_add_refuses_another_models_shards(shards, tmp_path):
 
 def test_cli_add_appends(shards, tmp_path):
     runner = CliRunner()
-    assert runner.invoke(app, ["index", str(shards / "a"), "-o", str(tmp_path / "i"), "--index-type", "ivf"]).exit_code == 0
+    assert (
+        runner.invoke(app, ["index", str(shards / "a"), "-o", str(tmp_path / "i"), "--index-type", "ivf"]).exit_code
+        == 0
+    )
     res = runner.invoke(app, ["index", "--add", str(shards / "b"), str(tmp_path / "i"), "--renumber"])
     assert res.exit_code == 0, res.output
     assert Retriever(tmp_path / "i").manifest.indexes["image"].count == N + 600
@@ -295,7 +304,9 @@ def _vectors(folder):
     return ShardSet(folder).iter_vectors("image", extra_columns=())
 
 
-@pytest.mark.skipif(not __import__("retriever.indexes.gpu", fromlist=["gpu_count"]).gpu_count(), reason="faiss sees no GPU")
+@pytest.mark.skipif(
+    not __import__("retriever.indexes.gpu", fromlist=["gpu_count"]).gpu_count(), reason="faiss sees no GPU"
+)
 def test_gpu_search_agrees_with_cpu(shards, tmp_path):
     for kind in ("flat", "ivf", "ivfpq"):
         build_index(shards / "a", tmp_path / kind, BuildConfig(index_type=kind, use_gpu=True), modalities=("image",))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retriever import losses
+from retriever.training import losses
 
 
 def _feats(n=6, d=8, seed=0):
@@ -69,7 +69,7 @@ def test_init_and_clamp_of_temperature(tiny_clip_model):
 def test_ensure_logit_bias_makes_a_saveable_siglip_model(tiny_clip_model, tmp_path):
     import open_clip
 
-    from retriever.checkpoint import save_checkpoint
+    from retriever.training.checkpoint import save_checkpoint
 
     model = tiny_clip_model
     config = {"model_cfg": dict(model._tiny_cfg)}

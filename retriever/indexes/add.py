@@ -16,21 +16,21 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import UserError
-from ..fsutil import atomic_dir, write_json_atomic
-from ..identity import ModelIdentity
-from ..shards import ShardSet
-from . import ondisk
-from .build import BuildProgress, add_batches
-from .store import MANIFEST, IndexManifest, read_manifest
+from retriever.atomic import atomic_dir, write_json_atomic
+from retriever.errors import UserError
+from retriever.identity import ModelIdentity
+from retriever.indexes import ondisk
+from retriever.indexes.build import BuildProgress, add_batches
+from retriever.indexes.manifest import MANIFEST, IndexManifest, read_manifest
+from retriever.shards import ShardSet
 
 
 def add_to_index(
@@ -67,8 +67,15 @@ def add_to_index(
             index = old_ivf if old_ivf is not None else faiss.read_index(str(index_dir / old.file))
             batches = _shift_ids(ss.iter_vectors(modality, batch_size, extra_columns=("id", "path", "caption")), offset)
             index = add_batches(
-                index, entry, tmp, batches, n_new, first_row=old.count, old_rows=index_dir / old.rows_file,
-                old_ivf=old_ivf, progress=progress,
+                index,
+                entry,
+                tmp,
+                batches,
+                n_new,
+                first_row=old.count,
+                old_rows=index_dir / old.rows_file,
+                old_ivf=old_ivf,
+                progress=progress,
             )
             if not entry.ivfdata_file:
                 faiss.write_index(index, str(tmp / entry.file))

@@ -10,22 +10,23 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import faiss
 import numpy as np
 import pyarrow as pa
 
-from .. import __version__
-from ..errors import UserError
-from ..fsutil import atomic_dir, write_json_atomic
-from ..shards import ShardSet
-from . import gpu, ondisk, select, tune
-from .factory import FLAT_MAX, IndexSpec, choose_index
-from .rerank import OWN_PARAMS, VectorStore, VectorWriter, search_index
-from .store import MANIFEST, MODALITIES, IndexManifest, ModalityIndex
+from retriever import __version__
+from retriever.atomic import atomic_dir, write_json_atomic
+from retriever.errors import UserError
+from retriever.indexes import gpu, ondisk, tune
+from retriever.indexes import memory as select
+from retriever.indexes.choose import FLAT_MAX, IndexSpec, choose_index
+from retriever.indexes.manifest import MANIFEST, MODALITIES, IndexManifest, ModalityIndex
+from retriever.indexes.rerank import OWN_PARAMS, VectorStore, VectorWriter, search_index
+from retriever.shards import ShardSet
 
 ROWS_SCHEMA = pa.schema([("id", pa.int64()), ("path", pa.string()), ("caption", pa.string())])
 
@@ -146,7 +147,14 @@ def _build_one(ss: ShardSet, modality: str, spec: IndexSpec, out: Path, cfg: Bui
     )
     batches = ss.iter_vectors(modality, cfg.batch_size, extra_columns=("id", "path", "caption"))
     index = add_batches(
-        index, entry, out, batches, total, on_disk=spec.on_disk, progress=progress, block_rows=select.block_rows(spec, total, ss.dim)
+        index,
+        entry,
+        out,
+        batches,
+        total,
+        on_disk=spec.on_disk,
+        progress=progress,
+        block_rows=select.block_rows(spec, total, ss.dim),
     )
     index = gpu.to_cpu(index)
     if index.ntotal != total:
@@ -273,7 +281,15 @@ def tune_index(index: faiss.Index, entry: ModalityIndex, folder: Path, ss: Shard
         return search_index(index, q, kk, params, store)
 
     try:
-        return tune.tune(search, queries, truth, k, cfg.target_recall, tune.grid(entry.factory, entry.count, k, entry.rerank), exclude)
+        return tune.tune(
+            search,
+            queries,
+            truth,
+            k,
+            cfg.target_recall,
+            tune.grid(entry.factory, entry.count, k, entry.rerank),
+            exclude,
+        )
     finally:
         if store is not None:
             store.close()

@@ -63,7 +63,9 @@ def gpu_plan(index: faiss.Index, n_gpus: int, index_bytes: int = 0, gpu_free_byt
     core = _core(index)
     if not isinstance(core, _GPU_CAPABLE):
         return GpuPlan(False, f"{type(core).__name__} has no GPU version")
-    if isinstance(core, faiss.IndexIVF) and isinstance(faiss.downcast_InvertedLists(core.invlists), faiss.OnDiskInvertedLists):
+    if isinstance(core, faiss.IndexIVF) and isinstance(
+        faiss.downcast_InvertedLists(core.invlists), faiss.OnDiskInvertedLists
+    ):
         return GpuPlan(False, "on-disk inverted lists stay on the CPU")
     float16 = True
     if isinstance(core, faiss.IndexIVFPQ):

@@ -11,8 +11,8 @@ renamed into place atomically after it was built under a temporary name.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import faiss
 

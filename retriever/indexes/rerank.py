@@ -9,8 +9,8 @@ asked for are read. Several files (one per `--add`) form one store in row order.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import faiss
 import numpy as np
@@ -45,7 +45,9 @@ class VectorStore:
         for p in paths:
             f = open(p, "rb")
             version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, fortran, dtype = read_header(f)
             if fortran or dtype != np.float32 or len(shape) != 2:
                 f.close()
@@ -95,7 +97,11 @@ class VectorWriter:
         self.path = Path(path)
         self.count, self.dim = count, dim
         self.file = open(self.path, "wb")
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": (count, dim)}
+        header = {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+            "fortran_order": False,
+            "shape": (count, dim),
+        }
         np.lib.format.write_array_header_1_0(self.file, header)
         self.pos = 0
 
@@ -115,7 +121,11 @@ def rerank(store: VectorStore, queries: np.ndarray, candidates: np.ndarray, k: i
     scores = np.einsum("qkd,qd->qk", vecs, queries, optimize=True)
     scores[candidates < 0] = -np.inf
     k = min(k, candidates.shape[1])
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < candidates.shape[1] else np.tile(np.arange(k), (len(scores), 1))
+    top = (
+        np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        if k < candidates.shape[1]
+        else np.tile(np.arange(k), (len(scores), 1))
+    )
     s = np.take_along_axis(scores, top, 1)
     order = np.argsort(-s, axis=1, kind="stable")
     top = np.take_along_axis(top, order, 1)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..identity import ModelIdentity
-from ..shards import shard_name, shard_schema, write_shard
+from retriever.identity import ModelIdentity
+from retriever.shards import shard_name, shard_schema, write_shard
 
 
 @dataclass(frozen=True)
@@ -74,5 +74,7 @@ def write_synthetic_shards(
         has_text = (ids % captions_every == 0) if captions_every else np.zeros(m, bool)
         txt = np.where(has_text[:, None], img, 0).astype(np.float32)
         captions = [f"caption {i}" if t else None for i, t in zip(ids, has_text)]
-        write_shard(folder / shard_name(s), schema, ids.tolist(), [f"img/{i}.jpg" for i in ids], captions, img, txt, has_text)
+        write_shard(
+            folder / shard_name(s), schema, ids.tolist(), [f"img/{i}.jpg" for i in ids], captions, img, txt, has_text
+        )
     return folder

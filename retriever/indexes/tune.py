@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
 
 import faiss
 import numpy as np
@@ -40,7 +40,9 @@ def exact_knn(queries: np.ndarray, blocks: Iterable[np.ndarray], k: int) -> tupl
     """Exact inner-product top-k over vectors streamed block by block (row numbers in order)."""
     from faiss.contrib.exhaustive_search import knn_ground_truth
 
-    return knn_ground_truth(np.ascontiguousarray(queries, np.float32), blocks, k, metric_type=faiss.METRIC_INNER_PRODUCT)
+    return knn_ground_truth(
+        np.ascontiguousarray(queries, np.float32), blocks, k, metric_type=faiss.METRIC_INNER_PRODUCT
+    )
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
@@ -57,7 +59,9 @@ def grid(factory: str, ntotal: int, k: int, rerank: str = "") -> list[list[dict]
     if factory.startswith("HNSW"):
         return [[{"efSearch": e} for e in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024) if e >= k]]
     nlist = int(re.search(r"IVF(\d+)", factory).group(1))
-    probes = [p for p in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048) if p <= nlist]
+    probes = [
+        p for p in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048) if p <= nlist
+    ]
     if probes[-1] != nlist and nlist <= 2048:
         probes.append(nlist)
 

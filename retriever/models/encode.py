@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from .images import ImageInput, load_image
-from .models import LoadedModel
+from retriever.data.images import ImageInput, load_image
+from retriever.models.load import LoadedModel
 
 
 @torch.no_grad()
@@ -49,7 +49,9 @@ def encode_texts(lm: LoadedModel, texts: Sequence[str], batch_size: int = 256) -
     """Encode strings; returns (N, D) unit vectors."""
     if isinstance(texts, str):
         texts = [texts]
-    out = [encode_token_batch(lm, lm.tokenizer(list(texts[i : i + batch_size]))) for i in range(0, len(texts), batch_size)]
+    out = [
+        encode_token_batch(lm, lm.tokenizer(list(texts[i : i + batch_size]))) for i in range(0, len(texts), batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros((0, lm.embed_dim), np.float32)
 
 

@@ -20,15 +20,16 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
 
-from .errors import ModelLoadError, UserError
-from .identity import ModelIdentity
+from retriever.errors import ModelLoadError, UserError
+from retriever.identity import ModelIdentity
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
@@ -265,8 +266,9 @@ def _download_failed_message(model: str, pretrained: str | None) -> str:
 
 def _register_config(model_cfg: dict[str, Any]) -> str:
     """Make a config JSON known to open_clip under a content-derived name (public API only)."""
-    import open_clip
     import tempfile
+
+    import open_clip
 
     digest = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:16]
     name = f"retriever-cfg-{digest}"

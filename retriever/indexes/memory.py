@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from ..errors import UserError
-from .factory import FLAT_MAX, HNSW_M, HNSW_MAX, OPQ_MIN, IndexSpec, choose_index, ivf_nlist, pq_shape
+from retriever.errors import UserError
+from retriever.indexes.choose import FLAT_MAX, HNSW_M, HNSW_MAX, OPQ_MIN, IndexSpec, choose_index, ivf_nlist, pq_shape
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 BATCH_ROWS = 16_384  # rows per streamed batch; its float32 copy plus Arrow's is counted

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from .demo import R5_BAR, DemoResult
+from retriever.demo.run import R5_BAR, DemoResult
 
 _KEYS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10")
 
@@ -27,10 +27,15 @@ def print_report(console: Console, r: DemoResult) -> None:
     console.print(hits)
     i2t = Table("held-out image", "true name", "hit 1", "hit 2", "hit 3", title="Image → text (caption index)")
     for ex in r.image_examples:
-        i2t.add_row(ex["image"].rsplit("/", 1)[-1], ex["truth"], *[f"{h['caption']} ({h['score']:.2f})" for h in ex["hits"]])
+        i2t.add_row(
+            ex["image"].rsplit("/", 1)[-1], ex["truth"], *[f"{h['caption']} ({h['score']:.2f})" for h in ex["hits"]]
+        )
     console.print(i2t)
     console.print(f"Tuned model: {r.model}\nShards: {r.shards}\nIndex: {r.index}")
     console.print("Try it yourself:", highlight=False)
     console.print(f'  retriever search {r.index} "a yellow star"', highlight=False)
-    console.print(f"  retriever search {r.index} --image {r.image_examples[0]['image'] if r.image_examples else 'IMAGE.png'} --modality text", highlight=False)
+    console.print(
+        f"  retriever search {r.index} --image {r.image_examples[0]['image'] if r.image_examples else 'IMAGE.png'} --modality text",
+        highlight=False,
+    )
     console.print(f"  retriever embed MY_IMAGES --out my.shards --model {r.model}", highlight=False)

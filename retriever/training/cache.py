@@ -14,17 +14,18 @@ is cached, so each epoch still draws one caption per image.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .data import ImageDataset, SourceItem, collate_decoded
-from .errors import UserError
-from .fsutil import atomic_path
-from .models import LoadedModel, state_dict_sha256
+from retriever.atomic import atomic_path
+from retriever.data.loading import ImageDataset, collate_decoded
+from retriever.data.sources import SourceItem
+from retriever.errors import UserError
+from retriever.models.load import LoadedModel, state_dict_sha256
 
 
 @dataclass
@@ -45,13 +46,19 @@ class TowerSplit:
 def split_towers(model: torch.nn.Module) -> TowerSplit:
     """Trunk/head of a composed (timm image, HF text) open_clip model whose trunks are locked."""
     visual, text = getattr(model, "visual", None), getattr(model, "text", None)
-    if not (hasattr(visual, "trunk") and hasattr(visual, "head") and hasattr(text, "transformer") and hasattr(text, "proj")):
+    if not (
+        hasattr(visual, "trunk") and hasattr(visual, "head") and hasattr(text, "transformer") and hasattr(text, "proj")
+    ):
         raise UserError(
             "--cache-features needs a model composed from towers (--image-tower timm:NAME --text-tower hf:PATH); "
             "this model's projections are part of its locked towers, so nothing would train."
         )
-    if any(p.requires_grad for p in visual.trunk.parameters()) or any(p.requires_grad for p in text.transformer.parameters()):
-        raise UserError("--cache-features needs both towers fully locked: use --lock-image --lock-text without unlocking layers.")
+    if any(p.requires_grad for p in visual.trunk.parameters()) or any(
+        p.requires_grad for p in text.transformer.parameters()
+    ):
+        raise UserError(
+            "--cache-features needs both towers fully locked: use --lock-image --lock-text without unlocking layers."
+        )
 
     def text_trunk(ids: torch.Tensor) -> torch.Tensor:
         # HFTextEncoder.forward minus its projection.
@@ -117,7 +124,10 @@ def compute_tower_features(
     for trunk in split.trunks:
         trunk.eval()
     loader = torch.utils.data.DataLoader(
-        ImageDataset([it.path for it in items], lm.preprocess), batch_size=batch_size, num_workers=workers, collate_fn=collate_decoded
+        ImageDataset([it.path for it in items], lm.preprocess),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_decoded,
     )
     total = len(items) + sum(len(it.captions) for it in items)
     done, kept, img_feats = 0, [], []
@@ -147,7 +157,13 @@ def compute_tower_features(
         done += len(ids)
         if progress:
             progress(done, total)
-    out = CachedSplit([items[i] for i in kept], torch.cat(img_feats), torch.cat(txt_feats), torch.tensor(starts), len(items) - len(kept))
+    out = CachedSplit(
+        [items[i] for i in kept],
+        torch.cat(img_feats),
+        torch.cat(txt_feats),
+        torch.tensor(starts),
+        len(items) - len(kept),
+    )
     if path is not None:
         with atomic_path(path) as tmp:
             save_file(
@@ -157,7 +173,9 @@ def compute_tower_features(
     return out
 
 
-def cached_eval_embeddings(split: TowerSplit, cached: CachedSplit, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def cached_eval_embeddings(
+    split: TowerSplit, cached: CachedSplit, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised embeddings of a cached split through the current heads."""
     with torch.no_grad():
         img = split.encode_image(cached.image.to(device)).float().cpu()

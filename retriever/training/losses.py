@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .distributed import gather_with_grad
+from retriever.training.distributed import gather_with_grad
 
 # CLIP's initial temperature 0.07 and its cap of 100 on the logit scale (Radford et al. 2021).
 INIT_LOGIT_SCALE = math.log(1 / 0.07)

@@ -33,7 +33,10 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
     keep = [p for n, p in named if no_weight_decay(n, p)]
     groups = [{"params": keep, "weight_decay": 0.0}, {"params": decay, "weight_decay": cfg.weight_decay}]
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        [g for g in groups if g["params"]],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
     )
 
 

@@ -23,7 +23,7 @@ they are updated once per chunk, not twice.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

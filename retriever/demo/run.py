@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from .emoji_data import EmojiImage, emoji_collection, split_by_concept, write_manifest
-from .errors import UserError
-from .fsutil import write_json_atomic
+from retriever.atomic import write_json_atomic
+from retriever.demo.emoji import EmojiImage, emoji_collection, split_by_concept, write_manifest
+from retriever.errors import UserError
 
 EXAMPLE_TEXT_QUERIES = ("a red heart", "a smiling cat", "pizza", "a rocket in space", "rain and an umbrella")
 R5_BAR = 0.45  # the held-out text→image R@5 the default model must reach after tuning
@@ -66,18 +66,18 @@ class DemoResult:
         return self.after.get("t2i_R@5", 0.0) >= R5_BAR
 
 
-def run_demo(cfg: DemoConfig, train_callbacks=None, status: Callable[[str], None] | None = None,
-             embed_progress=None) -> DemoResult:
-    from .data import read_source
-    from .embed import EmbedConfig, embed_items
-    from .indexes import build_index
-    from .models import load_model
-    from .search import Retriever
-    from .train import TrainConfig, train
-    from .optim import OptimConfig
-    from .towers import DEFAULT_IMAGE_TOWER, default_tower_paths
-
-    from .data import default_workers
+def run_demo(
+    cfg: DemoConfig, train_callbacks=None, status: Callable[[str], None] | None = None, embed_progress=None
+) -> DemoResult:
+    from retriever.data.loading import default_workers
+    from retriever.data.sources import read_source
+    from retriever.embed import EmbedConfig, embed_items
+    from retriever.indexes import build_index
+    from retriever.models.compose import DEFAULT_IMAGE_TOWER, default_tower_paths
+    from retriever.models.load import load_model
+    from retriever.search import Retriever
+    from retriever.training.loop import TrainConfig, train
+    from retriever.training.optim import OptimConfig
 
     say = status or (lambda s: None)
     workers = default_workers() if cfg.workers is None else cfg.workers
@@ -103,20 +103,33 @@ def run_demo(cfg: DemoConfig, train_callbacks=None, status: Callable[[str], None
     image_weights, text_folder = default_tower_paths()
     run = ws / "run"
     tcfg = TrainConfig(
-        source=str(data / "train.jsonl"), val=str(data / "val.jsonl"), out=str(run),
-        image_tower=DEFAULT_IMAGE_TOWER, text_tower=f"hf:{text_folder}", image_weights=image_weights,
-        embed_dim=cfg.embed_dim, epochs=cfg.epochs, batch_size=min(cfg.batch_size, len(train_items)),
+        source=str(data / "train.jsonl"),
+        val=str(data / "val.jsonl"),
+        out=str(run),
+        image_tower=DEFAULT_IMAGE_TOWER,
+        text_tower=f"hf:{text_folder}",
+        image_weights=image_weights,
+        embed_dim=cfg.embed_dim,
+        epochs=cfg.epochs,
+        batch_size=min(cfg.batch_size, len(train_items)),
         optim=OptimConfig(lr=cfg.lr, weight_decay=0.1, warmup=0.05),
-        lock_image=True, lock_text=True, unlock_image_last=cfg.unlock_image_last,
+        lock_image=True,
+        lock_text=True,
+        unlock_image_last=cfg.unlock_image_last,
         unlock_text_last=cfg.unlock_text_last,
         cache_features=not (cfg.unlock_image_last or cfg.unlock_text_last),
-        augment=False, seed=cfg.seed, workers=workers,
+        augment=False,
+        seed=cfg.seed,
+        workers=workers,
     )
     history = _finished_history(run, cfg.epochs)
     if history is None:
         tcfg.resume = (run / "last" / "train_state.pt").is_file()
-        what = "the heads" + (f", the last {cfg.unlock_text_last} MiniLM layer(s)" if cfg.unlock_text_last else "") + (
-            f", the last {cfg.unlock_image_last} EfficientNet block(s)" if cfg.unlock_image_last else "")
+        what = (
+            "the heads"
+            + (f", the last {cfg.unlock_text_last} MiniLM layer(s)" if cfg.unlock_text_last else "")
+            + (f", the last {cfg.unlock_image_last} EfficientNet block(s)" if cfg.unlock_image_last else "")
+        )
         say("Resuming the fine-tuning run" if tcfg.resume else f"Fine-tuning {what} with InfoNCE")
         result = train(tcfg, train_callbacks)
         history = result.history
@@ -128,8 +141,13 @@ def run_demo(cfg: DemoConfig, train_callbacks=None, status: Callable[[str], None
     t = time.perf_counter()
     lm = load_model(tuned)
     say("Embedding every emoji with the tuned model")
-    embed_items(read_source(data / "all.jsonl"), lm, ws / "shards",
-                EmbedConfig(batch_size=16, num_workers=workers, overwrite=True), progress=embed_progress)
+    embed_items(
+        read_source(data / "all.jsonl"),
+        lm,
+        ws / "shards",
+        EmbedConfig(batch_size=16, num_workers=workers, overwrite=True),
+        progress=embed_progress,
+    )
     seconds["embed"] = time.perf_counter() - t
     t = time.perf_counter()
     build_index(ws / "shards", ws / "index")
@@ -143,10 +161,19 @@ def run_demo(cfg: DemoConfig, train_callbacks=None, status: Callable[[str], None
         image_examples.append({"image": it.path, "truth": it.captions[0], "hits": [h.to_dict() for h in hits]})
 
     result = DemoResult(
-        workspace=str(ws), images=len(items), train_images=len(train_items), val_images=len(val_items),
-        before=before, after=best["val"], best_epoch=best["epoch"], model=tuned,
-        shards=str(ws / "shards"), index=str(ws / "index"),
-        text_examples=text_examples, image_examples=image_examples, seconds=seconds,
+        workspace=str(ws),
+        images=len(items),
+        train_images=len(train_items),
+        val_images=len(val_items),
+        before=before,
+        after=best["val"],
+        best_epoch=best["epoch"],
+        model=tuned,
+        shards=str(ws / "shards"),
+        index=str(ws / "index"),
+        text_examples=text_examples,
+        image_examples=image_examples,
+        seconds=seconds,
     )
     write_json_atomic(ws / "report.json", asdict(result))
     return result

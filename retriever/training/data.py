@@ -10,14 +10,14 @@ samples [b·B, (b+1)·B) of the epoch's order, and rank r takes its r-th slice.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
-from .data import SourceItem
-from .errors import UserError
-from .images import load_image
+from retriever.data.images import load_image
+from retriever.data.sources import SourceItem
+from retriever.errors import UserError
 
 
 def split_items(items: Sequence[SourceItem], fractions: Sequence[float], seed: int) -> list[list[SourceItem]]:

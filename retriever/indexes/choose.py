@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..errors import UserError
+from retriever.errors import UserError
 
 FLAT_MAX = 100_000  # below this, exact search of one query costs < ~15 ms at d=512 on 2 cores
 HNSW_MAX = 2_000_000

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .data import ImageDataset, SourceItem, collate_decoded
-from .encode import encode_image_tensors, encode_texts
-from .errors import UserError
-from .metrics import RetrievalMetrics, retrieval_metrics
-from .models import LoadedModel
+from retriever.data.loading import ImageDataset, collate_decoded
+from retriever.data.sources import SourceItem
+from retriever.errors import UserError
+from retriever.metrics import RetrievalMetrics, retrieval_metrics
+from retriever.models.encode import encode_image_tensors, encode_texts
+from retriever.models.load import LoadedModel
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-ImageInput = Union[str, os.PathLike, bytes, Image.Image]
+ImageInput = Union[str, os.PathLike, bytes, Image.Image]  # noqa: UP007 (a runtime alias on 3.10)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 _WHITE = (255, 255, 255)

@@ -18,24 +18,40 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from . import distributed as D
-from .checkpoint import load_train_state, rng_state, save_checkpoint, set_rng_state
-from .data import SourceItem, read_source
-from .errors import UserError
-from .fsutil import write_json_atomic
-from .losses import LOSSES, clamp_logit_scale, contrastive_loss, ensure_logit_bias
-from .metrics import RetrievalMetrics
-from .models import LoadedModel, load_model, resolve_device, resolve_precision
-from .optim import OptimConfig, autocast_for, build_optimizer, lr_at, make_scaler, set_lr, warmup_steps
-from .gradcache import contrastive_backward
-from .train_data import epoch_loader, epoch_samples, rank_batches, split_items, steps_per_epoch, with_captions
-from .train_model import build_start_model, configure_trainable, set_train_mode
+from retriever.atomic import write_json_atomic
+from retriever.data.sources import SourceItem, read_source
+from retriever.errors import UserError
+from retriever.metrics import RetrievalMetrics
+from retriever.models.load import LoadedModel, load_model, resolve_device, resolve_precision
+from retriever.training import distributed as D
+from retriever.training.checkpoint import load_train_state, rng_state, save_checkpoint, set_rng_state
+from retriever.training.data import (
+    epoch_loader,
+    epoch_samples,
+    rank_batches,
+    split_items,
+    steps_per_epoch,
+    with_captions,
+)
+from retriever.training.gradcache import contrastive_backward
+from retriever.training.losses import LOSSES, clamp_logit_scale, contrastive_loss, ensure_logit_bias
+from retriever.training.optim import (
+    OptimConfig,
+    autocast_for,
+    build_optimizer,
+    lr_at,
+    make_scaler,
+    set_lr,
+    warmup_steps,
+)
+from retriever.training.start import build_start_model, configure_trainable, set_train_mode
 
 # Fields that may differ between a run and its --resume without changing the result.
 _RESUMABLE_CHANGES = {"resume", "workers", "logdir", "max_steps", "save_every", "eval_batch_size"}
@@ -219,13 +235,25 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
     def save_last(extra_json=None):
         rngs = _gather_rng(dist)
         if dist.is_main:
-            save_checkpoint(run / "last", model, lm.config, state={
-                "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "rng": rngs, "best_score": best_score, "best_epoch": best_epoch,
-                "history": json.dumps(history), "epoch_losses": json.dumps(losses),
-                "config": json.dumps(cfg.to_dict()),
-            }, extra_json=extra_json)
+            save_checkpoint(
+                run / "last",
+                model,
+                lm.config,
+                state={
+                    "step": step,
+                    "epoch": epoch,
+                    "step_in_epoch": step_in_epoch,
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler else None,
+                    "rng": rngs,
+                    "best_score": best_score,
+                    "best_epoch": best_epoch,
+                    "history": json.dumps(history),
+                    "epoch_losses": json.dumps(losses),
+                    "config": json.dumps(cfg.to_dict()),
+                },
+                extra_json=extra_json,
+            )
         D.barrier()
 
     def record_epoch(ep: int, train_loss: float | None, seconds: float):
@@ -237,9 +265,18 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
         if is_best:
             best_score, best_epoch = score, ep
             if dist.is_main:
-                save_checkpoint(run / "best", model, lm.config, extra_json={"metrics.json": {"epoch": ep, "step": step, "val": val}})
+                save_checkpoint(
+                    run / "best", model, lm.config, extra_json={"metrics.json": {"epoch": ep, "step": step, "val": val}}
+                )
             D.barrier()
-        row = {"epoch": ep, "step": step, "train_loss": train_loss, "val": val, "best": is_best, "seconds": round(seconds, 3)}
+        row = {
+            "epoch": ep,
+            "step": step,
+            "train_loss": train_loss,
+            "val": val,
+            "best": is_best,
+            "seconds": round(seconds, 3),
+        }
         history.append(row)
         if dist.is_main:
             write_json_atomic(run / "metrics.json", {"history": history})
@@ -263,8 +300,18 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
             set_lr(optimizer, lr)
             enc_img, enc_txt = _encoders(model, cached)
             loss = train_step(
-                model, optimizer, trainable, enc_img, enc_txt, images, texts, loss_kind=cfg.loss,
-                micro_batch=cfg.micro_batch, autocast=autocast, scaler=scaler, grad_clip=cfg.optim.grad_clip,
+                model,
+                optimizer,
+                trainable,
+                enc_img,
+                enc_txt,
+                images,
+                texts,
+                loss_kind=cfg.loss,
+                micro_batch=cfg.micro_batch,
+                autocast=autocast,
+                scaler=scaler,
+                grad_clip=cfg.optim.grad_clip,
             )
             step += 1
             step_in_epoch += 1
@@ -273,7 +320,9 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
                 raise UserError(f"The loss became {loss} at step {step}; lower --lr or use --precision bf16/fp32.")
             temperature = float(1 / model.logit_scale.detach().exp())
             now = time.perf_counter()
-            info = StepInfo(epoch, step, step_in_epoch, spe, loss, lr, temperature, n_pairs * dist.world_size / max(now - t0, 1e-9))
+            info = StepInfo(
+                epoch, step, step_in_epoch, spe, loss, lr, temperature, n_pairs * dist.world_size / max(now - t0, 1e-9)
+            )
             t0 = now
             if cb.on_step and dist.is_main:
                 cb.on_step(info)
@@ -303,8 +352,16 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
         writer.close()
     D.barrier()
     return TrainResult(
-        str(run), str(run / "best"), str(run / "last"), best_epoch, best_score, history, test, step,
-        time.perf_counter() - started, stopped and epoch <= cfg.epochs,
+        str(run),
+        str(run / "best"),
+        str(run / "last"),
+        best_epoch,
+        best_score,
+        history,
+        test,
+        step,
+        time.perf_counter() - started,
+        stopped and epoch <= cfg.epochs,
     )
 
 
@@ -333,8 +390,14 @@ def train_step(
     """
     optimizer.zero_grad(set_to_none=True)
     loss = contrastive_backward(
-        encode_image, encode_text, images, texts, lambda i, t: contrastive_loss(loss_kind, i, t, model),
-        micro_batch=micro_batch, autocast=autocast, scale=scaler.scale if scaler is not None else (lambda x: x),
+        encode_image,
+        encode_text,
+        images,
+        texts,
+        lambda i, t: contrastive_loss(loss_kind, i, t, model),
+        micro_batch=micro_batch,
+        autocast=autocast,
+        scale=scaler.scale if scaler is not None else (lambda x: x),
         module=model,
     )
     D.average_gradients(trainable)
@@ -355,17 +418,23 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.loss not in LOSSES:
         raise UserError(f"Unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}.")
     if cfg.epochs < 1 or cfg.batch_size < 2:
-        raise UserError("--epochs must be at least 1 and --batch-size at least 2 (a contrastive batch needs negatives).")
+        raise UserError(
+            "--epochs must be at least 1 and --batch-size at least 2 (a contrastive batch needs negatives)."
+        )
     if cfg.micro_batch is not None and cfg.micro_batch < 1:
         raise UserError("--micro-batch must be at least 1.")
     if (cfg.image_tower is None) != (cfg.text_tower is None):
         raise UserError("Give both --image-tower timm:NAME and --text-tower hf:PATH to compose a model, or neither.")
     if cfg.image_tower and (cfg.model or cfg.pretrained):
         raise UserError("--model/--pretrained and --image-tower/--text-tower are alternatives; give one of them.")
-    if cfg.cache_features and not (cfg.lock_image and cfg.lock_text) or (
-        cfg.cache_features and (cfg.unlock_image_last or cfg.unlock_text_last)
+    if (
+        cfg.cache_features
+        and not (cfg.lock_image and cfg.lock_text)
+        or (cfg.cache_features and (cfg.unlock_image_last or cfg.unlock_text_last))
     ):
-        raise UserError("--cache-features needs both towers fully locked: --lock-image --lock-text, no unlocked layers.")
+        raise UserError(
+            "--cache-features needs both towers fully locked: --lock-image --lock-text, no unlocked layers."
+        )
 
 
 def _check_run_dir(run: Path, cfg: TrainConfig, dist: D.DistInfo) -> None:
@@ -376,9 +445,13 @@ def _check_run_dir(run: Path, cfg: TrainConfig, dist: D.DistInfo) -> None:
         if not saved.is_file():
             raise UserError(f"Cannot resume: {run} has no run.json (was it written by `retriever train`?).")
         theirs = json.loads(saved.read_text())
-        diff = sorted(k for k in set(mine) | set(theirs) if k not in _RESUMABLE_CHANGES and mine.get(k) != theirs.get(k))
+        diff = sorted(
+            k for k in set(mine) | set(theirs) if k not in _RESUMABLE_CHANGES and mine.get(k) != theirs.get(k)
+        )
         if diff:
-            raise UserError(f"Cannot resume {run} with different settings ({', '.join(diff)}); use the original options.")
+            raise UserError(
+                f"Cannot resume {run} with different settings ({', '.join(diff)}); use the original options."
+            )
         return
     if run.exists() and any(run.iterdir()):
         raise UserError(f"{run} already holds a run; pass --resume to continue it, or choose another --out.")
@@ -430,9 +503,17 @@ def _epoch_batches(lm: LoadedModel, cfg: TrainConfig, items, cached, epoch, star
             yield img, txt, len(smp)
         return
     loader = epoch_loader(
-        items, epoch, seed=cfg.seed, batch_size=cfg.batch_size, rank=dist.rank, world=dist.world_size,
-        start_step=start_step, transform=lm.preprocess_train if cfg.augment else lm.preprocess,
-        augment=cfg.augment, tokenizer=lm.tokenizer, workers=cfg.workers,
+        items,
+        epoch,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        rank=dist.rank,
+        world=dist.world_size,
+        start_step=start_step,
+        transform=lm.preprocess_train if cfg.augment else lm.preprocess,
+        augment=cfg.augment,
+        tokenizer=lm.tokenizer,
+        workers=cfg.workers,
     )
     for pixels, tokens, errors in loader:
         for e in errors:
@@ -449,7 +530,7 @@ def _epoch_batches(lm: LoadedModel, cfg: TrainConfig, items, cached, epoch, star
 
 
 def _cache(lm, cfg, splits, run, cb, dist):
-    from .train_cache import compute_tower_features, split_towers
+    from retriever.training.cache import compute_tower_features, split_towers
 
     split = split_towers(lm.model)
     out = {"split": split}
@@ -459,12 +540,23 @@ def _cache(lm, cfg, splits, run, cb, dist):
         if not items:
             continue
         _status(cb, dist, f"Computing tower features for {len(items)} {name} images (once; reused by later runs)")
-        progress = (lambda d, t, n=name: cb.on_progress(f"features {n}", d, t)) if cb.on_progress and dist.is_main else None
+        progress = (
+            (lambda d, t, n=name: cb.on_progress(f"features {n}", d, t)) if cb.on_progress and dist.is_main else None
+        )
         out[name] = compute_tower_features(
-            lm, split, items, cache_dir=run / "features", name=name, batch_size=32, workers=cfg.workers, progress=progress,
+            lm,
+            split,
+            items,
+            cache_dir=run / "features",
+            name=name,
+            batch_size=32,
+            workers=cfg.workers,
+            progress=progress,
         )
     if len(out["train"].items) < cfg.batch_size:
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(out['train'].items)} decodable training images.")
+        raise UserError(
+            f"--batch-size {cfg.batch_size} is larger than the {len(out['train'].items)} decodable training images."
+        )
     return out
 
 
@@ -484,16 +576,18 @@ class _Evaluator:
             model.eval()
             try:
                 if self.cached is not None and "val" in self.cached:
-                    from .metrics import retrieval_metrics
-                    from .train_cache import cached_eval_embeddings
+                    from retriever.metrics import retrieval_metrics
+                    from retriever.training.cache import cached_eval_embeddings
 
                     val = self.cached["val"]
                     img, txt = cached_eval_embeddings(self.cached["split"], val, self.lm.device)
                     result = retrieval_metrics(img, txt, val.text_image())
                 else:
-                    from .eval import evaluate
+                    from retriever.evaluation import evaluate
 
-                    result = evaluate(self.lm, self.items, batch_size=self.cfg.eval_batch_size, workers=self.cfg.workers).metrics
+                    result = evaluate(
+                        self.lm, self.items, batch_size=self.cfg.eval_batch_size, workers=self.cfg.workers
+                    ).metrics
             finally:
                 if was_training:
                     set_train_mode(model)
@@ -503,7 +597,7 @@ class _Evaluator:
 def _evaluate_folder(folder: Path, items, cfg, device, precision, dist, cb) -> dict | None:
     result = None
     if dist.is_main:
-        from .eval import evaluate
+        from retriever.evaluation import evaluate
 
         _status(cb, dist, f"Evaluating {folder} on {len(items)} test images")
         lm = load_model(f"local-dir:{folder}", device=device, precision=precision)

@@ -42,28 +42,28 @@ from retriever.models.load import load_model  # noqa: E402
 TINY = str(Path(__file__).resolve().parents[1] / "tests" / "assets" / "tiny-clip.json")
 
 
-def bare_forward(lm, tensors: list[torch.Tensor], batch: int) -> float:
+def bare_forward(encoder, tensors: list[torch.Tensor], batch: int) -> float:
     """Seconds for the model forward alone over pre-decoded tensors."""
     batches = [torch.stack(tensors[i : i + batch]) for i in range(0, len(tensors), batch)]
-    if lm.device.type == "cpu":
+    if encoder.device.type == "cpu":
         batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
-    batches = [b.to(lm.device) for b in batches]
+    batches = [b.to(encoder.device) for b in batches]
     t0 = time.perf_counter()
-    with torch.no_grad(), lm.autocast():
+    with torch.no_grad(), encoder.autocast():
         for b in batches:
-            lm.model.encode_image(b)
-    if lm.device.type == "cuda":
+            encoder.model.encode_image(b)
+    if encoder.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
-def pipeline(lm, items: list[SourceItem], batch: int, workers: int) -> float:
+def pipeline(encoder, items: list[SourceItem], batch: int, workers: int) -> float:
     """Seconds for embed_items end to end (shards written to a temporary folder)."""
     out = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     try:
         t0 = time.perf_counter()
         embed_items(
-            items, lm, out / "shards", EmbedConfig(batch_size=batch, num_workers=workers, shard_size=len(items))
+            items, encoder, out / "shards", EmbedConfig(batch_size=batch, num_workers=workers, shard_size=len(items))
         )
         return time.perf_counter() - t0
     finally:
@@ -73,18 +73,18 @@ def pipeline(lm, items: list[SourceItem], batch: int, workers: int) -> float:
 def bench(
     model: str, pretrained: str | None, n_images: int, batch: int, workers: int, repeat: int, device: str | None
 ) -> dict:
-    lm = load_model(model, pretrained, device=device)
+    encoder = load_model(model, pretrained, device=device)
     emoji = emoji_collection()[:n_images]
     items = [SourceItem(i, e.path) for i, e in enumerate(emoji)]
     t0 = time.perf_counter()
-    tensors = [lm.preprocess(load_image(it.path)) for it in items]
+    tensors = [encoder.preprocess(load_image(it.path)) for it in items]
     decode_s = time.perf_counter() - t0
-    pipeline(lm, items[: 2 * batch], batch, workers)  # warm-up: worker start, kernels, allocator
-    bare_forward(lm, tensors[: 2 * batch], batch)
+    pipeline(encoder, items[: 2 * batch], batch, workers)  # warm-up: worker start, kernels, allocator
+    bare_forward(encoder, tensors[: 2 * batch], batch)
     pipe_runs, bare_runs = [], []
     for _ in range(repeat):
-        pipe_runs.append(pipeline(lm, items, batch, workers))
-        bare_runs.append(bare_forward(lm, tensors, batch))
+        pipe_runs.append(pipeline(encoder, items, batch, workers))
+        bare_runs.append(bare_forward(encoder, tensors, batch))
     pipe_s, bare_s = min(pipe_runs), min(bare_runs)
     pair_ratios = sorted(b / p for p, b in zip(pipe_runs, bare_runs))
     n = len(items)
@@ -95,8 +95,8 @@ def bench(
         "images": n,
         "batch": batch,
         "workers": workers,
-        "precision": lm.precision,
-        "device": str(lm.device),
+        "precision": encoder.precision,
+        "device": str(encoder.device),
         "pipeline_images_per_s": round(n / pipe_s, 1),
         "bare_images_per_s": round(n / bare_s, 1),
         "ratio": round(bare_s / pipe_s, 3),  # best against best

@@ -37,25 +37,31 @@ def _setup(model_spec: str, device: str, precision: str, seed: int = 0):
     from retriever.models.load import load_model
     from retriever.training.optim import OptimConfig, autocast_for, build_optimizer, make_scaler
 
-    lm = load_model(
+    encoder = load_model(
         model_spec, "random" if not model_spec.endswith(".json") else None, device=device, precision=precision
     )
-    model = lm.model.train()
+    model = encoder.model.train()
     optimizer = build_optimizer(model, OptimConfig(lr=1e-5))
-    return lm, model, optimizer, autocast_for(lm.precision, lm.device), make_scaler(lm.precision, lm.device)
+    return (
+        encoder,
+        model,
+        optimizer,
+        autocast_for(encoder.precision, encoder.device),
+        make_scaler(encoder.precision, encoder.device),
+    )
 
 
-def _batch(lm, n: int, seed: int = 0):
+def _batch(encoder, n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    size = lm.model.visual.image_size
+    size = encoder.model.visual.image_size
     size = size if isinstance(size, (tuple, list)) else (size, size)
-    images = torch.randn(n, 3, *size, generator=g).to(lm.device)
-    ctx = getattr(lm.tokenizer, "context_length", 77)
-    texts = torch.randint(1, 1000, (n, ctx), generator=g).to(lm.device)
+    images = torch.randn(n, 3, *size, generator=g).to(encoder.device)
+    ctx = getattr(encoder.tokenizer, "context_length", 77)
+    texts = torch.randint(1, 1000, (n, ctx), generator=g).to(encoder.device)
     return images, texts
 
 
-def _ours(lm, model, optimizer, autocast, scaler, micro_batch=None, grad_clip=None):
+def _ours(encoder, model, optimizer, autocast, scaler, micro_batch=None, grad_clip=None):
     from retriever.training.loop import train_step
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -111,19 +117,19 @@ def _sync(device):
 
 
 def time_steps(args) -> dict:
-    lm, model, opt, autocast, scaler = _setup(args.model, args.device, args.precision)
-    images, texts = _batch(lm, args.batch_size)
+    encoder, model, opt, autocast, scaler = _setup(args.model, args.device, args.precision)
+    images, texts = _batch(encoder, args.batch_size)
     variants = {
         "bare open_clip": _bare(model, opt, autocast, scaler),
-        "retriever train_step": _ours(lm, model, opt, autocast, scaler),
+        "retriever train_step": _ours(encoder, model, opt, autocast, scaler),
     }
     if args.batch_size >= 8:
         # GradCache's price: one extra forward of the whole batch (pass 1), for 1/k of the activations.
         m = args.batch_size // 4
-        variants[f"retriever train_step, GradCache m={m}"] = _ours(lm, model, opt, autocast, scaler, micro_batch=m)
+        variants[f"retriever train_step, GradCache m={m}"] = _ours(encoder, model, opt, autocast, scaler, micro_batch=m)
     if args.grad_clip:
         variants[f"retriever train_step + clip {args.grad_clip}"] = _ours(
-            lm, model, opt, autocast, scaler, grad_clip=args.grad_clip
+            encoder, model, opt, autocast, scaler, grad_clip=args.grad_clip
         )
     times = {k: [] for k in variants}
     for _ in range(args.warmup):
@@ -131,17 +137,17 @@ def time_steps(args) -> dict:
             fn(images, texts)
     for _ in range(args.steps):  # interleaved: A B A B ..., so drift in machine load hits both
         for name, fn in variants.items():
-            _sync(lm.device)
+            _sync(encoder.device)
             t0 = time.perf_counter()
             fn(images, texts)
-            _sync(lm.device)
+            _sync(encoder.device)
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["bare open_clip"]
     return {
         "model": args.model,
-        "device": str(lm.device),
-        "precision": lm.precision,
+        "device": str(encoder.device),
+        "precision": encoder.precision,
         "batch_size": args.batch_size,
         "steps": args.steps,
         "threads": torch.get_num_threads(),
@@ -155,12 +161,12 @@ def time_steps(args) -> dict:
 
 def _peak_child(model, device, precision, batch, micro, q):
     torch.set_num_threads(1)
-    lm, m, opt, autocast, scaler = _setup(model, device, precision)
-    images, texts = _batch(lm, batch)
-    step = _ours(lm, m, opt, autocast, scaler, micro_batch=micro)
+    encoder, m, opt, autocast, scaler = _setup(model, device, precision)
+    images, texts = _batch(encoder, batch)
+    step = _ours(encoder, m, opt, autocast, scaler, micro_batch=micro)
     step(images[:2], texts[:2])  # creates gradients and AdamW state: not part of the difference
     m.zero_grad(set_to_none=False)
-    if lm.device.type == "cuda":
+    if encoder.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.max_memory_allocated()

@@ -61,7 +61,7 @@ ProgressFn = Callable[[int, int], None]
 
 def embed_items(
     items: Sequence[SourceItem],
-    lm: LoadedModel,
+    encoder: LoadedModel,
     out_dir: str | Path,
     config: EmbedConfig | None = None,
     progress: ProgressFn | None = None,
@@ -73,14 +73,14 @@ def embed_items(
     if not items:
         raise UserError("Nothing to embed: the source is empty.")
     out = Path(out_dir).expanduser()
-    schema = shard_schema(lm.identity, cfg.dtype)
+    schema = shard_schema(encoder.identity, cfg.dtype)
     job = {
         "retriever_version": __version__,
         "source_sha256": _source_digest(items),
         "items": len(items),
         "shard_size": cfg.shard_size,
         "dtype": cfg.dtype,
-        "model": lm.identity.to_dict(),
+        "model": encoder.identity.to_dict(),
     }
     _prepare_out_dir(out, job, cfg.overwrite)
 
@@ -92,7 +92,7 @@ def embed_items(
     t0 = time.perf_counter()
     n_todo = sum(len(_shard_items(items, k, cfg.shard_size)) for k in todo)
     n_seen = 0
-    for k, batches in _decoded_shards(items, todo, lm, cfg):
+    for k, batches in _decoded_shards(items, todo, encoder, cfg):
         chunk = _shard_items(items, k, cfg.shard_size)
         ids, paths, captions, vecs, shard_errors = [], [], [], [], []
         for batch in batches:
@@ -100,7 +100,7 @@ def embed_items(
                 it = chunk[pos]
                 shard_errors.append({"id": it.index, "path": it.path, "reason": reason, "shard": k})
             if batch.pixels is not None:
-                vecs.append(encode_image_tensors(lm, batch.pixels))
+                vecs.append(encode_image_tensors(encoder, batch.pixels))
                 for pos in batch.indices:
                     ids.append(chunk[pos].index)
                     paths.append(chunk[pos].path)
@@ -108,11 +108,11 @@ def embed_items(
             n_seen += len(batch.indices) + len(batch.errors)
             if progress:
                 progress(n_seen, n_todo)
-        img = np.concatenate(vecs) if vecs else np.zeros((0, lm.embed_dim), np.float32)
+        img = np.concatenate(vecs) if vecs else np.zeros((0, encoder.embed_dim), np.float32)
         has_text = np.array([c is not None for c in captions], bool)
         txt = np.zeros_like(img)
         if has_text.any():
-            txt[has_text] = encode_texts(lm, [c for c in captions if c is not None], cfg.text_batch_size)
+            txt[has_text] = encode_texts(encoder, [c for c in captions if c is not None], cfg.text_batch_size)
         # Errors first: if we die between the two writes, the rerun redoes this shard and rewrites them.
         errors.extend(shard_errors)
         _write_errors(out, errors)
@@ -134,7 +134,7 @@ def embed_items(
     )
 
 
-def _decoded_shards(items, todo, lm: LoadedModel, cfg: EmbedConfig):
+def _decoded_shards(items, todo, encoder: LoadedModel, cfg: EmbedConfig):
     """Yield (shard number, iterator of DecodedBatch) with decoding overlapped in workers.
 
     One DataLoader covers every pending shard (workers start once); batches never straddle shards.
@@ -150,11 +150,11 @@ def _decoded_shards(items, todo, lm: LoadedModel, cfg: EmbedConfig):
     if not batch_plan:
         return
     loader = torch.utils.data.DataLoader(
-        ImageDataset(paths, lm.preprocess),
+        ImageDataset(paths, encoder.preprocess),
         batch_sampler=[idx for _, idx in batch_plan],
         num_workers=cfg.num_workers,
         collate_fn=collate_decoded,
-        pin_memory=lm.device.type == "cuda",
+        pin_memory=encoder.device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if cfg.num_workers > 0 else None,
     )

@@ -36,7 +36,7 @@ class EvalSet:
 
 
 def embed_eval_set(
-    lm: LoadedModel,
+    encoder: LoadedModel,
     items: Sequence[SourceItem],
     *,
     batch_size: int = 64,
@@ -44,7 +44,7 @@ def embed_eval_set(
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalSet:
     """Encode every image (eval transform) and every caption of `items`."""
-    ds = ImageDataset([it.path for it in items], lm.preprocess)
+    ds = ImageDataset([it.path for it in items], encoder.preprocess)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_decoded)
     keep: list[int] = []
     feats: list[np.ndarray] = []
@@ -52,7 +52,7 @@ def embed_eval_set(
     for batch in loader:
         skipped += [f"{items[i].path}: {reason}" for i, reason in batch.errors]
         if batch.pixels is not None:
-            feats.append(encode_image_tensors(lm, batch.pixels))
+            feats.append(encode_image_tensors(encoder, batch.pixels))
             keep += batch.indices
         if progress:
             progress(len(keep) + len(skipped), len(items))
@@ -65,18 +65,18 @@ def embed_eval_set(
             owner.append(row)
     if not texts:
         raise UserError("The evaluation data has no captions; recall needs image–caption pairs.")
-    return EvalSet(np.concatenate(feats), encode_texts(lm, texts), owner, skipped)
+    return EvalSet(np.concatenate(feats), encode_texts(encoder, texts), owner, skipped)
 
 
 def evaluate(
-    lm: LoadedModel,
+    encoder: LoadedModel,
     items: Sequence[SourceItem],
     *,
     batch_size: int = 64,
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
-    """Recall@1/5/10 and ranks in both directions of `lm` on `items`."""
-    es = embed_eval_set(lm, items, batch_size=batch_size, workers=workers, progress=progress)
+    """Recall@1/5/10 and ranks in both directions of `encoder` on `items`."""
+    es = embed_eval_set(encoder, items, batch_size=batch_size, workers=workers, progress=progress)
     metrics = retrieval_metrics(torch.from_numpy(es.image_emb), torch.from_numpy(es.text_emb), es.text_image)
     return EvalResult(metrics, es.skipped)

@@ -73,13 +73,13 @@ class Retriever:
             from retriever.models.load import load_model
 
             try:
-                lm = load_model(self.identity.name, self.identity.pretrained, device=self._device)
+                encoder = load_model(self.identity.name, self.identity.pretrained, device=self._device)
             except UserError as e:
                 raise UserError(
                     f"Could not load the index's model {self.identity.describe()} ({e}); pass it with --model."
                 ) from e
-            lm.identity.check_same(self.identity, f"Index {self.index_dir}")
-            self._model = lm
+            encoder.identity.check_same(self.identity, f"Index {self.index_dir}")
+            self._model = encoder
         return self._model
 
     def search(

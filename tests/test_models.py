@@ -57,11 +57,11 @@ def test_local_dir_folder(tmp_path, tiny_model):
     save_file(
         {k: v.contiguous() for k, v in tiny_model.model.state_dict().items()}, folder / "open_clip_model.safetensors"
     )
-    lm = load_model(f"local-dir:{folder}")
-    assert lm.identity.weights_sha256 == tiny_model.identity.weights_sha256
-    assert lm.identity.name == f"local-dir:{folder.resolve()}"
+    encoder = load_model(f"local-dir:{folder}")
+    assert encoder.identity.weights_sha256 == tiny_model.identity.weights_sha256
+    assert encoder.identity.name == f"local-dir:{folder.resolve()}"
     # the bare folder path works too
-    assert load_model(str(folder)).identity == lm.identity
+    assert load_model(str(folder)).identity == encoder.identity
 
 
 def test_state_hash_ignores_storage_format_but_not_values(tiny_model):

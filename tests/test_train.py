@@ -88,10 +88,10 @@ def test_best_checkpoint_loads_in_retriever_and_plain_open_clip(tuned):
     cfg, result = tuned
     best = Path(result.best_dir)
     assert {p.name for p in best.iterdir()} >= {"open_clip_config.json", "open_clip_model.safetensors", "metrics.json"}
-    lm = load_model(f"local-dir:{best}")
+    encoder = load_model(f"local-dir:{best}")
     # Re-evaluating the saved folder reproduces the val metrics recorded for it during training.
     recorded = json.loads((best / "metrics.json").read_text())["val"]
-    again = evaluate(lm, read_source(cfg.val)).metrics.flat()
+    again = evaluate(encoder, read_source(cfg.val)).metrics.flat()
     for k in ("t2i_R@1", "t2i_R@5", "i2t_R@10", "t2i_mean_rank"):
         assert again[k] == pytest.approx(recorded[k], abs=1e-9), k
 
@@ -99,10 +99,10 @@ def test_best_checkpoint_loads_in_retriever_and_plain_open_clip(tuned):
     plain.eval()
     tok = open_clip.get_tokenizer(f"local-dir:{best}")(["grinning face", "flag: Japan"])
     with torch.no_grad():
-        torch.testing.assert_close(plain.encode_text(tok), lm.model.encode_text(tok), rtol=0, atol=0)
+        torch.testing.assert_close(plain.encode_text(tok), encoder.model.encode_text(tok), rtol=0, atol=0)
     # The tuned weights are not the start: training moved them.
     start = load_model(TINY)
-    assert lm.identity.weights_sha256 != start.identity.weights_sha256
+    assert encoder.identity.weights_sha256 != start.identity.weights_sha256
 
 
 def _weights(folder):

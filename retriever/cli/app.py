@@ -143,14 +143,14 @@ def embed(
     from retriever.embed import EmbedConfig, embed_items
 
     items = read_source(source, image_column=image_column, caption_column=caption_column)
-    lm = _load(model, pretrained, device, precision)
+    encoder = _load(model, pretrained, device, precision)
     cfg = EmbedConfig(
         shard_size=shard_size, batch_size=batch_size, num_workers=_workers(workers), dtype=dtype, overwrite=overwrite
     )
     with _progress() as bar:
         task = bar.add_task("Embedding", total=None)
         result = embed_items(
-            items, lm, out_dir, cfg, progress=lambda n, total: bar.update(task, completed=n, total=total)
+            items, encoder, out_dir, cfg, progress=lambda n, total: bar.update(task, completed=n, total=total)
         )
     if as_json:
         out.print_json(json.dumps(result.__dict__))
@@ -277,9 +277,9 @@ def search(
         raise UserError("Give a text query or --image PATH (exactly one).")
     if image is not None and not image.is_file():
         raise UserError(f"Query image {image} does not exist.")
-    lm = _load(model, pretrained, device) if model else None
-    r = Retriever(index_dir, lm, device=device)
-    if lm is None:
+    encoder = _load(model, pretrained, device) if model else None
+    r = Retriever(index_dir, encoder, device=device)
+    if encoder is None:
         with err.status("Loading model…"):
             r.model  # noqa: B018 (loads the model inside the spinner)
     results = r.search(text=query, image=image, k=k, modality=modality.value)
@@ -513,20 +513,20 @@ def eval_cmd(
     from retriever.evaluation import evaluate
 
     items = read_source(source, image_column=image_column, caption_column=caption_column)
-    lm = _load(model, pretrained, device, precision)
+    encoder = _load(model, pretrained, device, precision)
     with _progress() as bar:
         task = bar.add_task("Encoding", total=len(items))
         result = evaluate(
-            lm,
+            encoder,
             items,
             batch_size=batch_size,
             workers=_workers(workers),
             progress=lambda n, t: bar.update(task, completed=n, total=t),
         )
     if as_json:
-        out.print_json(json.dumps({"model": lm.identity.to_dict(), **result.to_dict()}))
+        out.print_json(json.dumps({"model": encoder.identity.to_dict(), **result.to_dict()}))
         return
-    out.print(recall_table(result.metrics, f"{lm.identity.describe()} on {source}"))
+    out.print(recall_table(result.metrics, f"{encoder.identity.describe()} on {source}"))
     if result.skipped:
         err.print(
             f"[yellow]Skipped {len(result.skipped)} unreadable image(s)[/yellow], e.g. {result.skipped[0]}",

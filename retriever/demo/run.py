@@ -139,11 +139,11 @@ def run_demo(
     tuned = f"local-dir:{run / 'best'}"
 
     t = time.perf_counter()
-    lm = load_model(tuned)
+    encoder = load_model(tuned)
     say("Embedding every emoji with the tuned model")
     embed_items(
         read_source(data / "all.jsonl"),
-        lm,
+        encoder,
         ws / "shards",
         EmbedConfig(batch_size=16, num_workers=workers, overwrite=True),
         progress=embed_progress,
@@ -153,7 +153,7 @@ def run_demo(
     build_index(ws / "shards", ws / "index")
     seconds["index"] = time.perf_counter() - t
 
-    r = Retriever(ws / "index", lm)
+    r = Retriever(ws / "index", encoder)
     text_examples = {q: [h.to_dict() for h in r.search(text=q, k=3)] for q in cfg.examples}
     image_examples = []
     for it in val_items[:3]:

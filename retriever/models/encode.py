@@ -12,47 +12,48 @@ from retriever.models.load import LoadedModel
 
 
 @torch.no_grad()
-def encode_image_tensors(lm: LoadedModel, pixels: torch.Tensor) -> np.ndarray:
+def encode_image_tensors(encoder: LoadedModel, pixels: torch.Tensor) -> np.ndarray:
     """Encode a preprocessed batch (N, 3, H, W); returns (N, D) unit vectors."""
-    lm.model.eval()
-    pixels = pixels.to(lm.device, non_blocking=True)
-    if lm.device.type == "cpu":
+    encoder.model.eval()
+    pixels = pixels.to(encoder.device, non_blocking=True)
+    if encoder.device.type == "cpu":
         # channels_last is several times faster for conv trunks on CPU and harmless for ViTs.
         pixels = pixels.contiguous(memory_format=torch.channels_last)
-    with lm.autocast():
-        feats = lm.model.encode_image(pixels)
+    with encoder.autocast():
+        feats = encoder.model.encode_image(pixels)
     return _normalise(feats)
 
 
 @torch.no_grad()
-def encode_token_batch(lm: LoadedModel, tokens: torch.Tensor) -> np.ndarray:
-    lm.model.eval()
-    with lm.autocast():
-        feats = lm.model.encode_text(tokens.to(lm.device))
+def encode_token_batch(encoder: LoadedModel, tokens: torch.Tensor) -> np.ndarray:
+    encoder.model.eval()
+    with encoder.autocast():
+        feats = encoder.model.encode_text(tokens.to(encoder.device))
     return _normalise(feats)
 
 
-def encode_images(lm: LoadedModel, images: Iterable[ImageInput], batch_size: int = 32) -> np.ndarray:
+def encode_images(encoder: LoadedModel, images: Iterable[ImageInput], batch_size: int = 32) -> np.ndarray:
     """Encode paths, raw bytes or PIL images. Raises on an undecodable image (a caller's input)."""
     out, batch = [], []
     for img in images:
-        batch.append(lm.preprocess(load_image(img)))
+        batch.append(encoder.preprocess(load_image(img)))
         if len(batch) == batch_size:
-            out.append(encode_image_tensors(lm, torch.stack(batch)))
+            out.append(encode_image_tensors(encoder, torch.stack(batch)))
             batch = []
     if batch:
-        out.append(encode_image_tensors(lm, torch.stack(batch)))
-    return np.concatenate(out) if out else np.zeros((0, lm.embed_dim), np.float32)
+        out.append(encode_image_tensors(encoder, torch.stack(batch)))
+    return np.concatenate(out) if out else np.zeros((0, encoder.embed_dim), np.float32)
 
 
-def encode_texts(lm: LoadedModel, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+def encode_texts(encoder: LoadedModel, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
     """Encode strings; returns (N, D) unit vectors."""
     if isinstance(texts, str):
         texts = [texts]
     out = [
-        encode_token_batch(lm, lm.tokenizer(list(texts[i : i + batch_size]))) for i in range(0, len(texts), batch_size)
+        encode_token_batch(encoder, encoder.tokenizer(list(texts[i : i + batch_size])))
+        for i in range(0, len(texts), batch_size)
     ]
-    return np.concatenate(out) if out else np.zeros((0, lm.embed_dim), np.float32)
+    return np.concatenate(out) if out else np.zeros((0, encoder.embed_dim), np.float32)
 
 
 def _normalise(feats: torch.Tensor) -> np.ndarray:

@@ -85,11 +85,11 @@ class CachedSplit:
         return [i for i, it in enumerate(self.items) for _ in it.captions]
 
 
-def cache_key(lm: LoadedModel, split: TowerSplit, items: Sequence[SourceItem]) -> str:
+def cache_key(encoder: LoadedModel, split: TowerSplit, items: Sequence[SourceItem]) -> str:
     h = hashlib.sha256()
     for trunk in split.trunks:
         h.update(state_dict_sha256(trunk).encode())
-    h.update(repr(lm.config.get("preprocess_cfg")).encode())
+    h.update(repr(encoder.config.get("preprocess_cfg")).encode())
     for it in items:
         h.update(it.path.encode())
         h.update("\x1f".join(it.captions).encode())
@@ -99,7 +99,7 @@ def cache_key(lm: LoadedModel, split: TowerSplit, items: Sequence[SourceItem]) -
 
 @torch.no_grad()
 def compute_tower_features(
-    lm: LoadedModel,
+    encoder: LoadedModel,
     split: TowerSplit,
     items: Sequence[SourceItem],
     *,
@@ -115,7 +115,7 @@ def compute_tower_features(
 
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"{name}-{cache_key(lm, split, items)}.safetensors"
+        path = Path(cache_dir) / f"{name}-{cache_key(encoder, split, items)}.safetensors"
         if path.is_file():
             t = load_file(str(path))
             kept = [items[int(i)] for i in t["kept"]]
@@ -124,7 +124,7 @@ def compute_tower_features(
     for trunk in split.trunks:
         trunk.eval()
     loader = torch.utils.data.DataLoader(
-        ImageDataset([it.path for it in items], lm.preprocess),
+        ImageDataset([it.path for it in items], encoder.preprocess),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate_decoded,
@@ -134,10 +134,10 @@ def compute_tower_features(
     for batch in loader:
         done += len(batch.indices) + len(batch.errors)
         if batch.pixels is not None:
-            px = batch.pixels.to(lm.device)
-            if lm.device.type == "cpu":
+            px = batch.pixels.to(encoder.device)
+            if encoder.device.type == "cpu":
                 px = px.contiguous(memory_format=torch.channels_last)  # conv trunks run much faster so on CPU
-            with lm.autocast():
+            with encoder.autocast():
                 img_feats.append(split.image_trunk(px).float().cpu())
             kept += batch.indices
         if progress:
@@ -151,8 +151,8 @@ def compute_tower_features(
         n += len(items[i].captions)
     txt_feats = []
     for s in range(0, len(texts), text_batch_size):
-        ids = lm.tokenizer(texts[s : s + text_batch_size]).to(lm.device)
-        with lm.autocast():
+        ids = encoder.tokenizer(texts[s : s + text_batch_size]).to(encoder.device)
+        with encoder.autocast():
             txt_feats.append(split.text_trunk(ids).float().cpu())
         done += len(ids)
         if progress:

@@ -193,10 +193,10 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
     _status(cb, dist, f"{len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test images")
 
     state = load_train_state(run / "last") if cfg.resume else None
-    lm = build_start_model(cfg, run, device, precision, dist, resume=state is not None)
-    model = lm.model
+    encoder = build_start_model(cfg, run, device, precision, dist, resume=state is not None)
+    model = encoder.model
     if cfg.loss == "siglip":
-        ensure_logit_bias(model, lm.config)
+        ensure_logit_bias(model, encoder.config)
     configure_trainable(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -229,8 +229,8 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
     writer = _tensorboard(cfg, dist)
     cached = None
     if cfg.cache_features:
-        cached = _cache(lm, cfg, splits, run, cb, dist)
-    evaluator = _Evaluator(lm, splits.val, cfg, cached, dist)
+        cached = _cache(encoder, cfg, splits, run, cb, dist)
+    evaluator = _Evaluator(encoder, splits.val, cfg, cached, dist)
 
     def save_last(extra_json=None):
         rngs = _gather_rng(dist)
@@ -238,7 +238,7 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
             save_checkpoint(
                 run / "last",
                 model,
-                lm.config,
+                encoder.config,
                 state={
                     "step": step,
                     "epoch": epoch,
@@ -266,7 +266,10 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
             best_score, best_epoch = score, ep
             if dist.is_main:
                 save_checkpoint(
-                    run / "best", model, lm.config, extra_json={"metrics.json": {"epoch": ep, "step": step, "val": val}}
+                    run / "best",
+                    model,
+                    encoder.config,
+                    extra_json={"metrics.json": {"epoch": ep, "step": step, "val": val}},
                 )
             D.barrier()
         row = {
@@ -295,7 +298,7 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
         t_epoch = time.perf_counter()
         set_train_mode(model)
         t0 = time.perf_counter()  # pairs/s counts data loading too: it is the rate the run moves at
-        for images, texts, n_pairs in _epoch_batches(lm, cfg, splits.train, cached, epoch, step_in_epoch, dist):
+        for images, texts, n_pairs in _epoch_batches(encoder, cfg, splits.train, cached, epoch, step_in_epoch, dist):
             lr = lr_at(step, cfg.optim.lr, warmup, total_steps)
             set_lr(optimizer, lr)
             enc_img, enc_txt = _encoders(model, cached)
@@ -491,15 +494,15 @@ def _encoders(model, cached):
     return (lambda x: model.encode_image(x, normalize=True)), (lambda t: model.encode_text(t, normalize=True))
 
 
-def _epoch_batches(lm: LoadedModel, cfg: TrainConfig, items, cached, epoch, start_step, dist):
+def _epoch_batches(encoder: LoadedModel, cfg: TrainConfig, items, cached, epoch, start_step, dist):
     """(images, tokens, pairs) per step of this rank; cached tower outputs with --cache-features."""
     if cached is not None:
         train = cached["train"]
         samples = epoch_samples(train.items, epoch, cfg.seed)
         for positions in rank_batches(len(train.items), cfg.batch_size, dist.rank, dist.world_size, start_step):
             smp = [samples[p] for p in positions]
-            img = train.image[[s.item for s in smp]].to(lm.device)
-            txt = train.text[[train.text_row(s.item, s.caption) for s in smp]].to(lm.device)
+            img = train.image[[s.item for s in smp]].to(encoder.device)
+            txt = train.text[[train.text_row(s.item, s.caption) for s in smp]].to(encoder.device)
             yield img, txt, len(smp)
         return
     loader = epoch_loader(
@@ -510,9 +513,9 @@ def _epoch_batches(lm: LoadedModel, cfg: TrainConfig, items, cached, epoch, star
         rank=dist.rank,
         world=dist.world_size,
         start_step=start_step,
-        transform=lm.preprocess_train if cfg.augment else lm.preprocess,
+        transform=encoder.preprocess_train if cfg.augment else encoder.preprocess,
         augment=cfg.augment,
-        tokenizer=lm.tokenizer,
+        tokenizer=encoder.tokenizer,
         workers=cfg.workers,
     )
     for pixels, tokens, errors in loader:
@@ -522,17 +525,17 @@ def _epoch_batches(lm: LoadedModel, cfg: TrainConfig, items, cached, epoch, star
             logging.getLogger(__name__).warning("Skipped an unreadable training image: %s", e)
         if pixels is None:
             continue
-        pixels = pixels.to(lm.device, non_blocking=True)
-        if lm.device.type == "cpu":
+        pixels = pixels.to(encoder.device, non_blocking=True)
+        if encoder.device.type == "cpu":
             # Conv trunks (EfficientNet) run several times faster channels_last on CPU; ViTs don't mind.
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        yield pixels, tokens.to(lm.device, non_blocking=True), len(pixels)
+        yield pixels, tokens.to(encoder.device, non_blocking=True), len(pixels)
 
 
-def _cache(lm, cfg, splits, run, cb, dist):
+def _cache(encoder, cfg, splits, run, cb, dist):
     from retriever.training.cache import compute_tower_features, split_towers
 
-    split = split_towers(lm.model)
+    split = split_towers(encoder.model)
     out = {"split": split}
     if cfg.augment:
         _status(cb, dist, "Augmentation is off with --cache-features: each image's tower output is computed once.")
@@ -544,7 +547,7 @@ def _cache(lm, cfg, splits, run, cb, dist):
             (lambda d, t, n=name: cb.on_progress(f"features {n}", d, t)) if cb.on_progress and dist.is_main else None
         )
         out[name] = compute_tower_features(
-            lm,
+            encoder,
             split,
             items,
             cache_dir=run / "features",
@@ -563,15 +566,15 @@ def _cache(lm, cfg, splits, run, cb, dist):
 class _Evaluator:
     """Val metrics of the model in training (rank 0 computes, every rank gets the result)."""
 
-    def __init__(self, lm, items, cfg, cached, dist):
-        self.lm, self.items, self.cfg, self.cached, self.dist = lm, items, cfg, cached, dist
+    def __init__(self, encoder, items, cfg, cached, dist):
+        self.encoder, self.items, self.cfg, self.cached, self.dist = encoder, items, cfg, cached, dist
 
     def __call__(self) -> RetrievalMetrics | None:
         if not self.items:
             return None
         result = None
         if self.dist.is_main:
-            model = self.lm.model
+            model = self.encoder.model
             was_training = model.training
             model.eval()
             try:
@@ -580,13 +583,13 @@ class _Evaluator:
                     from retriever.training.cache import cached_eval_embeddings
 
                     val = self.cached["val"]
-                    img, txt = cached_eval_embeddings(self.cached["split"], val, self.lm.device)
+                    img, txt = cached_eval_embeddings(self.cached["split"], val, self.encoder.device)
                     result = retrieval_metrics(img, txt, val.text_image())
                 else:
                     from retriever.evaluation import evaluate
 
                     result = evaluate(
-                        self.lm, self.items, batch_size=self.cfg.eval_batch_size, workers=self.cfg.workers
+                        self.encoder, self.items, batch_size=self.cfg.eval_batch_size, workers=self.cfg.workers
                     ).metrics
             finally:
                 if was_training:
@@ -600,6 +603,6 @@ def _evaluate_folder(folder: Path, items, cfg, device, precision, dist, cb) -> d
         from retriever.evaluation import evaluate
 
         _status(cb, dist, f"Evaluating {folder} on {len(items)} test images")
-        lm = load_model(f"local-dir:{folder}", device=device, precision=precision)
-        result = evaluate(lm, items, batch_size=cfg.eval_batch_size, workers=cfg.workers).metrics.to_dict()
+        encoder = load_model(f"local-dir:{folder}", device=device, precision=precision)
+        result = evaluate(encoder, items, batch_size=cfg.eval_batch_size, workers=cfg.workers).metrics.to_dict()
     return D.broadcast_object(result)

@@ -1,0 +1,57 @@
+"""`retriever demo`: the offline end-to-end run on Twemoji."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+from retriever.cli.common import JsonOpt, WorkersOpt, err, out, progress_bar, user_errors, workers_or_default
+
+
+@user_errors
+def demo(
+    workspace: Path = typer.Option(
+        Path("retriever-demo"), help="Folder for data, model, shards, index and report (a rerun reuses them)."
+    ),
+    limit: int | None = typer.Option(None, help="Use only N emoji (a quick, reduced demo)."),
+    epochs: int = typer.Option(30, help="Fine-tuning epochs (heads and temperature on cached tower outputs)."),
+    unlock_text_last: int = typer.Option(
+        0, help="Also tune the last N MiniLM layers (end to end; much slower on CPU)."
+    ),
+    unlock_image_last: int = typer.Option(
+        0, help="Also tune the last N EfficientNet blocks (end to end; much slower on CPU)."
+    ),
+    seed: int = typer.Option(0, help="Seed of the concept split and the training."),
+    workers: int | None = WorkersOpt,
+    as_json: bool = JsonOpt,
+):
+    """Offline end to end on Twemoji: compose the default model, fine-tune, report held-out recall, index, query."""
+    from retriever.cli.render import TrainDisplay
+    from retriever.demo.report import print_report
+    from retriever.demo.run import DemoConfig, run_demo
+
+    cfg = DemoConfig(
+        workspace=str(workspace),
+        limit=limit,
+        epochs=epochs,
+        seed=seed,
+        workers=workers_or_default(workers),
+        unlock_text_last=unlock_text_last,
+        unlock_image_last=unlock_image_last,
+    )
+    show = err.is_terminal or os.environ.get("RETRIEVER_PROGRESS") == "1"
+    with TrainDisplay(err, enabled=show) as display, progress_bar() as bar:
+        task = bar.add_task("Embedding", total=None, visible=False)
+        result = run_demo(
+            cfg,
+            display.callbacks(),
+            status=display.on_status,
+            embed_progress=lambda n, t: bar.update(task, completed=n, total=t, visible=True),
+        )
+    if as_json:
+        out.print_json(json.dumps(result.__dict__))
+        return
+    print_report(out, result)

@@ -1,0 +1,76 @@
+"""`retriever embed`: a collection into Parquet shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from retriever.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    PrecisionOpt,
+    PretrainedOpt,
+    WorkersOpt,
+    err,
+    load_encoder,
+    out,
+    progress_bar,
+    user_errors,
+    workers_or_default,
+)
+
+
+@user_errors
+def embed(
+    source: Path = typer.Argument(
+        ..., help="Folder of images (captions from same-name .txt) or a CSV/TSV/JSONL/Parquet manifest."
+    ),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the Parquet shards."),
+    model: str | None = ModelOpt,
+    pretrained: str | None = PretrainedOpt,
+    image_column: str | None = typer.Option(None, help="Manifest column with image paths (default: image, path, ...)."),
+    caption_column: str | None = typer.Option(
+        None, help="Manifest column with captions (default: caption, text, ...)."
+    ),
+    batch_size: int = typer.Option(32, help="Images per model forward."),
+    shard_size: int = typer.Option(10_000, help="Rows per Parquet shard (the unit of resumption)."),
+    workers: int | None = WorkersOpt,
+    dtype: str = typer.Option("float32", help="Embedding storage type: float32 or float16."),
+    device: str | None = DeviceOpt,
+    precision: str | None = PrecisionOpt,
+    overwrite: bool = typer.Option(False, help="Replace shards in --out made with other arguments."),
+    as_json: bool = JsonOpt,
+):
+    """Embed a collection into Parquet shards (resumes an interrupted run)."""
+    from retriever.data.sources import read_source
+    from retriever.embed import EmbedConfig, embed_items
+
+    items = read_source(source, image_column=image_column, caption_column=caption_column)
+    encoder = load_encoder(model, pretrained, device, precision)
+    cfg = EmbedConfig(
+        shard_size=shard_size,
+        batch_size=batch_size,
+        num_workers=workers_or_default(workers),
+        dtype=dtype,
+        overwrite=overwrite,
+    )
+    with progress_bar() as bar:
+        task = bar.add_task("Embedding", total=None)
+        result = embed_items(
+            items, encoder, out_dir, cfg, progress=lambda n, total: bar.update(task, completed=n, total=total)
+        )
+    if as_json:
+        out.print_json(json.dumps(result.__dict__))
+        return
+    out.print(
+        f"{result.rows} rows in {result.shards} shards at {result.out_dir} "
+        f"({result.shards_written} written, {result.shards_resumed} kept from an earlier run; "
+        f"{result.images_per_second:.1f} images/s)."
+    )
+    if result.errors:
+        err.print(f"[yellow]Skipped {result.errors} unreadable image(s)[/yellow]; details in {result.errors_file}:")
+        for e in result.error_samples:
+            err.print(f"  {e['path']}: {e['reason']}", highlight=False)

@@ -1,0 +1,62 @@
+"""`retriever eval`: recall of a model on image–caption pairs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from retriever.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    PrecisionOpt,
+    PretrainedOpt,
+    WorkersOpt,
+    err,
+    load_encoder,
+    out,
+    progress_bar,
+    user_errors,
+    workers_or_default,
+)
+
+
+@user_errors
+def eval_cmd(
+    model: str = typer.Argument(..., help="Model: local-dir:FOLDER (e.g. RUN_DIR/best), a hub name, or a config JSON."),
+    source: Path = typer.Argument(..., help="Image–caption pairs: a folder with .txt captions or a manifest."),
+    pretrained: str | None = PretrainedOpt,
+    image_column: str | None = typer.Option(None, help="Manifest column with image paths."),
+    caption_column: str | None = typer.Option(None, help="Manifest column with captions."),
+    batch_size: int = typer.Option(64, help="Images per model forward."),
+    workers: int | None = WorkersOpt,
+    device: str | None = DeviceOpt,
+    precision: str | None = PrecisionOpt,
+    as_json: bool = JsonOpt,
+):
+    """Recall@1/5/10 and mean/median rank, text→image and image→text, of MODEL on SOURCE."""
+    from retriever.cli.render import recall_table
+    from retriever.data.sources import read_source
+    from retriever.evaluation import evaluate
+
+    items = read_source(source, image_column=image_column, caption_column=caption_column)
+    encoder = load_encoder(model, pretrained, device, precision)
+    with progress_bar() as bar:
+        task = bar.add_task("Encoding", total=len(items))
+        result = evaluate(
+            encoder,
+            items,
+            batch_size=batch_size,
+            workers=workers_or_default(workers),
+            progress=lambda n, t: bar.update(task, completed=n, total=t),
+        )
+    if as_json:
+        out.print_json(json.dumps({"model": encoder.identity.to_dict(), **result.to_dict()}))
+        return
+    out.print(recall_table(result.metrics, f"{encoder.identity.describe()} on {source}"))
+    if result.skipped:
+        err.print(
+            f"[yellow]Skipped {len(result.skipped)} unreadable image(s)[/yellow], e.g. {result.skipped[0]}",
+            highlight=False,
+        )

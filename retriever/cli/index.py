@@ -1,0 +1,99 @@
+"""`retriever index`: build FAISS indexes from shards, or add shards to one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from retriever.cli.common import IndexType, JsonOpt, err, out, progress_bar, user_errors
+from retriever.errors import UserError
+
+
+@user_errors
+def index(
+    shards: Path = typer.Argument(..., help="Shard folder written by `retriever embed` (with --add: the new shards)."),
+    target: Path | None = typer.Argument(None, help="With --add: the existing index folder to extend."),
+    out_dir: Path | None = typer.Option(None, "--out", "-o", help="Index folder to write (replaced atomically)."),
+    index_type: IndexType = typer.Option(
+        IndexType.auto,
+        help="auto: chosen from N, d and --max-memory; flat, hnsw, ivf (IVF-Flat), ivfpq (IVF-PQ + exact re-rank), opq (OPQ + IVF-HNSW + PQ + re-rank).",
+    ),
+    max_memory: str | None = typer.Option(
+        None, "--max-memory", help="RAM budget for the index, e.g. 4G or 512M (default: no limit)."
+    ),
+    target_recall: float | None = typer.Option(
+        None, "--target-recall", help="Tune search parameters to reach this recall@k against exact search, e.g. 0.95."
+    ),
+    k: int = typer.Option(10, "--k", help="The k of recall@k for --target-recall."),
+    on_disk: bool = typer.Option(
+        False, "--on-disk", help="Keep IVF inverted lists on disk (memory-mapped) even when RAM would hold them."
+    ),
+    add: bool = typer.Option(False, "--add", help="Append SHARDS to the index TARGET without retraining."),
+    renumber: bool = typer.Option(
+        False,
+        "--renumber",
+        help="With --add: shift new ids past the index's largest id instead of refusing clashing ids.",
+    ),
+    gpu: bool | None = typer.Option(None, "--gpu/--no-gpu", help="Build on the GPU (default: when faiss sees one)."),
+    as_json: bool = JsonOpt,
+):
+    """Build FAISS indexes (image, and text where captions exist) from shards, or --add shards to one."""
+    from retriever.indexes import BuildConfig, build_index
+    from retriever.indexes.add import add_to_index
+    from retriever.indexes.memory import parse_memory
+    from retriever.shards import ShardSet
+
+    if add:
+        if target is None or out_dir is not None:
+            raise UserError(
+                "--add takes the new shard folder and the index folder: retriever index --add NEW_SHARDS INDEX."
+            )
+        if target_recall is not None or max_memory is not None or index_type != IndexType.auto:
+            raise UserError("--add keeps the index's type and tuned parameters; rebuild to change them.")
+    elif out_dir is None:
+        raise UserError("Give the index folder to write with --out (or use --add NEW_SHARDS INDEX).")
+    elif target is not None:
+        raise UserError(f"Unexpected second folder {target}; did you mean --add?")
+    ss = ShardSet(shards)
+    with progress_bar() as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(modality, n, total):
+            if modality not in tasks:
+                tasks[modality] = bar.add_task(f"Indexing {modality}", total=total)
+            bar.update(tasks[modality], completed=n)
+
+        if add:
+            manifest = add_to_index(target, ss, renumber=renumber, progress=progress)
+            out_dir = target
+        else:
+            cfg = BuildConfig(
+                index_type=index_type.value,
+                use_gpu=gpu,
+                max_memory=parse_memory(max_memory) if max_memory else None,
+                on_disk=on_disk,
+                target_recall=target_recall,
+                k=k,
+            )
+            manifest = build_index(ss, out_dir, cfg, progress=progress)
+    if as_json:
+        out.print_json(json.dumps(manifest.to_dict()))
+        return
+    for m in manifest.indexes.values():
+        where = " (lists on disk)" if m.ivfdata_file else ""
+        out.print(
+            f"{m.modality} index: {m.count} vectors, {m.factory}{where} {m.search_params or ''} on {m.built_on} in {m.build_seconds:.1f}s"
+        )
+        t = m.extra.get("tuning")
+        if t and not add:
+            line = f"  tuned: recall@{t['k']} {t['recall']:.3f} at {t['qps']:.0f} queries/s ({t['queries']} sample queries)"
+            if t["reached"]:
+                out.print(line)
+            else:
+                err.print(
+                    f"[yellow]{line}: target {t['target']} not reached; kept the best setting found.[/yellow]",
+                    highlight=False,
+                )
+    out.print(f"{'Updated' if add else 'Wrote'} {out_dir}")

@@ -1,0 +1,154 @@
+"""`retriever train`: fine-tune a dual encoder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+from retriever.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    Loss,
+    ModelOpt,
+    PrecisionOpt,
+    PretrainedOpt,
+    WorkersOpt,
+    err,
+    out,
+    path_str,
+    user_errors,
+    workers_or_default,
+)
+
+
+@user_errors
+def train(
+    source: Path = typer.Argument(
+        ..., help="Training pairs: a folder (captions in same-name .txt) or a CSV/TSV/JSONL/Parquet manifest."
+    ),
+    out_dir: Path = typer.Option(
+        ..., "--out", "-o", help="Run folder: best/ (the model to use), last/ (for --resume), metrics.json."
+    ),
+    val: Path | None = typer.Option(None, help="Validation source (default: a seeded --val-fraction of SOURCE)."),
+    test: Path | None = typer.Option(None, help="Test source, evaluated once with the best model at the end."),
+    val_fraction: float = typer.Option(
+        0.1, help="Share of SOURCE's images held out for validation when --val is not given."
+    ),
+    test_fraction: float = typer.Option(
+        0.0, help="Share of SOURCE's images held out for the final test when --test is not given."
+    ),
+    split_seed: int = typer.Option(0, help="Seed of the train/val/test split."),
+    model: str | None = ModelOpt,
+    pretrained: str | None = PretrainedOpt,
+    image_tower: str | None = typer.Option(
+        None,
+        help="Compose a model: timm:NAME image tower (with --image-weights, or the packaged EfficientNet-Lite0 for timm:tf_efficientnet_lite0).",
+    ),
+    text_tower: str | None = typer.Option(None, help="Compose a model: hf:FOLDER, a local transformers text model."),
+    image_weights: Path | None = typer.Option(None, help="Local weights file for the timm image tower."),
+    embed_dim: int = typer.Option(512, help="Shared embedding size of a composed model's projection heads."),
+    image_column: str | None = typer.Option(None, help="Manifest column with image paths."),
+    caption_column: str | None = typer.Option(
+        None, help="Manifest column with captions (a list column gives several)."
+    ),
+    epochs: int = typer.Option(10, help="Passes over the training images (one caption drawn per image each time)."),
+    batch_size: int = typer.Option(64, help="Pairs per contrastive batch (over all processes): each pair's negatives."),
+    micro_batch: int | None = typer.Option(
+        None, help="GradCache chunk (per process): the exact --batch-size loss with one chunk's activations in memory."
+    ),
+    lr: float = typer.Option(5e-5, help="Peak learning rate (AdamW)."),
+    weight_decay: float = typer.Option(0.1, help="AdamW weight decay (not applied to gains, biases, temperature)."),
+    warmup: float = typer.Option(
+        0.05, help="Linear warm-up: a fraction of all steps (< 1) or a number of steps; then cosine."
+    ),
+    grad_clip: float = typer.Option(1.0, help="Clip the global gradient norm (0: off)."),
+    loss: Loss = typer.Option(
+        Loss.infonce, help="infonce (CLIP's symmetric softmax) or siglip (sigmoid, learnable bias)."
+    ),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="open_clip's random-crop train transform."),
+    lock_image: bool = typer.Option(False, help="Freeze the image tower."),
+    unlock_image_last: int = typer.Option(
+        0,
+        help="With --lock-image: keep the last N layer groups trainable (open_clip groups; in a native ViT the projection is the last group).",
+    ),
+    lock_text: bool = typer.Option(False, help="Freeze the text tower."),
+    unlock_text_last: int = typer.Option(
+        0,
+        help="With --lock-text: keep the last N layers trainable (in a native text tower the projection counts as one).",
+    ),
+    cache_features: bool = typer.Option(
+        False, help="Both towers locked: compute tower outputs once, train heads + temperature on the cache."
+    ),
+    grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward: less memory, ~30% slower."),
+    device: str | None = DeviceOpt,
+    precision: str | None = PrecisionOpt,
+    seed: int = typer.Option(0, help="Seed of shuffling, caption choice, augmentation and dropout."),
+    workers: int | None = WorkersOpt,
+    logdir: Path | None = typer.Option(None, help="Write TensorBoard logs here."),
+    resume: bool = typer.Option(False, help="Continue the run in --out exactly where it stopped."),
+    save_every: int = typer.Option(0, help="Also checkpoint last/ every N steps (0: at epoch ends)."),
+    max_steps: int | None = typer.Option(None, help="Stop after N steps in total (resumable)."),
+    as_json: bool = JsonOpt,
+):
+    """Fine-tune a dual encoder with InfoNCE; the best model by val recall lands in RUN_DIR/best/."""
+    from retriever.training.loop import TrainConfig
+    from retriever.training.loop import train as run_training
+    from retriever.training.optim import OptimConfig
+
+    cfg = TrainConfig(
+        source=str(source),
+        out=str(out_dir),
+        val=path_str(val),
+        test=path_str(test),
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        split_seed=split_seed,
+        image_column=image_column,
+        caption_column=caption_column,
+        model=model,
+        pretrained=pretrained,
+        image_tower=image_tower,
+        text_tower=text_tower,
+        image_weights=path_str(image_weights),
+        embed_dim=embed_dim,
+        epochs=epochs,
+        batch_size=batch_size,
+        micro_batch=micro_batch,
+        loss=loss.value,
+        augment=augment,
+        lock_image=lock_image,
+        unlock_image_last=unlock_image_last,
+        lock_text=lock_text,
+        unlock_text_last=unlock_text_last,
+        cache_features=cache_features,
+        grad_checkpointing=grad_checkpointing,
+        precision=precision,
+        device=device,
+        seed=seed,
+        workers=workers_or_default(workers),
+        logdir=path_str(logdir),
+        resume=resume,
+        save_every=save_every,
+        max_steps=max_steps,
+        optim=OptimConfig(lr=lr, weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip or None),
+    )
+    from retriever.cli.render import TrainDisplay
+
+    try:
+        with TrainDisplay(err, enabled=err.is_terminal or os.environ.get("RETRIEVER_PROGRESS") == "1") as display:
+            result = run_training(cfg, display.callbacks())
+    except KeyboardInterrupt:
+        err.print(
+            f"Interrupted; add --resume to the same command to continue from the last save in {out_dir / 'last'}."
+        )
+        raise typer.Exit(130) from None
+    if as_json:
+        out.print_json(json.dumps(result.__dict__))
+        return
+    out.print(TrainDisplay.history_table(result))
+    out.print(
+        f"Best model (epoch {result.best_epoch}): {result.best_dir}  — use it as --model local-dir:{result.best_dir}"
+    )

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ class SourceItem:
     index: int  # position in the source: the row id in shards
     path: str  # absolute path of the image file
     captions: tuple[str, ...] = ()  # every caption known for the image (training samples one)
+    # Extra per-item columns (manifest columns, sidecar JSON, file facts) that shards keep beside the vectors.
+    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def caption(self) -> str | None:

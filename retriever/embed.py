@@ -24,6 +24,7 @@ from retriever.atomic import write_bytes_atomic, write_json_atomic
 from retriever.data.loading import DecodedBatch, ImageDataset, collate_decoded, default_workers
 from retriever.data.sources import SourceItem
 from retriever.errors import UserError
+from retriever.locks import folder_lock
 from retriever.models.encode import encode_image_tensors, encode_texts
 from retriever.models.load import LoadedModel
 from retriever.shards import ERRORS_FILE, SHARD_GLOB, shard_name, shard_number, shard_schema, write_shard
@@ -53,6 +54,7 @@ class EmbedResult:
     images_per_second: float
     errors_file: str | None
     error_samples: list[dict] = field(default_factory=list)  # the first few, for display
+    repairs: list[str] = field(default_factory=list)  # what this run cleaned up after a killed one
 
 
 # Called after each batch with (images_done_in_this_run, total_to_do_in_this_run).
@@ -65,8 +67,16 @@ def embed_items(
     out_dir: str | Path,
     config: EmbedConfig | None = None,
     progress: ProgressFn | None = None,
+    *,
+    wait: bool = False,
+    on_message: Callable[[str], None] | None = None,
 ) -> EmbedResult:
-    """Embed every item into shards under `out_dir`, resuming whatever a previous run finished."""
+    """Embed every item into shards under `out_dir`, resuming whatever a previous run finished.
+
+    `out_dir` must be new, empty or a shard folder; it is locked while this runs (`wait`: queue
+    behind another writer instead of refusing). Temp files of killed runs and unreadable shards are
+    removed under the lock (the shards are redone) and each removal is reported to `on_message`.
+    """
     cfg = config or EmbedConfig()
     if cfg.shard_size < 1 or cfg.batch_size < 1:
         raise UserError("--shard-size and --batch-size must be at least 1.")
@@ -82,7 +92,18 @@ def embed_items(
         "dtype": cfg.dtype,
         "model": encoder.identity.to_dict(),
     }
+    _check_out_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, inside=True, wait=wait, on_wait=on_message, what="embedding into"):
+        return _embed_locked(items, encoder, out, cfg, schema, job, progress, on_message)
+
+
+def _embed_locked(items, encoder, out: Path, cfg: EmbedConfig, schema, job, progress, on_message) -> EmbedResult:
     _prepare_out_dir(out, job, cfg.overwrite)
+    repairs = _remove_leftovers(out)
+    for line in repairs:
+        if on_message:
+            on_message(line)
 
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
     done = {shard_number(p.name) for p in out.glob(SHARD_GLOB)}
@@ -131,6 +152,7 @@ def embed_items(
         images_per_second=n_seen / seconds if seconds > 0 and n_seen else 0.0,
         errors_file=str(out / ERRORS_FILE) if errors else None,
         error_samples=errors[:5],
+        repairs=repairs,
     )
 
 
@@ -196,7 +218,10 @@ def _prepare_out_dir(out: Path, job: dict, overwrite: bool) -> None:
         raise UserError(f"--out {out} exists and is not a folder.")
     existing = list(out.glob(SHARD_GLOB)) if out.is_dir() else []
     if job_path.is_file():
-        old = json.loads(job_path.read_text())
+        try:
+            old = json.loads(job_path.read_bytes())
+        except ValueError:
+            old = None  # damaged: cannot show the shards match this job, so treat them as another job's
         if old != job:
             if not overwrite:
                 raise UserError(
@@ -210,10 +235,50 @@ def _prepare_out_dir(out: Path, job: dict, overwrite: bool) -> None:
             raise UserError(f"{out} already holds shards not made by this job; use a new --out or --overwrite.")
         for p in existing:
             p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # left by a run killed mid-write (no `finally` survives kill -9)
-        stale.unlink(missing_ok=True)
     write_json_atomic(job_path, job)
+
+
+# What a shard folder may hold besides its shards: ours, or hidden (temp files, the lock, .DS_Store).
+_SHARD_FOLDER_FILES = {JOB_FILE, ERRORS_FILE}
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse an --out that is a file or a folder of something else (issue 10: never mix into user data)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder.")
+    if not out.is_dir():
+        return
+    strangers = sorted(
+        p.name
+        for p in out.iterdir()
+        if p.name not in _SHARD_FOLDER_FILES and not p.name.startswith(".") and shard_number(p.name) is None
+    )
+    if strangers:
+        raise UserError(
+            f"--out {out} is not a shard folder (it holds {', '.join(strangers[:3])}); choose a new or empty folder."
+        )
+
+
+def _remove_leftovers(out: Path) -> list[str]:
+    """Under the folder's lock: delete temp files of killed runs and shards that cannot be read.
+
+    Only a dead process can have left a `.*.tmp` here, because a live one would hold the lock. A
+    shard that Parquet cannot open (a disk filled up, a copy cut short) is deleted so that this
+    run redoes it instead of counting it as done.
+    """
+    import pyarrow.parquet as pq
+
+    done = []
+    for stale in sorted(out.glob(".*.tmp")):  # no `finally` survives kill -9
+        stale.unlink(missing_ok=True)
+        done.append(f"Removed {stale.name}, left in {out} by a killed run.")
+    for shard in sorted(out.glob(SHARD_GLOB)):
+        try:
+            pq.ParquetFile(shard).metadata  # noqa: B018 (reading the footer is the check)
+        except Exception as e:  # noqa: BLE001 (any failure to read the footer means the file is damaged)
+            shard.unlink()
+            done.append(f"Removed unreadable shard {shard.name} ({type(e).__name__}); it is embedded again.")
+    return done
 
 
 def _read_errors(out: Path) -> list[dict]:

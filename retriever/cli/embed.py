@@ -13,9 +13,11 @@ from retriever.cli.common import (
     ModelOpt,
     PrecisionOpt,
     PretrainedOpt,
+    WaitOpt,
     WorkersOpt,
     err,
     load_encoder,
+    note,
     out,
     progress_bar,
     user_errors,
@@ -42,6 +44,7 @@ def embed(
     device: str | None = DeviceOpt,
     precision: str | None = PrecisionOpt,
     overwrite: bool = typer.Option(False, help="Replace shards in --out made with other arguments."),
+    wait: bool = WaitOpt,
     as_json: bool = JsonOpt,
 ):
     """Embed a collection into Parquet shards (resumes an interrupted run)."""
@@ -60,7 +63,13 @@ def embed(
     with progress_bar() as bar:
         task = bar.add_task("Embedding", total=None)
         result = embed_items(
-            items, encoder, out_dir, cfg, progress=lambda n, total: bar.update(task, completed=n, total=total)
+            items,
+            encoder,
+            out_dir,
+            cfg,
+            progress=lambda n, total: bar.update(task, completed=n, total=total),
+            wait=wait,
+            on_message=note,
         )
     if as_json:
         out.print_json(json.dumps(result.__dict__))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from retriever.cli.common import IndexType, JsonOpt, err, out, progress_bar, user_errors
+from retriever.cli.common import IndexType, JsonOpt, WaitOpt, err, note, out, progress_bar, user_errors
 from retriever.errors import UserError
 
 
@@ -37,6 +37,7 @@ def index(
         help="With --add: shift new ids past the index's largest id instead of refusing clashing ids.",
     ),
     gpu: bool | None = typer.Option(None, "--gpu/--no-gpu", help="Build on the GPU (default: when faiss sees one)."),
+    wait: bool = WaitOpt,
     as_json: bool = JsonOpt,
 ):
     """Build FAISS indexes (image, and text where captions exist) from shards, or --add shards to one."""
@@ -66,7 +67,7 @@ def index(
             bar.update(tasks[modality], completed=n)
 
         if add:
-            manifest = add_to_index(target, ss, renumber=renumber, progress=progress)
+            manifest = add_to_index(target, ss, renumber=renumber, progress=progress, wait=wait, on_message=note)
             out_dir = target
         else:
             cfg = BuildConfig(
@@ -77,7 +78,7 @@ def index(
                 target_recall=target_recall,
                 k=k,
             )
-            manifest = build_index(ss, out_dir, cfg, progress=progress)
+            manifest = build_index(ss, out_dir, cfg, progress=progress, wait=wait, on_message=note)
     if as_json:
         out.print_json(json.dumps(manifest.to_dict()))
         return

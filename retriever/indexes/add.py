@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import faiss
@@ -24,12 +24,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from retriever.atomic import atomic_dir, write_json_atomic
+from retriever.atomic import atomic_dir, clean_stale_siblings, write_json_atomic
 from retriever.errors import UserError
 from retriever.identity import ModelIdentity
 from retriever.indexes import ondisk
 from retriever.indexes.build import BuildProgress, add_batches
 from retriever.indexes.manifest import MANIFEST, IndexManifest, read_manifest
+from retriever.locks import folder_lock
 from retriever.shards import ShardSet
 
 
@@ -40,8 +41,21 @@ def add_to_index(
     renumber: bool = False,
     batch_size: int = 16_384,
     progress: BuildProgress | None = None,
+    wait: bool = False,
+    on_message: Callable[[str], None] | None = None,
 ) -> IndexManifest:
+    """Append `new_shards` to the index at `index_dir` under its writer lock (see build_index)."""
     index_dir = Path(index_dir).expanduser()
+    read_manifest(index_dir)  # refuse a non-index before creating a lock file beside it
+    with folder_lock(index_dir, inside=False, wait=wait, on_wait=on_message):
+        for line in clean_stale_siblings(index_dir):
+            if on_message:
+                on_message(line)
+        # Read under the lock: a writer we waited for may have just replaced the index.
+        return _add_locked(index_dir, new_shards, renumber, batch_size, progress)
+
+
+def _add_locked(index_dir: Path, new_shards, renumber: bool, batch_size: int, progress) -> IndexManifest:
     manifest = read_manifest(index_dir)
     ss = new_shards if isinstance(new_shards, ShardSet) else ShardSet(new_shards)
     ModelIdentity.from_dict(manifest.model).check_same(ss.identity, f"Shard folder {ss.folder}")

@@ -19,13 +19,14 @@ import numpy as np
 import pyarrow as pa
 
 from retriever import __version__
-from retriever.atomic import atomic_dir, write_json_atomic
+from retriever.atomic import atomic_dir, clean_stale_siblings, write_json_atomic
 from retriever.errors import UserError
 from retriever.indexes import gpu, ondisk, tune
 from retriever.indexes import memory as select
 from retriever.indexes.choose import FLAT_MAX, IndexSpec, choose_index
-from retriever.indexes.manifest import MANIFEST, MODALITIES, IndexManifest, ModalityIndex
+from retriever.indexes.manifest import MANIFEST, MODALITIES, IndexManifest, ModalityIndex, check_replaceable
 from retriever.indexes.rerank import OWN_PARAMS, VectorStore, VectorWriter, search_index
+from retriever.locks import folder_lock
 from retriever.shards import ShardSet
 
 ROWS_SCHEMA = pa.schema([("id", pa.int64()), ("path", pa.string()), ("caption", pa.string())])
@@ -54,8 +55,17 @@ def build_index(
     config: BuildConfig | None = None,
     modalities: Sequence[str] = MODALITIES,
     progress: BuildProgress | None = None,
+    *,
+    wait: bool = False,
+    on_message: Callable[[str], None] | None = None,
 ) -> IndexManifest:
-    """Build an image index, and a text index where captions exist; write the folder atomically."""
+    """Build an image index, and a text index where captions exist; write the folder atomically.
+
+    `out_dir` may be new, empty or an existing retriever index (replaced); anything else is refused.
+    The folder is locked while it is written (`wait`: queue behind another writer instead of
+    refusing); what killed writers left beside it is cleaned under the lock and reported to
+    `on_message`.
+    """
     cfg = config or BuildConfig()
     if cfg.target_recall is not None and not 0 < cfg.target_recall <= 1:
         raise UserError("--target-recall must be between 0 and 1, e.g. 0.95.")
@@ -66,6 +76,16 @@ def build_index(
     specs = {m: plan_index(ss.count(m), ss.dim, cfg) for m in modalities if ss.count(m)}
     if not specs:
         raise UserError(f"{ss.folder} has no rows to index.")
+    check_replaceable(out, ss.folder)
+    with folder_lock(out, inside=False, wait=wait, on_wait=on_message):
+        for line in clean_stale_siblings(out):
+            if on_message:
+                on_message(line)
+        check_replaceable(out, ss.folder)  # again: the folder may have changed while we waited
+        return _build_into(ss, out, specs, cfg, progress)
+
+
+def _build_into(ss: ShardSet, out: Path, specs: dict[str, IndexSpec], cfg: BuildConfig, progress) -> IndexManifest:
     built: dict[str, ModalityIndex] = {}
     with atomic_dir(out) as tmp:
         for modality, spec in specs.items():

@@ -192,7 +192,8 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
         )
     _status(cb, dist, f"{len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test images")
 
-    state = load_train_state(run / "last") if cfg.resume else None
+    # A run killed before its first checkpoint has nothing to resume: it starts over (issue 10).
+    state = load_train_state(run / "last") if cfg.resume and has_checkpoint(run) else None
     encoder = build_start_model(cfg, run, device, precision, dist, resume=state is not None)
     model = encoder.model
     if cfg.loss == "siglip":
@@ -444,7 +445,11 @@ def _check_run_dir(run: Path, cfg: TrainConfig, dist: D.DistInfo) -> None:
     """A new run needs an empty RUN_DIR; a resume needs the same configuration."""
     saved = run / "run.json"
     mine = cfg.to_dict()
-    if cfg.resume:
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--out {run} is a file, not a run folder; choose a new folder.")
+    if cfg.resume and saved.is_file() and not has_checkpoint(run):
+        pass  # killed before its first checkpoint: checked below as a new run over a restartable folder
+    elif cfg.resume:
         if not saved.is_file():
             raise UserError(f"Cannot resume: {run} has no run.json (was it written by `retriever train`?).")
         theirs = json.loads(saved.read_text())
@@ -457,10 +462,27 @@ def _check_run_dir(run: Path, cfg: TrainConfig, dist: D.DistInfo) -> None:
             )
         return
     if run.exists() and any(run.iterdir()):
-        raise UserError(f"{run} already holds a run; pass --resume to continue it, or choose another --out.")
+        if not _restartable(run):
+            if saved.is_file():
+                raise UserError(f"{run} already holds a run; pass --resume to continue it, or choose another --out.")
+            raise UserError(f"--out {run} is not a training run folder (no run.json); choose a new or empty folder.")
     D.barrier()  # every rank checks before rank 0 writes run.json
     if dist.is_main:
         write_json_atomic(saved, mine)
+
+
+def has_checkpoint(run: Path) -> bool:
+    return (run / "last" / "train_state.pt").is_file()
+
+
+# What a run killed before its first checkpoint can hold; everything in it is rebuilt by a new start.
+_BEFORE_FIRST_CHECKPOINT = {"run.json", "init", "features", "metrics.json"}
+
+
+def _restartable(run: Path) -> bool:
+    """A run folder with a run.json but no checkpoint yet: nothing in it is worth keeping."""
+    names = {p.name for p in run.iterdir() if not p.name.startswith(".")}
+    return (run / "run.json").is_file() and not has_checkpoint(run) and names <= _BEFORE_FIRST_CHECKPOINT
 
 
 def _status(cb: Callbacks, dist: D.DistInfo, text: str) -> None:

@@ -21,11 +21,12 @@ import torch
 
 from retriever import __version__
 from retriever.atomic import write_bytes_atomic, write_json_atomic
+from retriever.data.images import DEFAULT_MAX_PIXELS
 from retriever.data.loading import DecodedBatch, ImageDataset, collate_decoded, default_workers
 from retriever.data.sources import SourceItem
 from retriever.errors import UserError
 from retriever.locks import folder_lock
-from retriever.models.encode import encode_image_tensors, encode_texts
+from retriever.models.encode import count_truncated, encode_image_tensors, encode_texts
 from retriever.models.load import LoadedModel
 from retriever.shards import ERRORS_FILE, SHARD_GLOB, shard_name, shard_number, shard_schema, write_shard
 
@@ -40,6 +41,7 @@ class EmbedConfig:
     num_workers: int = field(default_factory=default_workers)  # decode processes; 0: in the main process
     dtype: str = "float32"  # embedding storage: float32 or float16
     overwrite: bool = False  # discard shards made with other arguments instead of refusing
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # images decoding to more pixels are skipped and reported
 
 
 @dataclass
@@ -55,6 +57,8 @@ class EmbedResult:
     errors_file: str | None
     error_samples: list[dict] = field(default_factory=list)  # the first few, for display
     repairs: list[str] = field(default_factory=list)  # what this run cleaned up after a killed one
+    truncated_captions: int = 0  # captions (in shards written by this run) longer than the text context
+    text_context: int | None = None  # the tokenizer's context length, in tokens
 
 
 # Called after each batch with (images_done_in_this_run, total_to_do_in_this_run).
@@ -70,12 +74,15 @@ def embed_items(
     *,
     wait: bool = False,
     on_message: Callable[[str], None] | None = None,
+    skipped: Sequence[dict] = (),
 ) -> EmbedResult:
     """Embed every item into shards under `out_dir`, resuming whatever a previous run finished.
 
     `out_dir` must be new, empty or a shard folder; it is locked while this runs (`wait`: queue
     behind another writer instead of refusing). Temp files of killed runs and unreadable shards are
     removed under the lock (the shards are redone) and each removal is reported to `on_message`.
+    `skipped`: entries the source reader left out ({"path", "reason"}, see SourceReport); they are
+    listed in `_errors.jsonl` with the images that failed to decode.
     """
     cfg = config or EmbedConfig()
     if cfg.shard_size < 1 or cfg.batch_size < 1:
@@ -95,10 +102,12 @@ def embed_items(
     _check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, inside=True, wait=wait, on_wait=on_message, what="embedding into"):
-        return _embed_locked(items, encoder, out, cfg, schema, job, progress, on_message)
+        return _embed_locked(items, encoder, out, cfg, schema, job, progress, on_message, skipped)
 
 
-def _embed_locked(items, encoder, out: Path, cfg: EmbedConfig, schema, job, progress, on_message) -> EmbedResult:
+def _embed_locked(
+    items, encoder, out: Path, cfg: EmbedConfig, schema, job, progress, on_message, skipped
+) -> EmbedResult:
     _prepare_out_dir(out, job, cfg.overwrite)
     repairs = _remove_leftovers(out)
     for line in repairs:
@@ -108,11 +117,13 @@ def _embed_locked(items, encoder, out: Path, cfg: EmbedConfig, schema, job, prog
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
     done = {shard_number(p.name) for p in out.glob(SHARD_GLOB)}
     todo = [k for k in range(n_shards) if k not in done]
-    errors = [e for e in _read_errors(out) if e["shard"] in done]
+    # Source-level entries (shard None) are those of this run's reading of the source.
+    errors = [{**e, "shard": None} for e in skipped] + [e for e in _read_errors(out) if e.get("shard") in done]
+    _write_errors(out, errors)
 
     t0 = time.perf_counter()
     n_todo = sum(len(_shard_items(items, k, cfg.shard_size)) for k in todo)
-    n_seen = 0
+    n_seen = truncated = 0
     for k, batches in _decoded_shards(items, todo, encoder, cfg):
         chunk = _shard_items(items, k, cfg.shard_size)
         ids, paths, captions, vecs, shard_errors = [], [], [], [], []
@@ -133,7 +144,9 @@ def _embed_locked(items, encoder, out: Path, cfg: EmbedConfig, schema, job, prog
         has_text = np.array([c is not None for c in captions], bool)
         txt = np.zeros_like(img)
         if has_text.any():
-            txt[has_text] = encode_texts(encoder, [c for c in captions if c is not None], cfg.text_batch_size)
+            texts = [c for c in captions if c is not None]
+            txt[has_text] = encode_texts(encoder, texts, cfg.text_batch_size)
+            truncated += count_truncated(encoder.tokenizer, texts)
         # Errors first: if we die between the two writes, the rerun redoes this shard and rewrites them.
         errors.extend(shard_errors)
         _write_errors(out, errors)
@@ -153,6 +166,8 @@ def _embed_locked(items, encoder, out: Path, cfg: EmbedConfig, schema, job, prog
         errors_file=str(out / ERRORS_FILE) if errors else None,
         error_samples=errors[:5],
         repairs=repairs,
+        truncated_captions=truncated,
+        text_context=getattr(encoder.tokenizer, "context_length", None),
     )
 
 
@@ -172,7 +187,7 @@ def _decoded_shards(items, todo, encoder: LoadedModel, cfg: EmbedConfig):
     if not batch_plan:
         return
     loader = torch.utils.data.DataLoader(
-        ImageDataset(paths, encoder.preprocess),
+        ImageDataset(paths, encoder.preprocess, cfg.max_pixels),
         batch_sampler=[idx for _, idx in batch_plan],
         num_workers=cfg.num_workers,
         collate_fn=collate_decoded,

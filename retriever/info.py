@@ -11,12 +11,22 @@ from retriever.indexes.manifest import MANIFEST, read_manifest
 from retriever.shards import ERRORS_FILE, ShardSet
 
 
-def describe(path: str | Path) -> dict[str, Any]:
+def describe(path: str | Path, check: bool = False) -> dict[str, Any]:
+    """What `retriever info` shows; an index's files are opened first, so a damaged one is refused.
+
+    Args:
+        path: a shard folder or an index folder.
+        check: read each faiss index whole, as a search would (the default reads headers only).
+    """
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"{p} does not exist.")
     if (p / MANIFEST).is_file():
+        from retriever.indexes.files import check_index
+
         m = read_manifest(p)
+        for entry in m.indexes.values():
+            check_index(p, entry, deep=check)
         size = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
         return {"kind": "index", "path": str(p.resolve()), "bytes": size, **m.to_dict()}
     ss = ShardSet(p)

@@ -13,8 +13,9 @@ import pyarrow as pa
 
 from retriever.errors import UserError
 from retriever.identity import ModelIdentity
-from retriever.indexes import gpu, ondisk
+from retriever.indexes import gpu
 from retriever.indexes.build import set_search_params
+from retriever.indexes.files import open_rows, read_index_file
 from retriever.indexes.manifest import IndexManifest, ModalityIndex, read_manifest
 from retriever.indexes.rerank import VectorStore, search_index
 
@@ -95,11 +96,15 @@ class Retriever:
         from retriever.models.encode import encode_images, encode_texts
 
         if image is not None:
+            from PIL import Image
+
             try:
                 q = encode_images(self.model, [image])
-            except (OSError, ValueError) as e:
-                raise UserError(f"Could not read the query image: {e}") from e
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise UserError(f"Could not read the query image: {e}") from None
         else:
+            if not text.strip():
+                raise UserError("The text query is empty; give some words to search for.")
             q = encode_texts(self.model, [text])
         return self.search_vectors(q, k, modality)[0]
 
@@ -148,9 +153,8 @@ class Retriever:
     def _index(self, modality: str) -> faiss.Index:
         if modality not in self._indexes:
             entry = self._entry(modality)
-            path = self.index_dir / entry.file
             # On-disk inverted lists are memory-mapped from the .ivfdata file beside the index.
-            index = ondisk.open_on_disk(path) if entry.ivfdata_file else faiss.read_index(str(path))
+            index = read_index_file(self.index_dir, entry)
             if self._use_gpu is not False and not entry.ivfdata_file and gpu.can_use_gpu(index):
                 index = gpu.to_gpu(index, index_bytes=int(entry.extra.get("estimated_memory_bytes", 0)))
             set_search_params(index, entry.search_params)
@@ -193,8 +197,7 @@ class Retriever:
         """The rows file's record batches (memory-mapped) and the first row of each."""
         if modality not in self._rows:
             entry = self._entry(modality)
-            source = pa.memory_map(str(self.index_dir / entry.rows_file), "r")
-            reader = pa.ipc.open_file(source)
+            reader = open_rows(self.index_dir / entry.rows_file, entry.count)
             batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
             starts = np.cumsum([0] + [b.num_rows for b in batches])[:-1]
             self._rows[modality] = (batches, starts)

@@ -44,14 +44,22 @@ def embed(
     device: str | None = DeviceOpt,
     precision: str | None = PrecisionOpt,
     overwrite: bool = typer.Option(False, help="Replace shards in --out made with other arguments."),
+    max_pixels: int | None = typer.Option(
+        None,
+        "--max-pixels",
+        help="Skip (and report) images that decode to more pixels than this (default 64000000); JPEGs are "
+        "decoded scaled down first. Bounds each decode worker's memory.",
+    ),
     wait: bool = WaitOpt,
     as_json: bool = JsonOpt,
 ):
     """Embed a collection into Parquet shards (resumes an interrupted run)."""
-    from retriever.data.sources import read_source
+    from retriever.data.images import DEFAULT_MAX_PIXELS
+    from retriever.data.sources import SourceReport, read_source
     from retriever.embed import EmbedConfig, embed_items
 
-    items = read_source(source, image_column=image_column, caption_column=caption_column)
+    report = SourceReport()
+    items = read_source(source, image_column=image_column, caption_column=caption_column, report=report)
     encoder = load_encoder(model, pretrained, device, precision)
     cfg = EmbedConfig(
         shard_size=shard_size,
@@ -59,6 +67,7 @@ def embed(
         num_workers=workers_or_default(workers),
         dtype=dtype,
         overwrite=overwrite,
+        max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
     )
     with progress_bar() as bar:
         task = bar.add_task("Embedding", total=None)
@@ -70,15 +79,24 @@ def embed(
             progress=lambda n, total: bar.update(task, completed=n, total=total),
             wait=wait,
             on_message=note,
+            skipped=report.skipped,
         )
     if as_json:
-        out.print_json(json.dumps(result.__dict__))
+        out.print_json(json.dumps({**result.__dict__, "not_images": report.not_images}))
         return
     out.print(
         f"{result.rows} rows in {result.shards} shards at {result.out_dir} "
         f"({result.shards_written} written, {result.shards_resumed} kept from an earlier run; "
         f"{result.images_per_second:.1f} images/s)."
     )
+    if report.not_images:
+        err.print(f"{report.not_images} file(s) in the source are not an image type and were left aside.")
+    if result.truncated_captions:
+        err.print(
+            f"[yellow]{result.truncated_captions} caption(s) are longer than the model's {result.text_context}-token "
+            "context[/yellow]; they were embedded from their first tokens only.",
+            highlight=False,
+        )
     if result.errors:
         err.print(f"[yellow]Skipped {result.errors} unreadable image(s)[/yellow]; details in {result.errors_file}:")
         for e in result.error_samples:

@@ -14,12 +14,13 @@ from retriever.cli.common import JsonOpt, out, user_errors
 @user_errors
 def info(
     path: Path = typer.Argument(..., help="A shard folder or an index folder."),
+    check: bool = typer.Option(False, "--check", help="Read each index file whole, as a search would (slower)."),
     as_json: bool = JsonOpt,
 ):
     """Describe shards or an index: model, counts, index types and search parameters."""
     from retriever.info import describe, to_json
 
-    d = describe(path)
+    d = describe(path, check=check)
     if as_json:
         out.print_json(to_json(d))
         return

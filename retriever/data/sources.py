@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retriever.data.images import IMAGE_EXTENSIONS
+from retriever.data.images import IMAGE_EXTENSIONS, VECTOR_EXTENSIONS
 from retriever.errors import UserError
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 IMAGE_COLUMN_GUESSES = ("image", "image_path", "path", "filepath", "file", "filename", "img")
 CAPTION_COLUMN_GUESSES = ("caption", "text", "captions", "title", "description")
+_IMAGE_SUFFIX_CASES = sorted({e for x in IMAGE_EXTENSIONS for e in (x, x.upper())})
 
 
 @dataclass(frozen=True)
@@ -34,20 +35,37 @@ class SourceItem:
         return self.captions[0] if self.captions else None
 
 
+@dataclass
+class SourceReport:
+    """What reading a source left out, so that every entry ends embedded or accounted for."""
+
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}, like _errors.jsonl
+    not_images: int = 0  # files a folder walk saw that are not an image type (caption .txt files apart)
+
+
 def read_source(
     source: str | Path,
     *,
     image_column: str | None = None,
     caption_column: str | None = None,
+    report: SourceReport | None = None,
 ) -> list[SourceItem]:
-    """Read a folder (recursive) or a CSV/TSV/JSONL/Parquet manifest into ordered items."""
+    """Read a folder (recursive) or a CSV/TSV/JSONL/Parquet manifest into ordered items.
+
+    Args:
+        source: a folder of images or a manifest file.
+        image_column, caption_column: manifest columns (default: guessed from common names).
+        report: if given, receives what was left out (see SourceReport); embed writes its
+            `skipped` entries to `_errors.jsonl` and counts the rest in its summary.
+    """
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"Source {path} does not exist.")
+    report = report if report is not None else SourceReport()
     if path.is_dir():
-        items = read_folder(path)
+        items = read_folder(path, report)
     elif path.suffix.lower() in MANIFEST_SUFFIXES:
-        items = read_manifest(path, image_column=image_column, caption_column=caption_column)
+        items = read_manifest(path, image_column=image_column, caption_column=caption_column, report=report)
     else:
         raise UserError(f"Source {path} is neither a folder nor a manifest ({', '.join(sorted(MANIFEST_SUFFIXES))}).")
     if not items:
@@ -55,26 +73,80 @@ def read_source(
     return items
 
 
-def read_folder(root: Path) -> list[SourceItem]:
-    """Every image below `root`, sorted by relative path; captions from same-name `.txt` files."""
+def read_folder(root: Path, report: SourceReport | None = None) -> list[SourceItem]:
+    """Every image below `root`, sorted by relative path; captions from same-name `.txt` files.
+
+    Every file the walk sees is accounted for in `report`: images whose caption file cannot be
+    read as text, vector images and broken or looping links are `skipped` with a reason; other
+    files (captions apart) are counted in `not_images`.
+    """
+    report = report if report is not None else SourceReport()
     root = root.resolve()
-    files = sorted(
-        (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
+    files = []
+    for p in sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix()):
+        suffix = p.suffix.lower()
+        if p.is_symlink() and not p.exists():
+            report.skipped.append({"path": str(p), "reason": "broken or looping symbolic link"})
+        elif p.is_dir():
+            continue
+        elif suffix in IMAGE_EXTENSIONS:
+            files.append(p)
+        elif suffix in VECTOR_EXTENSIONS:
+            report.skipped.append({"path": str(p), "reason": f"{suffix[1:].upper()} vector images are not supported"})
+        elif not (suffix == ".txt" and any(p.with_suffix(e).exists() for e in _IMAGE_SUFFIX_CASES)):
+            report.not_images += 1
     items = []
-    for i, p in enumerate(files):
+    for p in files:
         txt = p.with_suffix(".txt")
-        caption = _clean(txt.read_text(encoding="utf-8", errors="replace")) if txt.is_file() else None
-        items.append(SourceItem(i, str(p), (caption,) if caption else ()))
+        caption = None
+        if txt.exists():
+            try:
+                caption = _clean(decode_caption(txt.read_bytes()))
+            except (OSError, ValueError) as e:
+                report.skipped.append({"path": str(p), "reason": f"caption file {txt.name}: {e}"})
+                continue
+        items.append(SourceItem(len(items), str(p), (caption,) if caption else ()))
     return items
 
 
+def decode_caption(data: bytes) -> str:
+    """Caption bytes as text: UTF-8 (a byte-order mark is dropped) or UTF-16 with its BOM.
+
+    Raises ValueError, with the reason, for anything else: guessing a legacy code page would
+    store mojibake as silently as U+FFFD did.
+    """
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        text = data.decode("utf-16")
+    else:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    if "\x00" in text:
+        raise ValueError("binary data, not text (it holds NUL characters)")
+    return text
+
+
 def read_manifest(
-    path: Path, *, image_column: str | None = None, caption_column: str | None = None
+    path: Path,
+    *,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    report: SourceReport | None = None,
 ) -> list[SourceItem]:
-    """Rows of a manifest; rows naming the same image merge, keeping every caption in order."""
-    rows = _read_rows(path)
+    """Rows of a manifest; rows naming the same image merge, keeping every caption in order.
+
+    Rows that are not objects (a JSONL line `[1, 2]`, a line that is not JSON) and rows whose
+    caption is not text are left out and listed in `report.skipped`.
+    """
+    report = report if report is not None else SourceReport()
+    rows = []
+    for n, row in enumerate(_read_rows(path), 1):
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            reason = str(row) if isinstance(row, _BadRow) else f"row {n} is a {type(row).__name__}, not an object"
+            report.skipped.append({"path": f"{path}:{n}", "reason": reason})
     if not rows:
         return []
     columns = list(rows[0].keys())
@@ -88,8 +160,13 @@ def read_manifest(
             continue
         p = Path(str(raw).strip()).expanduser()
         key = str(p if p.is_absolute() else (base / p).resolve())
+        try:
+            captions = _captions_of(row.get(cap_col) if cap_col else None)
+        except ValueError as e:
+            report.skipped.append({"path": key, "reason": f"caption: {e}"})
+            continue
         caps = by_path.setdefault(key, [])
-        for c in _captions_of(row.get(cap_col) if cap_col else None):
+        for c in captions:
             if c not in caps:
                 caps.append(c)
     return [SourceItem(i, p, tuple(c)) for i, (p, c) in enumerate(by_path.items())]
@@ -104,10 +181,21 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
             return pq.read_table(path).to_pylist()
         with open(path, newline="", encoding="utf-8") as f:
             if kind == "jsonl":
-                return [json.loads(line) for line in f if line.strip()]
+                return [_json_line(line, n, path) for n, line in enumerate(f, 1) if line.strip()]
             return list(csv.DictReader(f, delimiter="\t" if kind == "tsv" else ","))
     except (OSError, ValueError) as e:
         raise UserError(f"Could not read manifest {path}: {e}") from e
+
+
+class _BadRow(str):
+    """A manifest row that could not be parsed; its text is the reason (reported, not fatal)."""
+
+
+def _json_line(line: str, n: int, path: Path) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError as e:
+        return _BadRow(f"line {n} is not JSON ({e})")
 
 
 def _pick_column(columns, wanted, guesses, what, path, required=True) -> str | None:
@@ -127,11 +215,20 @@ def _pick_column(columns, wanted, guesses, what, path, required=True) -> str | N
 
 
 def _captions_of(value: Any) -> list[str]:
-    if value is None:
+    """Captions from a manifest cell: text, UTF-8 bytes, or a list of those.
+
+    Anything else (a struct, a number) raises ValueError: str() of it would store a Python repr
+    such as "{'a': 1}" or "b'plain'" as if it were a caption.
+    """
+    if value is None or (isinstance(value, float) and value != value):  # null / NaN: no caption
         return []
     if isinstance(value, (list, tuple)):
-        return [c for c in (_clean(str(v)) for v in value if v is not None) if c]
-    c = _clean(str(value))
+        return [c for v in value if v is not None for c in _captions_of(v)]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = decode_caption(bytes(value))
+    if not isinstance(value, str):
+        raise ValueError(f"a {type(value).__name__} ({str(value)[:40]!r}), not text")
+    c = _clean(value)
     return [c] if c else []
 
 

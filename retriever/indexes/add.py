@@ -27,8 +27,8 @@ import pyarrow.compute as pc
 from retriever.atomic import atomic_dir, clean_stale_siblings, write_json_atomic
 from retriever.errors import UserError
 from retriever.identity import ModelIdentity
-from retriever.indexes import ondisk
 from retriever.indexes.build import BuildProgress, add_batches
+from retriever.indexes.files import check_index, open_rows, read_index_file
 from retriever.indexes.manifest import MANIFEST, IndexManifest, read_manifest
 from retriever.locks import folder_lock
 from retriever.shards import ShardSet
@@ -57,6 +57,8 @@ def add_to_index(
 
 def _add_locked(index_dir: Path, new_shards, renumber: bool, batch_size: int, progress) -> IndexManifest:
     manifest = read_manifest(index_dir)
+    for entry in manifest.indexes.values():
+        check_index(index_dir, entry)  # a damaged index is refused before anything is written
     ss = new_shards if isinstance(new_shards, ShardSet) else ShardSet(new_shards)
     ModelIdentity.from_dict(manifest.model).check_same(ss.identity, f"Shard folder {ss.folder}")
     if ss.count("text") and "text" not in manifest.indexes:
@@ -77,8 +79,8 @@ def _add_locked(index_dir: Path, new_shards, renumber: bool, batch_size: int, pr
                     if name:
                         _link(index_dir / name, tmp / name)
                 continue
-            old_ivf = ondisk.open_on_disk(index_dir / old.file) if old.ivfdata_file else None
-            index = old_ivf if old_ivf is not None else faiss.read_index(str(index_dir / old.file))
+            index = read_index_file(index_dir, old)
+            old_ivf = index if old.ivfdata_file else None
             batches = _shift_ids(ss.iter_vectors(modality, batch_size, extra_columns=("id", "path", "caption")), offset)
             index = add_batches(
                 index,
@@ -115,7 +117,7 @@ def _add_locked(index_dir: Path, new_shards, renumber: bool, batch_size: int, pr
 def indexed_ids(index_dir: Path, manifest: IndexManifest) -> np.ndarray:
     """Every id in the index (the image rows file has them all; text rows are a subset)."""
     entry = manifest.indexes.get("image") or next(iter(manifest.indexes.values()))
-    reader = pa.ipc.open_file(pa.memory_map(str(index_dir / entry.rows_file), "r"))
+    reader = open_rows(index_dir / entry.rows_file)
     cols = [reader.get_batch(i).column("id").to_numpy() for i in range(reader.num_record_batches)]
     return np.concatenate(cols) if cols else np.zeros(0, np.int64)
 

@@ -250,3 +250,241 @@ def test_train_killed_before_its_first_checkpoint_restarts(emoji_folder, tmp_pat
     result = train(cfg)
     assert (tmp_path / "run" / "last" / "train_state.pt").is_file()
     assert result.history
+
+
+# 6. Damaged artefacts: one sentence, exit 1, and an embed rerun repairs a damaged shard.
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if how == "truncate" else os.urandom(max(64, len(data) // 4)))
+
+
+@pytest.mark.parametrize("how", ["truncate", "random"])
+def test_damaged_shard_is_one_sentence_and_embed_redoes_it(shards, emoji_folder, tmp_path, how):
+    out = tmp_path / "s"
+    shutil.copytree(shards / "all", out)
+    damage(out / "part-00001.parquet", how)
+    for args in (["index", out, "--out", tmp_path / "i"], ["info", out]):
+        assert "part-00001.parquet cannot be read" in run(*args, code=1).output
+    res = run("embed", emoji_folder, "--out", out, "--model", TINY_CONFIG, "--shard-size", "20", "--workers", "0")
+    assert "Removed unreadable shard part-00001.parquet" in res.output
+    assert "64 rows" in res.output and "1 written" in res.output
+    run("index", out, "--out", tmp_path / "i")
+
+
+@pytest.mark.parametrize("how", ["truncate", "random"])
+@pytest.mark.parametrize("name", ["image.faiss", "image.rows.arrow"])
+def test_damaged_index_file_is_one_sentence_everywhere(shards, index, name, how):
+    damage(index / name, how)
+    for args in (
+        ["info", index],
+        ["search", index, "a face", "--model", TINY_CONFIG],
+        ["index", "--add", "--renumber", shards / "a", index],
+    ):
+        res = run(*args, code=1)
+        assert f"{name} cannot be read" in res.output and "rebuild" in res.output, (args, res.output)
+
+
+def test_info_check_reads_the_whole_index(index):
+    run("info", "--check", index)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "{not json", '{"format": "retriever-index/1"}', "[1, 2]", '{"format": "retriever-index/1", "model": 1}'],
+)
+def test_garbage_or_incomplete_manifest_is_one_sentence(shards, index, text):
+    (index / "manifest.json").write_text(text)
+    for args in (["info", index], ["index", "--add", shards / "a", index], ["search", index, "x"]):
+        res = run(*args, code=1)
+        assert "manifest.json" in res.output, (args, res.output)
+    run("index", shards / "a", "--out", index)  # a damaged index can be rebuilt in place
+
+
+def test_garbage_embed_job_file_is_refused_not_a_traceback(shards, emoji_folder, tmp_path):
+    out = tmp_path / "s"
+    shutil.copytree(shards / "all", out)
+    (out / "_embed_job.json").write_text("{truncated")
+    res = run("embed", emoji_folder, "--out", out, "--model", TINY_CONFIG, "--shard-size", "20", code=1)
+    assert "other arguments" in res.output
+
+
+# 7. and 9. Manifests and captions: what cannot be read honestly is skipped and reported.
+
+
+def test_jsonl_lines_that_are_not_objects_are_reported(emoji_folder, tmp_path):
+    from retriever.data.sources import SourceReport, read_source
+
+    pngs = sorted(emoji_folder.rglob("*.png"))[:2]
+    m = tmp_path / "m.jsonl"
+    m.write_text(
+        "\n".join(
+            [
+                json.dumps({"image": str(pngs[0])}),
+                "[1, 2, 3]",
+                '"a bare string"',
+                "{oops",
+                json.dumps({"image": str(pngs[1])}),
+            ]
+        )
+    )
+    report = SourceReport()
+    items = read_source(m, report=report)
+    assert [it.path for it in items] == [str(pngs[0]), str(pngs[1])]
+    reasons = [s["reason"] for s in report.skipped]
+    assert reasons[:2] == ["row 2 is a list, not an object", "row 3 is a str, not an object"]
+    assert "not JSON" in reasons[2]
+
+
+def test_caption_files_are_decoded_honestly_or_reported(emoji_folder, tmp_path):
+    from retriever.data.sources import SourceReport, read_source
+
+    root = tmp_path / "f"
+    root.mkdir()
+    pngs = sorted(emoji_folder.rglob("*.png"))
+    captions = {
+        "bom": "\ufeffcafé crème".encode(),
+        "utf16": "naïve".encode("utf-16"),
+        "latin1": "café".encode("latin-1"),
+        "binary": b"\x00\x01\x02PNG",
+        "unreadable": None,  # a folder where the caption file should be
+    }
+    for i, (name, data) in enumerate(captions.items()):
+        shutil.copy(pngs[i], root / f"{name}.png")
+        if data is None:
+            (root / f"{name}.txt").mkdir()
+        else:
+            (root / f"{name}.txt").write_bytes(data)
+    report = SourceReport()
+    items = read_source(root, report=report)
+    assert {Path(it.path).stem: it.caption for it in items} == {"bom": "café crème", "utf16": "naïve"}
+    reasons = {Path(s["path"]).stem: s["reason"] for s in report.skipped}
+    assert set(reasons) == {"latin1", "binary", "unreadable"}
+    assert "not UTF-8" in reasons["latin1"] and "binary" in reasons["binary"]
+    assert "\ufffd" not in json.dumps([it.caption for it in items])
+
+
+def test_non_string_caption_columns_are_not_stored_as_reprs(emoji_folder, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from retriever.data.sources import SourceReport, read_source
+
+    pngs = [str(p) for p in sorted(emoji_folder.rglob("*.png"))[:4]]
+    table = pa.table({"image": pngs[:2], "caption": [b"plain", b"\xff\xfe\x00"]})
+    pq.write_table(table, tmp_path / "bytes.parquet")
+    report = SourceReport()
+    items = read_source(tmp_path / "bytes.parquet", report=report)
+    assert [it.caption for it in items] == ["plain"] and len(report.skipped) == 1
+    pq.write_table(pa.table({"image": pngs[2:], "caption": [{"a": 1}, {"a": 2}]}), tmp_path / "struct.parquet")
+    report = SourceReport()
+    with pytest.raises(Exception, match="no images"):
+        read_source(tmp_path / "struct.parquet", report=report)
+    assert len(report.skipped) == 2 and "not text" in report.skipped[0]["reason"]
+
+
+def test_embed_writes_source_skips_to_the_errors_file(emoji_folder, tmp_path):
+    root = tmp_path / "f"
+    root.mkdir()
+    pngs = sorted(emoji_folder.rglob("*.png"))
+    for i in range(3):
+        shutil.copy(pngs[i], root / f"{i}.png")
+    (root / "1.txt").write_bytes(b"\xe9t\xe9")  # Latin-1, not UTF-8
+    res = run("embed", root, "--out", tmp_path / "s", "--model", TINY_CONFIG, "--workers", "0")
+    assert "2 rows" in res.output and "Skipped 1" in res.output
+    errors = [json.loads(line) for line in (tmp_path / "s" / "_errors.jsonl").read_text().splitlines()]
+    assert [Path(e["path"]).name for e in errors] == ["1.png"] and "not UTF-8" in errors[0]["reason"]
+
+
+# 10. Every file the folder walk sees is embedded, reported or counted.
+
+
+def test_tiff_svg_and_symlink_loops_are_not_dropped_silently(emoji_folder, tmp_path):
+    from PIL import Image
+
+    from retriever.data.sources import SourceReport, read_source
+
+    root = tmp_path / "f"
+    root.mkdir()
+    Image.open(sorted(emoji_folder.rglob("*.png"))[0]).save(root / "scan.tiff")
+    (root / "logo.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
+    os.symlink("loop.png", root / "loop.png")
+    (root / "notes.md").write_text("x")
+    report = SourceReport()
+    items = read_source(root, report=report)
+    assert [Path(it.path).name for it in items] == ["scan.tiff"]
+    assert sorted(Path(s["path"]).name for s in report.skipped) == ["logo.svg", "loop.png"]
+    assert report.not_images == 1
+
+
+# 8. and 11. Bombs and huge images are refused before they are decoded.
+
+
+@pytest.fixture()
+def huge_png(tmp_path) -> Path:
+    """12000×12000 grey PNG: 144 MP from ~140 KB, under Pillow's bomb error threshold."""
+    from PIL import Image
+
+    path = tmp_path / "huge.png"
+    Image.new("L", (12000, 12000), 200).save(path, optimize=True)
+    return path
+
+
+def test_decompression_bomb_query_is_one_sentence(index, tmp_path):
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)  # 400 MP: over Pillow's own error threshold
+    res = run("search", index, "--image", bomb, "--model", TINY_CONFIG, code=1)
+    assert "Could not read the query image" in res.output
+
+
+def test_huge_images_are_skipped_under_max_pixels(huge_png):
+    from retriever.data.images import DEFAULT_MAX_PIXELS, load_image
+
+    assert 12000 * 12000 > DEFAULT_MAX_PIXELS
+    with pytest.raises(ValueError, match="max-pixels"):
+        load_image(huge_png)
+    assert load_image(huge_png, max_pixels=200_000_000).size == (12000, 12000)
+
+
+def test_large_jpegs_are_decoded_scaled_down(tmp_path):
+    from PIL import Image
+
+    from retriever.data.images import load_image
+
+    Image.new("RGB", (9000, 9000), (10, 200, 30)).save(tmp_path / "big.jpg", quality=50)
+    img = load_image(tmp_path / "big.jpg", max_pixels=10_000_000)  # 81 MP on disk, drafted to 1/8
+    assert img.size == (1125, 1125) and img.getpixel((5, 5))[1] > 150
+
+
+# 12. Captions beyond the context are counted; an empty query is refused.
+
+
+def test_truncated_captions_are_counted_and_empty_queries_refused(emoji_folder, index, tmp_path):
+    root = tmp_path / "f"
+    root.mkdir()
+    pngs = sorted(emoji_folder.rglob("*.png"))
+    for i in range(3):
+        shutil.copy(pngs[i], root / f"{i}.png")
+        (root / f"{i}.txt").write_text("a red apple" if i else " ".join(["word"] * 40))
+    res = run("embed", root, "--out", tmp_path / "s", "--model", TINY_CONFIG, "--workers", "0")
+    assert "1 caption(s) are longer than the model's 16-token context" in res.output
+    for q in ("", "   "):
+        assert "query is empty" in run("search", index, q, "--model", TINY_CONFIG, code=1).output
+
+
+# 14. Generated model configs live in a per-user cache, not a fixed /tmp name.
+
+
+def test_model_configs_go_to_the_user_cache(tmp_path, monkeypatch):
+    from retriever.models.load import load_model
+
+    cfg = json.loads(Path(TINY_CONFIG).read_text())
+    cfg["embed_dim"] = 24  # a config this process has not registered yet
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    load_model(str(tmp_path / "c.json"))
+    written = list((tmp_path / "cache" / "retriever" / "model-configs").glob("retriever-cfg-*.json"))
+    assert len(written) == 1 and json.loads(written[0].read_text())["embed_dim"] == 24

@@ -96,6 +96,18 @@ def clean_stale_siblings(path: str | os.PathLike) -> list[str]:
     return done
 
 
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.[0-9a-z_]{8}\.(tmp|old)$")
+
+
+def clean_stale_in(folder: str | os.PathLike) -> list[str]:
+    """clean_stale_siblings for every target whose leftovers lie directly in `folder` (under its lock)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    targets = sorted({m["name"] for p in folder.iterdir() if (m := _LEFTOVER.match(p.name))})
+    return [line for name in targets for line in clean_stale_siblings(folder / name)]
+
+
 def _fsync_file(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

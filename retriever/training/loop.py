@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,9 +26,10 @@ from typing import Any
 
 import torch
 
-from retriever.atomic import write_json_atomic
+from retriever.atomic import clean_stale_in, write_json_atomic
 from retriever.data.sources import SourceItem, read_source
 from retriever.errors import UserError
+from retriever.locks import folder_lock
 from retriever.metrics import RetrievalMetrics
 from retriever.models.load import LoadedModel, load_model, resolve_device, resolve_precision
 from retriever.training import distributed as D
@@ -170,7 +172,27 @@ def load_splits(cfg: TrainConfig) -> _Splits:
 
 
 def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
-    """Run (or resume) a training run into `cfg.out`; returns where the best model is and the history."""
+    """Run (or resume) a training run into `cfg.out`; returns where the best model is and the history.
+
+    The run folder is locked while training (a second `train` into it is refused), and what a
+    killed run left half-written (`.last.XXXX.tmp` checkpoint folders, temp files) is removed
+    first and reported through `callbacks.on_status`.
+    """
+    run = Path(cfg.out).expanduser()
+    if os.environ.get("RANK", "0") != "0" or (run.exists() and not run.is_dir()):
+        return _train(cfg, callbacks)  # other ranks write nothing; _check_run_dir refuses a file
+    if run.is_dir() and _entries(run) and not (run / "run.json").is_file():
+        raise UserError(f"--out {run} is not a training run folder (no run.json); choose a new or empty folder.")
+    run.mkdir(parents=True, exist_ok=True)
+    with folder_lock(run, inside=True, what="training into"):
+        for sub in (run, run / "features"):
+            for line in clean_stale_in(sub):
+                if callbacks and callbacks.on_status:
+                    callbacks.on_status(line)
+        return _train(cfg, callbacks)
+
+
+def _train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
     cb = callbacks or Callbacks()
     started = time.perf_counter()
     _validate(cfg)
@@ -461,7 +483,7 @@ def _check_run_dir(run: Path, cfg: TrainConfig, dist: D.DistInfo) -> None:
                 f"Cannot resume {run} with different settings ({', '.join(diff)}); use the original options."
             )
         return
-    if run.exists() and any(run.iterdir()):
+    if run.exists() and _entries(run):
         if not _restartable(run):
             if saved.is_file():
                 raise UserError(f"{run} already holds a run; pass --resume to continue it, or choose another --out.")
@@ -479,9 +501,14 @@ def has_checkpoint(run: Path) -> bool:
 _BEFORE_FIRST_CHECKPOINT = {"run.json", "init", "features", "metrics.json"}
 
 
+def _entries(run: Path) -> set[str]:
+    """What a run folder holds, hidden entries (the lock file, temp files) apart."""
+    return {p.name for p in run.iterdir() if not p.name.startswith(".")}
+
+
 def _restartable(run: Path) -> bool:
     """A run folder with a run.json but no checkpoint yet: nothing in it is worth keeping."""
-    names = {p.name for p in run.iterdir() if not p.name.startswith(".")}
+    names = _entries(run)
     return (run / "run.json").is_file() and not has_checkpoint(run) and names <= _BEFORE_FIRST_CHECKPOINT
 
 

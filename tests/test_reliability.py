@@ -488,3 +488,11 @@ def test_model_configs_go_to_the_user_cache(tmp_path, monkeypatch):
     load_model(str(tmp_path / "c.json"))
     written = list((tmp_path / "cache" / "retriever" / "model-configs").glob("retriever-cfg-*.json"))
     assert len(written) == 1 and json.loads(written[0].read_text())["embed_dim"] == 24
+
+
+def test_add_after_a_writer_died_between_the_two_renames_restores_and_adds(shards, index):
+    old = index.parent / ".index.0badf00d.old"
+    os.replace(index, old)
+    res = run("index", "--add", "--renumber", shards / "a", index)
+    assert "restored" in res.output and not old.exists()
+    assert json.loads((index / "manifest.json").read_text())["shards"]["rows"] == 74

@@ -14,6 +14,7 @@ recorded in the manifest (`shards.added[i].id_offset`): source position = id - i
 from __future__ import annotations
 
 import copy
+import glob
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -46,7 +47,8 @@ def add_to_index(
 ) -> IndexManifest:
     """Append `new_shards` to the index at `index_dir` under its writer lock (see build_index)."""
     index_dir = Path(index_dir).expanduser()
-    read_manifest(index_dir)  # refuse a non-index before creating a lock file beside it
+    if not any(index_dir.parent.glob(f".{glob.escape(index_dir.name)}.*.old")):  # else: restored under the lock
+        read_manifest(index_dir)  # refuse a non-index before creating a lock file beside it
     with folder_lock(index_dir, inside=False, wait=wait, on_wait=on_message):
         for line in clean_stale_siblings(index_dir):
             if on_message:

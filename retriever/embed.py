@@ -159,7 +159,7 @@ def _decoded_shards(items, todo, encoder: LoadedModel, cfg: EmbedConfig):
         prefetch_factor=4 if cfg.num_workers > 0 else None,
     )
     batches = iter(loader)
-    starts = {}
+    starts: dict[int, int] = {}
     for k, idx in batch_plan:
         starts.setdefault(k, idx[0])
     i = 0

@@ -17,6 +17,7 @@ from retriever.indexes import gpu, ondisk
 from retriever.indexes.build import set_search_params
 from retriever.indexes.manifest import IndexManifest, ModalityIndex, read_manifest
 from retriever.indexes.rerank import VectorStore, search_index
+from retriever.indexes.settings import configure_faiss
 
 if TYPE_CHECKING:  # torch is imported only when a query has to be encoded
     from retriever.data.images import ImageInput
@@ -51,6 +52,7 @@ class Retriever:
         device: str | None = None,
         use_gpu: bool | None = None,
     ):
+        configure_faiss()
         self.index_dir = Path(index_dir).expanduser()
         self.manifest: IndexManifest = read_manifest(self.index_dir)
         self.identity = ModelIdentity.from_dict(self.manifest.model)
@@ -100,6 +102,7 @@ class Retriever:
             except (OSError, ValueError) as e:
                 raise UserError(f"Could not read the query image: {e}") from e
         else:
+            assert text is not None  # exactly one of text/image, checked above
             q = encode_texts(self.model, [text])
         return self.search_vectors(q, k, modality)[0]
 

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY_CONFIG
 from typer.testing import CliRunner
 
 from retriever.cli.app import app
@@ -20,9 +19,9 @@ def run(*args, code=0):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, emoji_folder):
+def built(tiny, tmp_path_factory, emoji_folder):
     tmp = tmp_path_factory.mktemp("cli")
-    run("embed", emoji_folder, "--out", tmp / "shards", "--model", TINY_CONFIG, "--shard-size", "20", "--workers", "0")
+    run("embed", emoji_folder, "--out", tmp / "shards", "--model", tiny.config, "--shard-size", "20", "--workers", "0")
     run("index", tmp / "shards", "--out", tmp / "index")
     return tmp
 
@@ -48,14 +47,14 @@ def test_embed_index_search_info(built, emoji_folder):
     assert "Flat" in run("info", built / "index").stdout
 
 
-def test_rerun_of_finished_embed_resumes_everything(built, emoji_folder):
+def test_rerun_of_finished_embed_resumes_everything(tiny, built, emoji_folder):
     res = run(
         "embed",
         emoji_folder,
         "--out",
         built / "shards",
         "--model",
-        TINY_CONFIG,
+        tiny.config,
         "--shard-size",
         "20",
         "--workers",
@@ -66,8 +65,8 @@ def test_rerun_of_finished_embed_resumes_everything(built, emoji_folder):
     assert (out["rows"], out["shards_written"], out["shards_resumed"]) == (64, 0, 4)
 
 
-def test_bad_images_are_counted_and_named(tmp_path, broken_folder):
-    res = run("embed", broken_folder, "--out", tmp_path / "s", "--model", TINY_CONFIG, "--workers", "0")
+def test_bad_images_are_counted_and_named(tiny, tmp_path, broken_folder):
+    res = run("embed", broken_folder, "--out", tmp_path / "s", "--model", tiny.config, "--workers", "0")
     assert "6 rows" in res.stdout
     assert "Skipped 3 unreadable image(s)" in res.stderr and "truncated.png" in res.stderr
 
@@ -85,10 +84,10 @@ def test_user_errors_are_one_sentence_and_exit_1(args, message):
     assert message in res.stderr and "Traceback" not in res.output
 
 
-def test_empty_source_and_wrong_model_exit_1(tmp_path, built):
+def test_empty_source_and_wrong_model_exit_1(tiny, tmp_path, built):
     (tmp_path / "empty").mkdir()
     assert (
-        "no images" in run("embed", tmp_path / "empty", "--out", tmp_path / "s", "--model", TINY_CONFIG, code=1).stderr
+        "no images" in run("embed", tmp_path / "empty", "--out", tmp_path / "s", "--model", tiny.config, code=1).stderr
     )
     res = run("search", built / "index", "x", "--model", "RN50", "--pretrained", "random", code=1)
     assert "use the same model" in res.stderr

@@ -102,15 +102,13 @@ def test_rerun_with_other_arguments_is_refused_unless_overwrite(tmp_path, tiny_m
     assert res.shards == 4 and len(list((tmp_path / "s").glob("part-*.parquet"))) == 4
 
 
-def test_sigkilled_embed_process_resumes_without_loss_or_duplicates(tmp_path, emoji_folder):
+def test_sigkilled_embed_process_resumes_without_loss_or_duplicates(tiny, tmp_path, emoji_folder):
     """A real kill -9 in the middle of a run, then the same command again."""
     import os
     import signal
     import subprocess
     import sys
     import time
-
-    from conftest import TINY_CONFIG
 
     out = tmp_path / "s"
     cmd = [
@@ -122,7 +120,7 @@ def test_sigkilled_embed_process_resumes_without_loss_or_duplicates(tmp_path, em
         "--out",
         str(out),
         "--model",
-        TINY_CONFIG,
+        tiny.config,
         "--shard-size",
         "2",
         "--batch-size",

@@ -4,7 +4,6 @@ import shutil
 import faiss
 import numpy as np
 import pytest
-from conftest import TINY_CONFIG
 
 from retriever.data.sources import read_source
 from retriever.embed import EmbedConfig, embed_items
@@ -69,11 +68,11 @@ def test_retriever_loads_the_model_named_in_the_manifest(index_dir, emoji_folder
     assert r.search(image=item.path, k=1)[0].id == item.index
 
 
-def test_mismatched_model_is_refused(index_dir, tmp_path):
+def test_mismatched_model_is_refused(tiny, index_dir, tmp_path):
     other = load_model("RN50", "random")  # other architecture, other weights
     with pytest.raises(ModelMismatchError, match="use the same model"):
         Retriever(index_dir, other)
-    cfg = json.loads(open(TINY_CONFIG).read())
+    cfg = tiny.model_cfg
     cfg["text_cfg"]["layers"] = 1
     (tmp_path / "other.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelMismatchError):
@@ -122,11 +121,34 @@ def test_default_choice_by_size():
         choose_index(10, 8, "bogus")
 
 
-def test_index_and_vector_search_do_not_import_torch():
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import retriever.indexes, retriever.indexes.add, retriever.search, retriever.info",
+        "from retriever import read_source, SourceItem, build_index, BuildConfig, Retriever, ShardSet",
+        "import retriever.data, retriever.data.sources, retriever.data.images",
+        "import retriever.cli.app",
+    ],
+)
+def test_light_imports_do_not_import_torch(code):
     """Index-only work stays light: torch alone is ~1 GB of RSS and seconds of start-up."""
     import subprocess
     import sys
 
-    code = "import sys, retriever.indexes, retriever.indexes.add, retriever.search, retriever.info; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    probe = f"import sys\n{code}\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_vector_search_does_not_import_torch(index_dir):
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, numpy as np\nfrom retriever import Retriever\n"
+        f"r = Retriever({str(index_dir)!r})\n"
+        "hits = r.search_vectors(np.ones((1, r.identity.embed_dim), np.float32), 3)\n"
+        "print(len(hits[0]), 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["3", "False"]

@@ -14,9 +14,6 @@ from retriever.errors import UserError
 from retriever.training.loop import TrainConfig, train
 from retriever.training.optim import OptimConfig
 
-TINY = str(Path(__file__).parent / "assets" / "tiny-clip.json")
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -46,13 +43,13 @@ def small_manifest(emoji_split, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tuned(emoji_split, tmp_path_factory):
+def tuned(tiny, emoji_split, tmp_path_factory):
     train_m, val_m, _ = emoji_split
     cfg = TrainConfig(
         source=str(train_m),
         val=str(val_m),
         out=str(tmp_path_factory.mktemp("runs") / "tiny"),
-        model=TINY,
+        model=tiny.config,
         epochs=10,
         batch_size=128,
         augment=False,
@@ -78,7 +75,7 @@ def test_fine_tuning_raises_held_out_recall(tuned):
     assert result.best_epoch >= 5 and not result.stopped_early
 
 
-def test_best_checkpoint_loads_in_retriever_and_plain_open_clip(tuned):
+def test_best_checkpoint_loads_in_retriever_and_plain_open_clip(tiny, tuned):
     import open_clip
 
     from retriever.data.sources import read_source
@@ -101,7 +98,7 @@ def test_best_checkpoint_loads_in_retriever_and_plain_open_clip(tuned):
     with torch.no_grad():
         torch.testing.assert_close(plain.encode_text(tok), encoder.model.encode_text(tok), rtol=0, atol=0)
     # The tuned weights are not the start: training moved them.
-    start = load_model(TINY)
+    start = tiny.load()
     assert encoder.identity.weights_sha256 != start.identity.weights_sha256
 
 
@@ -109,10 +106,10 @@ def _weights(folder):
     return load_file(str(Path(folder) / "open_clip_model.safetensors"))
 
 
-def test_resume_continues_the_same_run_exactly(small_manifest, tmp_path):
+def test_resume_continues_the_same_run_exactly(tiny, small_manifest, tmp_path):
     """Stop mid-epoch (augmentation and patch dropout on), resume with another worker count: the
     same weights as a straight run, so data order, crops and the dropout RNG all resumed."""
-    cfg = json.loads(Path(TINY).read_text())
+    cfg = tiny.model_cfg
     cfg["vision_cfg"]["patch_dropout"] = 0.25  # a model whose forward draws from torch's RNG
     model = tmp_path / "tiny-dropout.json"
     model.write_text(json.dumps(cfg))
@@ -141,9 +138,9 @@ def test_resume_continues_the_same_run_exactly(small_manifest, tmp_path):
     assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"], rel=1e-6)
 
 
-def test_resume_refuses_changed_settings_and_new_run_refuses_used_folder(small_manifest, tmp_path):
+def test_resume_refuses_changed_settings_and_new_run_refuses_used_folder(tiny, small_manifest, tmp_path):
     common = dict(
-        source=str(small_manifest), model=TINY, epochs=1, batch_size=32, augment=False, workers=0, max_steps=1
+        source=str(small_manifest), model=tiny.config, epochs=1, batch_size=32, augment=False, workers=0, max_steps=1
     )
     train(TrainConfig(out=str(tmp_path / "r"), **common))
     with pytest.raises(UserError, match="batch_size"):
@@ -162,19 +159,24 @@ def test_resume_refuses_changed_settings_and_new_run_refuses_used_folder(small_m
         (dict(unlock_text_last=1), "only makes sense with --lock-text"),
     ],
 )
-def test_user_errors(small_manifest, tmp_path, bad, match):
+def test_user_errors(tiny, small_manifest, tmp_path, bad, match):
     cfg = dict(
-        source=str(small_manifest), out=str(tmp_path / "x"), model=TINY, epochs=1, batch_size=32, workers=0, max_steps=1
+        source=str(small_manifest),
+        out=str(tmp_path / "x"),
+        model=tiny.config,
+        epochs=1,
+        batch_size=32,
+        workers=0,
+        max_steps=1,
     )
     with pytest.raises(UserError, match=match):
         train(TrainConfig(**{**cfg, **bad}))
 
 
-def test_lock_with_unlocked_last_blocks():
-    from retriever.models.load import load_model
+def test_lock_with_unlocked_last_blocks(tiny):
     from retriever.training.start import configure_trainable
 
-    model = load_model(TINY).model
+    model = tiny.load().model
     # open_clip's grouping: for its native towers the projection is the last group, so 2 = last block + projection.
     cfg = TrainConfig(source="-", out="-", lock_image=True, unlock_image_last=2, lock_text=True, unlock_text_last=2)
     configure_trainable(model, cfg)
@@ -186,7 +188,7 @@ def test_lock_with_unlocked_last_blocks():
     assert not any(n.startswith("transformer.resblocks.0.") or n == "token_embedding.weight" for n in trainable)
 
 
-def test_cli_train_eval_embed_index_search(small_manifest, tmp_path):
+def test_cli_train_eval_embed_index_search(tiny, small_manifest, tmp_path):
     """A fine-tuned checkpoint goes straight into embed → index → search."""
     from typer.testing import CliRunner
 
@@ -202,7 +204,7 @@ def test_cli_train_eval_embed_index_search(small_manifest, tmp_path):
             "--out",
             str(run),
             "--model",
-            TINY,
+            tiny.config,
             "--epochs",
             "2",
             "--batch-size",
@@ -238,7 +240,7 @@ def test_cli_train_eval_embed_index_search(small_manifest, tmp_path):
     hits = json.loads(r.output)
     assert len(hits) == 3 and all(h["path"].endswith(".png") for h in hits)
 
-    r = runner.invoke(app, ["train", str(small_manifest), "--out", str(run), "--model", TINY])
+    r = runner.invoke(app, ["train", str(small_manifest), "--out", str(run), "--model", tiny.config])
     assert r.exit_code == 1 and "already holds a run" in r.output
 
 
@@ -289,13 +291,13 @@ def test_cached_features_train_heads_only_and_match_the_saved_model(emoji_split,
     assert np.isfinite(result.best_score)
 
 
-def test_siglip_gradcache_and_checkpointing_run_and_reload(small_manifest, tmp_path):
+def test_siglip_gradcache_and_checkpointing_run_and_reload(tiny, small_manifest, tmp_path):
     import open_clip
 
     cfg = TrainConfig(
         source=str(small_manifest),
         out=str(tmp_path / "s"),
-        model=TINY,
+        model=tiny.config,
         epochs=1,
         batch_size=32,
         micro_batch=8,

@@ -79,6 +79,7 @@ def read_manifest(
         return []
     columns = list(rows[0].keys())
     img_col = _pick_column(columns, image_column, IMAGE_COLUMN_GUESSES, "image", path)
+    assert img_col is not None  # required=True raises instead of returning None
     cap_col = _pick_column(columns, caption_column, CAPTION_COLUMN_GUESSES, "caption", path, required=False)
     base = path.resolve().parent
     by_path: dict[str, list[str]] = {}

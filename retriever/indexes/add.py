@@ -30,6 +30,7 @@ from retriever.identity import ModelIdentity
 from retriever.indexes import ondisk
 from retriever.indexes.build import BuildProgress, add_batches
 from retriever.indexes.manifest import MANIFEST, IndexManifest, read_manifest
+from retriever.indexes.settings import configure_faiss
 from retriever.shards import ShardSet
 
 
@@ -41,6 +42,7 @@ def add_to_index(
     batch_size: int = 16_384,
     progress: BuildProgress | None = None,
 ) -> IndexManifest:
+    configure_faiss()
     index_dir = Path(index_dir).expanduser()
     manifest = read_manifest(index_dir)
     ss = new_shards if isinstance(new_shards, ShardSet) else ShardSet(new_shards)

@@ -26,6 +26,7 @@ from retriever.indexes import memory as select
 from retriever.indexes.choose import FLAT_MAX, IndexSpec, choose_index
 from retriever.indexes.manifest import MANIFEST, MODALITIES, IndexManifest, ModalityIndex
 from retriever.indexes.rerank import OWN_PARAMS, VectorStore, VectorWriter, search_index
+from retriever.indexes.settings import configure_faiss
 from retriever.shards import ShardSet
 
 ROWS_SCHEMA = pa.schema([("id", pa.int64()), ("path", pa.string()), ("caption", pa.string())])
@@ -56,6 +57,7 @@ def build_index(
     progress: BuildProgress | None = None,
 ) -> IndexManifest:
     """Build an image index, and a text index where captions exist; write the folder atomically."""
+    configure_faiss()
     cfg = config or BuildConfig()
     if cfg.target_recall is not None and not 0 < cfg.target_recall <= 1:
         raise UserError("--target-recall must be between 0 and 1, e.g. 0.95.")
@@ -286,7 +288,7 @@ def tune_index(index: faiss.Index, entry: ModalityIndex, folder: Path, ss: Shard
             queries,
             truth,
             k,
-            cfg.target_recall,
+            cfg.target_recall or 0.0,  # only called when a target is set
             tune.grid(entry.factory, entry.count, k, entry.rerank),
             exclude,
         )

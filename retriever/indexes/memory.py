@@ -42,7 +42,7 @@ def format_bytes(n: float) -> str:
 
 def _ivf_parts(spec: IndexSpec, n: int, d: int) -> tuple[int, int, int]:
     """(nlist, bytes per stored code, fixed bytes of quantizer/codebooks/rotation)."""
-    nlist = int(re.search(r"IVF(\d+)", spec.factory).group(1))
+    nlist = int(re.findall(r"IVF(\d+)", spec.factory)[0])
     fixed = 4 * nlist * d + 48 * nlist  # centroids + per-list vector headers
     if "_HNSW" in spec.factory:
         fixed += nlist * 8 * 32 * 2  # the quantizer's graph (2·M links on level 0)
@@ -140,7 +140,7 @@ def choose_for_budget(
     if max_memory is None:
         spec = cands[0]
         return replace(spec, memory_bytes=estimate_bytes(spec, n, d))
-    best_need = None
+    best_need: tuple[int, IndexSpec] | None = None
     for spec in cands:
         spec = _fit_training(spec, n, d, max_memory)
         need = max(estimate_bytes(spec, n, d), estimate_build_bytes(spec, n, d))
@@ -148,6 +148,7 @@ def choose_for_budget(
             return replace(spec, memory_bytes=estimate_bytes(spec, n, d))
         if best_need is None or need < best_need[0]:
             best_need = (need, spec)
+    assert best_need is not None  # candidates() is never empty
     need, spec = best_need
     what = "any index" if index_type == "auto" else f"{'an' if index_type[0] in 'aeiou' else 'a'} {index_type} index"
     raise UserError(

@@ -58,7 +58,7 @@ def grid(factory: str, ntotal: int, k: int, rerank: str = "") -> list[list[dict]
         return [[{}]]
     if factory.startswith("HNSW"):
         return [[{"efSearch": e} for e in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024) if e >= k]]
-    nlist = int(re.search(r"IVF(\d+)", factory).group(1))
+    nlist = int(re.findall(r"IVF(\d+)", factory)[0])
     probes = [
         p for p in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048) if p <= nlist
     ]

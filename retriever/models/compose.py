@@ -40,6 +40,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -87,8 +88,8 @@ def _timm_preprocess(model_name: str, image_size: int) -> dict:
     if not timm.is_model(model_name):
         raise ValueError(f"timm has no model named {model_name!r}.")
     pcfg = timm.get_pretrained_cfg(model_name)
-    pcfg = pcfg.to_dict() if pcfg is not None else {"input_size": (3, image_size, image_size)}
-    data_cfg = resolve_data_config(pretrained_cfg=pcfg)
+    pcfg_dict = pcfg.to_dict() if pcfg is not None else {"input_size": (3, image_size, image_size)}
+    data_cfg = resolve_data_config(pretrained_cfg=pcfg_dict)
     return {
         "size": image_size,
         "mode": "RGB",
@@ -180,7 +181,7 @@ def _hf_offline() -> Iterator[None]:
     for k, v in saved_env.items():
         if v is None:
             os.environ[k] = "1"
-    hub_constants = None
+    hub_constants: Any = None
     saved_flag = None
     if saved_env["HF_HUB_OFFLINE"] is None and saved_env["TRANSFORMERS_OFFLINE"] is None:
         try:
@@ -316,6 +317,7 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Image weights file not found: {path}")
+    sd: Any
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

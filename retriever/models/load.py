@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 class LoadedModel:
     """An open_clip model ready to encode, with its transforms, tokenizer and identity."""
 
-    model: torch.nn.Module
+    model: Any  # an open_clip CLIP-like nn.Module; Any because open_clip is untyped (encode_image etc.)
     preprocess: Callable  # eval transform: PIL RGB image -> tensor
     preprocess_train: Callable  # open_clip's augmenting train transform
     tokenizer: Callable
@@ -284,7 +284,7 @@ def _register_config(model_cfg: dict[str, Any]) -> str:
     return name
 
 
-def _embed_dim(net: torch.nn.Module, config: dict[str, Any]) -> int:
+def _embed_dim(net: Any, config: dict[str, Any]) -> int:
     dim = config.get("model_cfg", {}).get("embed_dim")
     if dim is None:
         dim = getattr(net, "embed_dim", None) or net.text_projection.shape[-1]

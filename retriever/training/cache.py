@@ -17,6 +17,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,8 @@ class TowerSplit:
 
 def split_towers(model: torch.nn.Module) -> TowerSplit:
     """Trunk/head of a composed (timm image, HF text) open_clip model whose trunks are locked."""
-    visual, text = getattr(model, "visual", None), getattr(model, "text", None)
+    visual: Any = getattr(model, "visual", None)
+    text: Any = getattr(model, "text", None)
     if not (
         hasattr(visual, "trunk") and hasattr(visual, "head") and hasattr(text, "transformer") and hasattr(text, "proj")
     ):
@@ -118,8 +120,8 @@ def compute_tower_features(
         path = Path(cache_dir) / f"{name}-{cache_key(encoder, split, items)}.safetensors"
         if path.is_file():
             t = load_file(str(path))
-            kept = [items[int(i)] for i in t["kept"]]
-            return CachedSplit(kept, t["image"], t["text"], t["caption_start"], len(items) - len(kept))
+            cached = [items[int(i)] for i in t["kept"]]
+            return CachedSplit(cached, t["image"], t["text"], t["caption_start"], len(items) - len(cached))
 
     for trunk in split.trunks:
         trunk.eval()
@@ -130,7 +132,7 @@ def compute_tower_features(
         collate_fn=collate_decoded,
     )
     total = len(items) + sum(len(it.captions) for it in items)
-    done, kept, img_feats = 0, [], []
+    done, kept, img_feats = 0, list[int](), []
     for batch in loader:
         done += len(batch.indices) + len(batch.errors)
         if batch.pixels is not None:

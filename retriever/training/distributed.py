@@ -65,9 +65,9 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         world, rank = dist.get_world_size(), dist.get_rank()
-        counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
-        dist.all_gather(counts, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
-        counts = [int(c) for c in counts]
+        count_tensors = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+        dist.all_gather(count_tensors, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
+        counts = [int(c) for c in count_tensors]
         most = max(counts)
         padded = x.new_zeros((most, *x.shape[1:]))
         padded[: x.shape[0]] = x

@@ -11,6 +11,7 @@ come out exact).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,7 @@ def siglip_loss(
     return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
 
 
-def contrastive_loss(kind: str, image: torch.Tensor, text: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+def contrastive_loss(kind: str, image: torch.Tensor, text: torch.Tensor, model: Any) -> torch.Tensor:
     """The loss named `kind`, with the loss parameters taken from `model`."""
     if kind == "infonce":
         return infonce_loss(image, text, model.logit_scale)
@@ -67,7 +68,7 @@ def loss_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in (getattr(model, "logit_scale", None), getattr(model, "logit_bias", None)) if p is not None]
 
 
-def ensure_logit_bias(model: torch.nn.Module, config: dict, init: float = SIGLIP_INIT_LOGIT_BIAS) -> None:
+def ensure_logit_bias(model: Any, config: dict, init: float = SIGLIP_INIT_LOGIT_BIAS) -> None:
     """Give an open_clip CLIP a learnable SigLIP bias and record it in its config.
 
     open_clip creates `logit_bias` only when the config has `init_logit_bias`; setting both keeps the

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -82,7 +83,7 @@ def compose_to_folder(
     return save_checkpoint(folder, model, config)
 
 
-def configure_trainable(model: torch.nn.Module, cfg) -> None:
+def configure_trainable(model: Any, cfg) -> None:
     """Apply --lock-image/--lock-text (keeping the last N blocks trainable) and grad checkpointing."""
     if cfg.unlock_image_last and not cfg.lock_image:
         raise UserError("--unlock-image-last only makes sense with --lock-image.")

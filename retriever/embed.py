@@ -23,22 +23,42 @@ from retriever import __version__
 from retriever.atomic import write_bytes_atomic, write_json_atomic
 from retriever.data.loading import DecodedBatch, ImageDataset, collate_decoded, default_workers
 from retriever.data.sources import SourceItem
-from retriever.errors import UserError
+from retriever.errors import ConfigError, UserError
 from retriever.models.encode import encode_image_tensors, encode_texts
 from retriever.models.load import LoadedModel
-from retriever.shards import ERRORS_FILE, SHARD_GLOB, shard_name, shard_number, shard_schema, write_shard
+from retriever.shards import DTYPES, ERRORS_FILE, SHARD_GLOB, shard_name, shard_number, shard_schema, write_shard
 
 JOB_FILE = "_embed_job.json"
 
 
 @dataclass
 class EmbedConfig:
+    """How `embed_items` writes shards.
+
+    Args:
+        shard_size: rows per Parquet shard (the unit of resuming).
+        batch_size: images per encoder batch; text_batch_size: captions per text-encoder batch.
+        num_workers: image-decoding worker processes (0: decode in the main process).
+        dtype: embedding storage, "float32" or "float16".
+        overwrite: discard shards made with other arguments instead of refusing.
+    """
+
     shard_size: int = 10_000
     batch_size: int = 32
     text_batch_size: int = 256
-    num_workers: int = field(default_factory=default_workers)  # decode processes; 0: in the main process
-    dtype: str = "float32"  # embedding storage: float32 or float16
-    overwrite: bool = False  # discard shards made with other arguments instead of refusing
+    num_workers: int = field(default_factory=default_workers)
+    dtype: str = "float32"
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        """Raise `ConfigError` (naming the parameter) for settings that cannot work."""
+        for name in ("shard_size", "batch_size", "text_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1.", name)
+        if self.num_workers < 0:
+            raise ConfigError("num_workers must be 0 or more.", "num_workers")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be {' or '.join(DTYPES)}, not {self.dtype!r}.", "dtype")
 
 
 @dataclass
@@ -68,8 +88,7 @@ def embed_items(
 ) -> EmbedResult:
     """Embed every item into shards under `out_dir`, resuming whatever a previous run finished."""
     cfg = config or EmbedConfig()
-    if cfg.shard_size < 1 or cfg.batch_size < 1:
-        raise UserError("--shard-size and --batch-size must be at least 1.")
+    cfg.validate()
     if not items:
         raise UserError("Nothing to embed: the source is empty.")
     out = Path(out_dir).expanduser()

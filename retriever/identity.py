@@ -28,7 +28,7 @@ class ModelIdentity:
     def from_dict(cls, d: dict[str, Any]) -> ModelIdentity:
         return cls(d["name"], d.get("pretrained"), d["weights_sha256"], int(d["embed_dim"]))
 
-    def describe(self) -> str:
+    def label(self) -> str:
         w = self.pretrained or ("its folder's weights" if self.name.startswith("local-dir:") else "random init")
         return f"{self.name} ({w}, sha256 {self.weights_sha256[:12]}, dim {self.embed_dim})"
 
@@ -36,6 +36,6 @@ class ModelIdentity:
         """Refuse to mix vectors of two different models."""
         if self.weights_sha256 != other.weights_sha256 or self.embed_dim != other.embed_dim:
             raise ModelMismatchError(
-                f"{what} was made with model {other.describe()}, "
-                f"but the model in use is {self.describe()}; use the same model for both."
+                f"{what} was made with model {other.label()}, "
+                f"but the model in use is {self.label()}; use the same model for both."
             )

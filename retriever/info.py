@@ -1,4 +1,4 @@
-"""Describe a shard folder or an index folder (what `retriever info` prints)."""
+"""What a shard folder or an index folder holds (what `retriever info` prints): `folder_info(path)`."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ from pathlib import Path
 from typing import Any
 
 from retriever.errors import UserError
-from retriever.indexes.manifest import MANIFEST, read_manifest
+from retriever.indexes.manifest import MANIFEST, read_index_manifest
 from retriever.shards import ERRORS_FILE, ShardSet
 
 
-def describe(path: str | Path) -> dict[str, Any]:
+def folder_info(path: str | Path) -> dict[str, Any]:
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"{p} does not exist.")
     if (p / MANIFEST).is_file():
-        m = read_manifest(p)
+        m = read_index_manifest(p)
         size = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
         return {"kind": "index", "path": str(p.resolve()), "bytes": size, **m.to_dict()}
     ss = ShardSet(p)

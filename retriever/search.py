@@ -15,7 +15,7 @@ from retriever.errors import UserError
 from retriever.identity import ModelIdentity
 from retriever.indexes import gpu, ondisk
 from retriever.indexes.build import set_search_params
-from retriever.indexes.manifest import IndexManifest, ModalityIndex, read_manifest
+from retriever.indexes.manifest import IndexManifest, ModalityIndex, read_index_manifest
 from retriever.indexes.rerank import VectorStore, search_index
 from retriever.indexes.settings import configure_faiss
 
@@ -54,7 +54,7 @@ class Retriever:
     ):
         configure_faiss()
         self.index_dir = Path(index_dir).expanduser()
-        self.manifest: IndexManifest = read_manifest(self.index_dir)
+        self.manifest: IndexManifest = read_index_manifest(self.index_dir)
         self.identity = ModelIdentity.from_dict(self.manifest.model)
         if model is not None:
             model.identity.check_same(self.identity, f"Index {self.index_dir}")
@@ -78,7 +78,7 @@ class Retriever:
                 encoder = load_model(self.identity.name, self.identity.pretrained, device=self._device)
             except UserError as e:
                 raise UserError(
-                    f"Could not load the index's model {self.identity.describe()} ({e}); pass it with --model."
+                    f"Could not load the index's model {self.identity.label()} ({e}); pass it with --model."
                 ) from e
             encoder.identity.check_same(self.identity, f"Index {self.index_dir}")
             self._model = encoder

@@ -1,6 +1,7 @@
 """The `retriever` command end to end on 64 real Twemoji images (tiny random-init model)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -99,3 +100,42 @@ def test_console_script_exit_code_without_traceback(tmp_path):
     )
     assert proc.returncode == 1
     assert "Error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_library_errors_name_parameters_and_the_cli_says_flags(tmp_path):
+    from retriever.errors import ConfigError
+    from retriever.training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="unlock_text_last only makes sense with lock_text"):
+        TrainConfig(source="-", out="-", unlock_text_last=1).validate()
+    res = run("train", tmp_path, "--out", tmp_path / "run", "--unlock-text-last", "1", code=1)
+    assert "--unlock-text-last only makes sense with --lock-text" in " ".join(res.stderr.split())
+
+
+@pytest.mark.parametrize("command", ["embed", "index", "search", "info", "train", "eval", "demo"])
+def test_every_flag_reads_in_full_at_80_columns(command):
+    env = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
+    res = subprocess.run(
+        [sys.executable, "-m", "retriever", command, "--help"], env=env, capture_output=True, text=True, check=True
+    )
+    # Option rows: "│ *  --out  -o  <path>  help…"; names and metavars sit in the first half of the row.
+    rows = [line for line in res.stdout.splitlines() if line[2:].lstrip()[:1] in ("-", "*")]
+    assert rows and all(len(line) <= 80 for line in res.stdout.splitlines())
+    cut = [row for row in rows if "…" in row[:40]]
+    assert not cut, "\n".join(cut)
+
+
+def test_cli_quiets_open_clip_chatter_but_not_retriever_warnings(caplog):
+    import logging
+
+    import open_clip.factory
+
+    from retriever.cli.common import quiet_library_logs
+
+    quiet_library_logs()
+    root = logging.getLogger()
+    chatter = root.makeRecord("root", logging.WARNING, open_clip.factory.__file__, 1, "open_clip chatter", None, None)
+    root.handle(chatter)
+    logging.getLogger("retriever.training.loop").warning("Skipped an unreadable training image: x.png")
+    shown = [r.getMessage() for r in caplog.records]
+    assert "Skipped an unreadable training image: x.png" in shown and "open_clip chatter" not in shown

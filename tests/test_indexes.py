@@ -8,7 +8,7 @@ import pytest
 from retriever.data.sources import read_source
 from retriever.embed import EmbedConfig, embed_items
 from retriever.errors import ModelMismatchError, UserError
-from retriever.indexes import BuildConfig, build_index, choose_index, read_manifest
+from retriever.indexes import BuildConfig, build_index, choose_index, read_index_manifest
 from retriever.indexes.choose import ivf_nlist
 from retriever.models.load import load_model
 from retriever.search import Retriever
@@ -30,7 +30,7 @@ def index_dir(tmp_path_factory, shards):
 
 
 def test_manifest_records_model_counts_and_rows(index_dir, shards, tiny_model):
-    m = read_manifest(index_dir)
+    m = read_index_manifest(index_dir)
     assert m.model == tiny_model.identity.to_dict()
     assert set(m.indexes) == {"image", "text"}
     for entry in m.indexes.values():
@@ -102,7 +102,7 @@ def test_no_captions_means_no_text_index_and_a_clear_error(tmp_path, tiny_model,
 @pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
 def test_approximate_index_types_find_exact_copies(tmp_path, shards, tiny_model, index_type):
     build_index(shards, tmp_path / "i", BuildConfig(index_type=index_type))
-    m = read_manifest(tmp_path / "i")
+    m = read_index_manifest(tmp_path / "i")
     assert m.indexes["image"].factory.lower().startswith(index_type)
     r = Retriever(tmp_path / "i", tiny_model)
     vecs = np.concatenate([v for v, _ in ShardSet(shards).iter_vectors("image")])

@@ -155,8 +155,8 @@ def test_resume_refuses_changed_settings_and_new_run_refuses_used_folder(tiny, s
         (dict(batch_size=1000), "larger than"),
         (dict(cache_features=True, lock_image=True, lock_text=True), "composed from towers"),
         (dict(cache_features=True), "fully locked"),
-        (dict(image_tower="timm:resnet18"), "both --image-tower"),
-        (dict(unlock_text_last=1), "only makes sense with --lock-text"),
+        (dict(image_tower="timm:resnet18"), "both image_tower"),
+        (dict(unlock_text_last=1), "only makes sense with lock_text"),
     ],
 )
 def test_user_errors(tiny, small_manifest, tmp_path, bad, match):

@@ -8,6 +8,7 @@ import sys
 import typer
 
 from retriever.cli import demo, embed, evaluate, index, info, search, train
+from retriever.cli.common import quiet_library_logs
 
 app = typer.Typer(
     help="Contrastive cross-modal retrieval: embed image collections, index them, search by text or image.",
@@ -24,6 +25,7 @@ def quiet_libraries() -> None:
     # transformers' load reports and hub progress bars are noise on our console; users can override.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    quiet_library_logs()
 
 
 app.command(name="embed")(embed.embed)

@@ -54,7 +54,7 @@ def eval_cmd(
     if as_json:
         out.print_json(json.dumps({"model": encoder.identity.to_dict(), **result.to_dict()}))
         return
-    out.print(recall_table(result.metrics, f"{encoder.identity.describe()} on {source}"))
+    out.print(recall_table(result.metrics, f"{encoder.identity.label()} on {source}"))
     if result.skipped:
         err.print(
             f"[yellow]Skipped {len(result.skipped)} unreadable image(s)[/yellow], e.g. {result.skipped[0]}",

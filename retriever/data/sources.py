@@ -47,7 +47,7 @@ def read_source(
     if path.is_dir():
         items = read_folder(path)
     elif path.suffix.lower() in MANIFEST_SUFFIXES:
-        items = read_manifest(path, image_column=image_column, caption_column=caption_column)
+        items = read_source_manifest(path, image_column=image_column, caption_column=caption_column)
     else:
         raise UserError(f"Source {path} is neither a folder nor a manifest ({', '.join(sorted(MANIFEST_SUFFIXES))}).")
     if not items:
@@ -70,7 +70,7 @@ def read_folder(root: Path) -> list[SourceItem]:
     return items
 
 
-def read_manifest(
+def read_source_manifest(
     path: Path, *, image_column: str | None = None, caption_column: str | None = None
 ) -> list[SourceItem]:
     """Rows of a manifest; rows naming the same image merge, keeping every caption in order."""

@@ -29,7 +29,7 @@ from retriever.errors import UserError
 from retriever.identity import ModelIdentity
 from retriever.indexes import ondisk
 from retriever.indexes.build import BuildProgress, add_batches
-from retriever.indexes.manifest import MANIFEST, IndexManifest, read_manifest
+from retriever.indexes.manifest import MANIFEST, IndexManifest, read_index_manifest
 from retriever.indexes.settings import configure_faiss
 from retriever.shards import ShardSet
 
@@ -44,7 +44,7 @@ def add_to_index(
 ) -> IndexManifest:
     configure_faiss()
     index_dir = Path(index_dir).expanduser()
-    manifest = read_manifest(index_dir)
+    manifest = read_index_manifest(index_dir)
     ss = new_shards if isinstance(new_shards, ShardSet) else ShardSet(new_shards)
     ModelIdentity.from_dict(manifest.model).check_same(ss.identity, f"Shard folder {ss.folder}")
     if ss.count("text") and "text" not in manifest.indexes:

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from retriever import __version__
 from retriever.atomic import atomic_dir, write_json_atomic
-from retriever.errors import UserError
+from retriever.errors import ConfigError, UserError
 from retriever.indexes import gpu, ondisk, tune
 from retriever.indexes import memory as select
 from retriever.indexes.choose import FLAT_MAX, IndexSpec, choose_index
@@ -48,6 +48,15 @@ class BuildConfig:
     k: int = 10
     tune_queries: int = 1000  # queries drawn from the data for tuning
 
+    def validate(self) -> None:
+        """Raise `ConfigError` (naming the parameter) for settings that cannot work."""
+        if self.target_recall is not None and not 0 < self.target_recall <= 1:
+            raise ConfigError("target_recall must be between 0 and 1, e.g. 0.95.", "target_recall")
+        if self.k < 1:
+            raise ConfigError("k must be at least 1.", "k")
+        if self.batch_size < 1 or self.tune_queries < 1:
+            raise ConfigError("batch_size and tune_queries must be at least 1.", "batch_size", "tune_queries")
+
 
 def build_index(
     shards: str | Path | ShardSet,
@@ -59,10 +68,7 @@ def build_index(
     """Build an image index, and a text index where captions exist; write the folder atomically."""
     configure_faiss()
     cfg = config or BuildConfig()
-    if cfg.target_recall is not None and not 0 < cfg.target_recall <= 1:
-        raise UserError("--target-recall must be between 0 and 1, e.g. 0.95.")
-    if cfg.k < 1:
-        raise UserError("--k must be at least 1.")
+    cfg.validate()
     ss = shards if isinstance(shards, ShardSet) else ShardSet(shards)
     out = Path(out_dir).expanduser()
     specs = {m: plan_index(ss.count(m), ss.dim, cfg) for m in modalities if ss.count(m)}

@@ -153,7 +153,7 @@ def choose_for_budget(
     what = "any index" if index_type == "auto" else f"{'an' if index_type[0] in 'aeiou' else 'a'} {index_type} index"
     raise UserError(
         f"{format_bytes(max_memory)} is too little for {what} over {n:,} vectors of dim {d}: the smallest "
-        f"({describe(spec)}) needs about {format_bytes(need)}; raise --max-memory."
+        f"({spec_label(spec)}) needs about {format_bytes(need)}; raise --max-memory."
     )
 
 
@@ -168,7 +168,7 @@ def _fit_training(spec: IndexSpec, n: int, d: int, budget: int) -> IndexSpec:
     return replace(spec, train_size=int(max(minimum, min(spec.train_size, affordable))))
 
 
-def describe(spec: IndexSpec) -> str:
+def spec_label(spec: IndexSpec) -> str:
     extra = []
     if spec.rerank == "mmap":
         extra.append("re-ranked from vectors on disk")
@@ -181,7 +181,7 @@ __all__ = [
     "block_rows",
     "candidates",
     "choose_for_budget",
-    "describe",
+    "spec_label",
     "estimate_build_bytes",
     "estimate_bytes",
     "format_bytes",

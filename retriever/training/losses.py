@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from retriever.training.config import LOSSES
 from retriever.training.distributed import gather_with_grad
 
 # CLIP's initial temperature 0.07 and its cap of 100 on the logit scale (Radford et al. 2021).
@@ -24,8 +25,6 @@ MAX_LOGIT_SCALE = math.log(100)
 # SigLIP's initialisation: t' = log 10, b = -10 (Zhai et al. 2023, section 3.2).
 SIGLIP_INIT_LOGIT_SCALE = math.log(10)
 SIGLIP_INIT_LOGIT_BIAS = -10.0
-
-LOSSES = ("infonce", "siglip")
 
 
 def infonce_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,8 @@ class EmbedConfig:
 
 @dataclass
 class EmbedResult:
+    """What `embed_items` did: rows and shards in the folder, and what this run wrote or kept."""
+
     out_dir: str
     rows: int  # rows in the folder after this run
     errors: int  # images skipped (all runs)
@@ -86,7 +88,18 @@ def embed_items(
     config: EmbedConfig | None = None,
     progress: ProgressFn | None = None,
 ) -> EmbedResult:
-    """Embed every item into shards under `out_dir`, resuming whatever a previous run finished."""
+    """Embed every item into shards under `out_dir`, resuming whatever a previous run finished.
+
+    Args:
+        items: what to embed (`read_source`); an item's `index` becomes its row id.
+        encoder: the loaded model (`load_model`); its identity is stored with every shard.
+        out_dir: the shard folder; finished shards of an identical earlier run are kept.
+        config: shard size, batch sizes, workers, storage dtype (`EmbedConfig`).
+        progress: called after each batch with (images done, images to do) of this run.
+
+    Returns:
+        An `EmbedResult`; undecodable images are skipped and listed in `out_dir/_errors.jsonl`.
+    """
     cfg = config or EmbedConfig()
     cfg.validate()
     if not items:

@@ -18,6 +18,8 @@ from retriever.models.load import LoadedModel
 
 @dataclass
 class EvalResult:
+    """Recall@1/5/10 and ranks both ways (`metrics`) and the images that could not be decoded."""
+
     metrics: RetrievalMetrics
     skipped: list[str] = field(default_factory=list)  # images that could not be decoded
 
@@ -76,7 +78,14 @@ def evaluate(
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
-    """Recall@1/5/10 and ranks in both directions of `encoder` on `items`."""
+    """Recall@1/5/10 and ranks in both directions of `encoder` on `items`.
+
+    Args:
+        encoder: the model to evaluate (`load_model`).
+        items: image–caption pairs (`read_source`); every caption of an image counts as a match.
+        batch_size: images per forward pass; workers: image-decoding processes (0: in this one).
+        progress: called with (images done, images in all).
+    """
     es = embed_eval_set(encoder, items, batch_size=batch_size, workers=workers, progress=progress)
     metrics = retrieval_metrics(torch.from_numpy(es.image_emb), torch.from_numpy(es.text_emb), es.text_image)
     return EvalResult(metrics, es.skipped)

@@ -14,7 +14,14 @@ from retriever.errors import ModelMismatchError
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What produced a set of vectors. Stored with shards and indexes."""
+    """What produced a set of vectors. Stored with shards and indexes.
+
+    Attributes:
+        name: how to rebuild the architecture: hub name, `local-dir:PATH` or config-JSON path.
+        pretrained: tag, weights-file path, or None (local-dir / random init).
+        weights_sha256: content hash of the fp32 state dict: the real identity.
+        embed_dim: the vectors' dimension.
+    """
 
     name: str  # how to rebuild the architecture: hub name, `local-dir:PATH` or config-JSON path
     pretrained: str | None  # tag, weights-file path, or None (local-dir / random init)

@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # torch is imported only when a query has to be encoded
 
 @dataclass(slots=True)
 class SearchResult:
+    """One hit: its rank (1 = best), row id, cosine score, image path and caption."""
+
     rank: int
     id: int
     score: float  # cosine similarity (inner product of unit vectors)

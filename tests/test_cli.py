@@ -139,3 +139,12 @@ def test_cli_quiets_open_clip_chatter_but_not_retriever_warnings(caplog):
     logging.getLogger("retriever.training.loop").warning("Skipped an unreadable training image: x.png")
     shown = [r.getMessage() for r in caplog.records]
     assert "Skipped an unreadable training image: x.png" in shown and "open_clip chatter" not in shown
+
+
+def test_package_exports_what_the_readme_documents():
+    import retriever
+
+    assert sorted(retriever._EXPORTS) + ["__version__"] == retriever.__all__  # the lazy table and __all__ agree
+    for name in retriever.__all__:
+        assert getattr(retriever, name) is not None, name
+    assert {"train", "TrainConfig", "evaluate", "add_to_index"} <= set(retriever.__all__)

@@ -23,6 +23,15 @@ CAPTION_COLUMN_GUESSES = ("caption", "text", "captions", "title", "description")
 
 @dataclass(frozen=True)
 class SourceItem:
+    """One image of a source.
+
+    Attributes:
+        index: position in the source: the row id in shards.
+        path: absolute path of the image file.
+        captions: every caption known for the image (training samples one per epoch).
+        metadata: extra per-item columns that shards keep beside the vectors.
+    """
+
     index: int  # position in the source: the row id in shards
     path: str  # absolute path of the image file
     captions: tuple[str, ...] = ()  # every caption known for the image (training samples one)
@@ -40,7 +49,16 @@ def read_source(
     image_column: str | None = None,
     caption_column: str | None = None,
 ) -> list[SourceItem]:
-    """Read a folder (recursive) or a CSV/TSV/JSONL/Parquet manifest into ordered items."""
+    """Read a folder (recursive) or a CSV/TSV/JSONL/Parquet manifest into ordered items.
+
+    Args:
+        source: a folder (every image below it; a same-name .txt file is its caption) or a manifest
+            file with one row per image–caption pair (rows naming one image merge their captions).
+        image_column, caption_column: the manifest's columns; guessed from common names when None.
+
+    Returns:
+        `SourceItem`s in a stable order; `item.index` is the row id shards and indexes use.
+    """
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"Source {path} does not exist.")

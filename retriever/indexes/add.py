@@ -42,6 +42,18 @@ def add_to_index(
     batch_size: int = 16_384,
     progress: BuildProgress | None = None,
 ) -> IndexManifest:
+    """Append the rows of `new_shards` to an existing index folder without retraining it.
+
+    Args:
+        index_dir: the index folder (`build_index`); rewritten atomically.
+        new_shards: a shard folder (or `ShardSet`) made with the index's model.
+        renumber: shift the new row ids past the index's largest id instead of refusing clashing ids.
+        batch_size: vectors added per faiss call.
+        progress: called with (modality, rows done, rows to do).
+
+    Returns:
+        The new `IndexManifest`.
+    """
     configure_faiss()
     index_dir = Path(index_dir).expanduser()
     manifest = read_index_manifest(index_dir)

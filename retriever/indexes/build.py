@@ -37,6 +37,18 @@ BuildProgress = Callable[[str, int, int], None]
 
 @dataclass
 class BuildConfig:
+    """How `build_index` builds (each field's comment says what it does).
+
+    Attributes:
+        index_type: "auto" chooses by size and memory; or flat, hnsw, ivf, ivfpq, opq.
+        flat_max: "auto" stays exact (flat) up to this many vectors.
+        use_gpu: build on the GPU (None: when faiss has GPU support and sees one).
+        batch_size: vectors added per faiss call; seed: seed of training samples.
+        max_memory: bytes the index may use (None: no limit); on_disk: force on-disk inverted lists.
+        target_recall: tune search parameters to reach this recall@k (None: no tuning); k: that k.
+        tune_queries: queries drawn from the data for tuning.
+    """
+
     index_type: str = "auto"  # auto | flat | hnsw | ivf | ivfpq | opq
     flat_max: int = FLAT_MAX
     use_gpu: bool | None = None  # None: when faiss has GPU support and sees a GPU
@@ -65,7 +77,18 @@ def build_index(
     modalities: Sequence[str] = MODALITIES,
     progress: BuildProgress | None = None,
 ) -> IndexManifest:
-    """Build an image index, and a text index where captions exist; write the folder atomically."""
+    """Build an image index, and a text index where captions exist; write the folder atomically.
+
+    Args:
+        shards: a shard folder (`embed_items`) or an open `ShardSet`.
+        out_dir: the index folder to write (replaced atomically).
+        config: index type, memory budget, recall target, GPU use (`BuildConfig`).
+        modalities: which indexes to build, of "image" and "text".
+        progress: called with (modality, rows done, rows to do).
+
+    Returns:
+        The `IndexManifest` written to `out_dir/manifest.json`.
+    """
     configure_faiss()
     cfg = config or BuildConfig()
     cfg.validate()

@@ -41,7 +41,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoadedModel:
-    """An open_clip model ready to encode, with its transforms, tokenizer and identity."""
+    """An open_clip model ready to encode, with its transforms, tokenizer and identity.
+
+    Attributes:
+        model: the open_clip CLIP-like module (eval mode, on `device`).
+        preprocess: eval transform, PIL RGB image -> tensor; preprocess_train: open_clip's
+            augmenting train transform.
+        tokenizer: strings -> token tensor.
+        identity: what the vectors are comparable with (`ModelIdentity`).
+        device, precision: where and how it runs ("fp32" on the CPU; "fp16"/"bf16" autocast on a GPU).
+        config: the open_clip config, {"model_cfg": ..., "preprocess_cfg": ...}.
+    """
 
     model: Any  # an open_clip CLIP-like nn.Module; Any because open_clip is untyped (encode_image etc.)
     preprocess: Callable  # eval transform: PIL RGB image -> tensor
@@ -109,6 +119,12 @@ def load_model(
     `pretrained` is a tag (`laion2b_s34b_b79k`), a local weights file, or `"random"`. With the
     default hub model and no `pretrained`, the default tag is used; a config JSON without
     `pretrained` is randomly (but reproducibly, seed 0) initialised, which is what tests use.
+
+    Args:
+        model: open_clip hub name, model-config JSON path, or `local-dir:FOLDER` (open_clip files).
+        pretrained: see above; must be None for a `local-dir:` folder (it holds the weights).
+        device: "cuda" or "cpu"; default: cuda when torch sees a GPU.
+        precision: "fp32" (CPU), "fp16" or "bf16" (GPU autocast; default fp16 there).
     """
     import open_clip
 

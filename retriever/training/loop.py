@@ -83,6 +83,10 @@ class EpochInfo:
 
 @dataclass
 class TrainResult:
+    """Where a run's models are (run_dir, best_dir, last_dir), the best epoch and its val score,
+    the per-epoch history, test metrics (with a test split), steps taken, seconds, and whether
+    max_steps stopped it early."""
+
     run_dir: str
     best_dir: str
     last_dir: str

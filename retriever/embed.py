@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 from retriever import __version__
-from retriever.atomic import write_bytes_atomic, write_json_atomic
+from retriever.atomic import write_json_atomic
 from retriever.data.loading import DecodedBatch, ImageDataset, collate_decoded, default_workers
 from retriever.data.sources import SourceItem
 from retriever.errors import ConfigError, UserError
 from retriever.models.encode import encode_image_tensors, encode_texts
 from retriever.models.load import LoadedModel
-from retriever.shards import DTYPES, ERRORS_FILE, SHARD_GLOB, shard_name, shard_number, shard_schema, write_shard
+from retriever.shards import DTYPES, SHARD_GLOB, shard_name, shard_number, shard_schema, write_shard
+from retriever.skipped import ERRORS_FILE, SkippedImages, read_skipped, skipped_entry, write_skipped
 
 JOB_FILE = "_embed_job.json"
 
@@ -67,14 +68,12 @@ class EmbedResult:
 
     out_dir: str
     rows: int  # rows in the folder after this run
-    errors: int  # images skipped (all runs)
     shards: int
     shards_written: int  # by this run
     shards_resumed: int  # already complete and kept
     seconds: float
     images_per_second: float
-    errors_file: str | None
-    error_samples: list[dict] = field(default_factory=list)  # the first few, for display
+    skipped: SkippedImages = field(default_factory=SkippedImages)  # all runs' skipped images
 
 
 # Called after each batch with (images_done_in_this_run, total_to_do_in_this_run).
@@ -119,7 +118,7 @@ def embed_items(
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
     done = {shard_number(p.name) for p in out.glob(SHARD_GLOB)}
     todo = [k for k in range(n_shards) if k not in done]
-    errors = [e for e in _read_errors(out) if e["shard"] in done]
+    errors = [e for e in read_skipped(out) if e["shard"] in done]
 
     t0 = time.perf_counter()
     n_todo = sum(len(_shard_items(items, k, cfg.shard_size)) for k in todo)
@@ -130,7 +129,7 @@ def embed_items(
         for batch in batches:
             for pos, reason in batch.errors:
                 it = chunk[pos]
-                shard_errors.append({"id": it.index, "path": it.path, "reason": reason, "shard": k})
+                shard_errors.append(skipped_entry(it.path, reason, id=it.index, shard=k))
             if batch.pixels is not None:
                 vecs.append(encode_image_tensors(encoder, batch.pixels))
                 for pos in batch.indices:
@@ -147,7 +146,7 @@ def embed_items(
             txt[has_text] = encode_texts(encoder, [c for c in captions if c is not None], cfg.text_batch_size)
         # Errors first: if we die between the two writes, the rerun redoes this shard and rewrites them.
         errors.extend(shard_errors)
-        _write_errors(out, errors)
+        write_skipped(out, errors)
         write_shard(out / shard_name(k), schema, ids, paths, captions, img, txt, has_text)
 
     seconds = time.perf_counter() - t0
@@ -155,14 +154,12 @@ def embed_items(
     return EmbedResult(
         out_dir=str(out),
         rows=rows,
-        errors=len(errors),
         shards=n_shards,
         shards_written=len(todo),
         shards_resumed=n_shards - len(todo),
         seconds=seconds,
         images_per_second=n_seen / seconds if seconds > 0 and n_seen else 0.0,
-        errors_file=str(out / ERRORS_FILE) if errors else None,
-        error_samples=errors[:5],
+        skipped=SkippedImages(errors, str(out / ERRORS_FILE) if errors else None),
     )
 
 
@@ -246,18 +243,6 @@ def _prepare_out_dir(out: Path, job: dict, overwrite: bool) -> None:
     for stale in out.glob(".*.tmp"):  # left by a run killed mid-write (no `finally` survives kill -9)
         stale.unlink(missing_ok=True)
     write_json_atomic(job_path, job)
-
-
-def _read_errors(out: Path) -> list[dict]:
-    path = out / ERRORS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_errors(out: Path, errors: list[dict]) -> None:
-    if errors:
-        write_bytes_atomic(out / ERRORS_FILE, "".join(json.dumps(e) + "\n" for e in errors).encode())
 
 
 def _count_rows(out: Path) -> int:

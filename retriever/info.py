@@ -8,7 +8,8 @@ from typing import Any
 
 from retriever.errors import UserError
 from retriever.indexes.manifest import MANIFEST, read_index_manifest
-from retriever.shards import ERRORS_FILE, ShardSet
+from retriever.shards import ShardSet
+from retriever.skipped import ERRORS_FILE, read_skipped
 
 
 def folder_info(path: str | Path) -> dict[str, Any]:
@@ -20,8 +21,7 @@ def folder_info(path: str | Path) -> dict[str, Any]:
         size = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
         return {"kind": "index", "path": str(p.resolve()), "bytes": size, **m.to_dict()}
     ss = ShardSet(p)
-    errors = p / ERRORS_FILE
-    n_errors = sum(1 for line in errors.read_text().splitlines() if line.strip()) if errors.is_file() else 0
+    n_errors = len(read_skipped(p))
     return {
         "kind": "shards",
         "path": str(ss.folder),
@@ -30,7 +30,7 @@ def folder_info(path: str | Path) -> dict[str, Any]:
         "shards": len(ss.shards),
         "bytes": sum(s.path.stat().st_size for s in ss.shards),
         "skipped_images": n_errors,
-        "errors_file": str(errors) if n_errors else None,
+        "errors_file": str(p / ERRORS_FILE) if n_errors else None,
         **{k: v for k, v in ss.meta.items()},
     }
 

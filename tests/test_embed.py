@@ -21,7 +21,7 @@ def _rows(folder):
 def test_schema_metadata_and_row_counts(tmp_path, tiny_model, emoji_folder):
     items = read_source(emoji_folder)
     res = embed_items(items, tiny_model, tmp_path / "s", EmbedConfig(shard_size=20, num_workers=0))
-    assert (res.rows, res.shards, res.errors) == (64, 4, 0)
+    assert (res.rows, res.shards, res.skipped.count, res.skipped.file) == (64, 4, 0, None)
     files = sorted((tmp_path / "s").glob("part-*.parquet"))
     assert [f.name for f in files] == [f"part-0000{i}.parquet" for i in range(4)]
     schema = pq.read_schema(files[0])
@@ -54,7 +54,7 @@ def test_rows_without_caption_have_null_text_embedding(tmp_path, tiny_model, emo
 
 def test_bad_files_are_skipped_and_reported(tmp_path, tiny_model, broken_folder):
     res = embed_items(read_source(broken_folder), tiny_model, tmp_path / "s", EmbedConfig(num_workers=2, batch_size=4))
-    assert (res.rows, res.errors) == (6, 3)
+    assert (res.rows, res.skipped.count) == (6, 3) and res.skipped.file == str(tmp_path / "s" / ERRORS_FILE)
     errors = [json.loads(line) for line in (tmp_path / "s" / ERRORS_FILE).read_text().splitlines()]
     assert sorted(e["path"].rsplit("/", 1)[1] for e in errors) == ["empty.png", "not-an-image.jpg", "truncated.png"]
     assert all(e["reason"] for e in errors)

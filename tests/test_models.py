@@ -109,3 +109,29 @@ def test_cpu_refuses_half_precision(tiny):
         pytest.skip("has a GPU")
     with pytest.raises(UserError, match="needs a GPU"):
         tiny.load(precision="fp16")
+
+
+def test_folder_weights_hash_is_recorded_and_trusted_only_while_the_file_is_unchanged(tmp_path, tiny, monkeypatch):
+    from retriever.models import load as load_module
+    from retriever.models.folder import WEIGHTS_FILE, write_model_files
+
+    model = tiny.build(seed=3).eval()
+    folder = tmp_path / "m"
+    folder.mkdir()
+    write_model_files(folder, model, {"model_cfg": tiny.model_cfg, "preprocess_cfg": {}})
+    full = state_dict_sha256(model)
+
+    def no_full_hash(net):
+        raise AssertionError("hashed every parameter although the folder records the hash")
+
+    with monkeypatch.context() as m:
+        m.setattr(load_module, "state_dict_sha256", no_full_hash)
+        assert load_model(f"local-dir:{folder}").identity.weights_sha256 == full
+
+    # Other weights in the file (same size): the record no longer describes it, so the hash is recomputed.
+    state = {k: v.contiguous().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        next(iter(v for v in state.values() if v.is_floating_point())).view(-1)[0] += 1.0
+    save_file(state, folder / WEIGHTS_FILE)
+    reloaded = load_model(f"local-dir:{folder}")
+    assert reloaded.identity.weights_sha256 == state_dict_sha256(reloaded.model) != full

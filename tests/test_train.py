@@ -313,3 +313,31 @@ def test_siglip_gradcache_and_checkpointing_run_and_reload(tiny, small_manifest,
     plain, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     saved = _weights(folder)["logit_bias"]
     assert plain.logit_bias.item() == saved.item() != -10.0  # the bias trained and survived the reload
+
+
+def test_skipped_training_images_are_reported_once_like_embed(tiny, emoji_split, tmp_path):
+    """A broken image: one entry in RUN_DIR/_errors.jsonl (embed's format) and in the result, however many epochs."""
+    import dataclasses
+
+    from retriever.demo.emoji import write_manifest
+    from retriever.skipped import ERRORS_FILE, read_skipped
+
+    items = list(emoji_split[2][:40])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    items[3] = dataclasses.replace(items[3], path=str(broken))
+    manifest = write_manifest(items, tmp_path / "pairs.jsonl")
+    cfg = TrainConfig(
+        source=str(manifest),
+        out=str(tmp_path / "run"),
+        model=tiny.config,
+        epochs=2,
+        batch_size=16,
+        val_fraction=0.0,
+        augment=False,
+        workers=0,
+    )
+    result = train(cfg)
+    assert result.skipped.count == 1 and result.skipped.file == str(tmp_path / "run" / ERRORS_FILE)
+    (entry,) = read_skipped(tmp_path / "run")
+    assert entry["path"] == str(broken) and entry["reason"]

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from retriever.errors import ConfigError, UserError
+from retriever.skipped import SkippedImages
 
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
@@ -132,6 +133,15 @@ def load_encoder(model: str | None, pretrained: str | None, device=None, precisi
 class Loss(str, Enum):
     infonce = "infonce"
     siglip = "siglip"
+
+
+def print_skipped(skipped: SkippedImages, samples: int = 5) -> None:
+    """The one way a command reports skipped images: the count, where the list is, the first few."""
+    if not skipped:
+        return
+    err.print(f"[yellow]{skipped.summary()}[/yellow]", highlight=False)
+    for e in skipped.entries[:samples]:
+        err.print(f"  {e['path']}: {e['reason']}", highlight=False)
 
 
 def path_str(p: Path | None) -> str | None:

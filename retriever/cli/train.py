@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
@@ -19,6 +20,7 @@ from retriever.cli.common import (
     err,
     out,
     path_str,
+    print_skipped,
     user_errors,
     workers_or_default,
 )
@@ -167,9 +169,10 @@ def train(
         )
         raise typer.Exit(130) from None
     if as_json:
-        out.print_json(json.dumps(result.__dict__))
+        out.print_json(json.dumps(asdict(result)))
         return
     out.print(TrainDisplay.history_table(result))
+    print_skipped(result.skipped)
     out.print(
         f"Best model (epoch {result.best_epoch}): {result.best_dir}  — use it as --model local-dir:{result.best_dir}"
     )

@@ -30,6 +30,7 @@ import torch
 
 from retriever.errors import ModelLoadError, UserError
 from retriever.identity import ModelIdentity
+from retriever.models.folder import recorded_weights_sha256, state_sha256
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
@@ -96,15 +97,7 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
 
 def state_dict_sha256(model: torch.nn.Module) -> str:
     """Hash parameter and buffer contents (fp32, sorted by name), independent of file format."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        if t.dtype in (torch.float16, torch.bfloat16):
-            t = t.float()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
+    return state_sha256(model.state_dict())
 
 
 def load_model(
@@ -163,11 +156,20 @@ def load_model(
     identity = ModelIdentity(
         name=name,
         pretrained=None if random_init and pretrained is None else pretrained,
-        weights_sha256=state_dict_sha256(net),
+        weights_sha256=_weights_sha256(name, net),
         embed_dim=_embed_dim(net, config),
     )
     net.to(dev)
     return LoadedModel(net, pre_val, pre_train, tokenizer, identity, dev, prec, config)
+
+
+def _weights_sha256(name: str, net: torch.nn.Module) -> str:
+    """The recorded hash of a retriever-written folder whose weights file is unchanged, else a full hash."""
+    if name.startswith("local-dir:"):
+        recorded = recorded_weights_sha256(name.removeprefix("local-dir:"))
+        if recorded is not None:
+            return recorded
+    return state_dict_sha256(net)
 
 
 def model_config_of(model: str) -> dict[str, Any]:

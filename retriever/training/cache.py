@@ -27,6 +27,7 @@ from retriever.data.loading import ImageDataset, collate_decoded
 from retriever.data.sources import SourceItem
 from retriever.errors import UserError
 from retriever.models.load import LoadedModel, state_dict_sha256
+from retriever.skipped import skipped_entry
 
 
 @dataclass
@@ -78,7 +79,7 @@ class CachedSplit:
     image: torch.Tensor  # (len(items), D_img)
     text: torch.Tensor  # (total captions, D_txt)
     caption_start: torch.Tensor  # (len(items),) first caption row of each item
-    skipped: int
+    skipped: list[dict]  # skipped_entry(path, reason) per undecodable item
 
     def text_row(self, item: int, caption: int) -> int:
         return int(self.caption_start[item]) + caption
@@ -121,7 +122,13 @@ def compute_tower_features(
         if path.is_file():
             t = load_file(str(path))
             cached = [items[int(i)] for i in t["kept"]]
-            return CachedSplit(cached, t["image"], t["text"], t["caption_start"], len(items) - len(cached))
+            kept_set = {int(i) for i in t["kept"]}
+            skipped = [
+                skipped_entry(it.path, "could not be decoded when its features were cached")
+                for i, it in enumerate(items)
+                if i not in kept_set
+            ]
+            return CachedSplit(cached, t["image"], t["text"], t["caption_start"], skipped)
 
     for trunk in split.trunks:
         trunk.eval()
@@ -132,9 +139,10 @@ def compute_tower_features(
         collate_fn=collate_decoded,
     )
     total = len(items) + sum(len(it.captions) for it in items)
-    done, kept, img_feats = 0, list[int](), []
+    done, kept, img_feats, skipped = 0, list[int](), [], list[dict]()
     for batch in loader:
         done += len(batch.indices) + len(batch.errors)
+        skipped += [skipped_entry(items[i].path, reason) for i, reason in batch.errors]
         if batch.pixels is not None:
             px = batch.pixels.to(encoder.device)
             if encoder.device.type == "cpu":
@@ -164,7 +172,7 @@ def compute_tower_features(
         torch.cat(img_feats),
         torch.cat(txt_feats),
         torch.tensor(starts),
-        len(items) - len(kept),
+        skipped,
     )
     if path is not None:
         with atomic_path(path) as tmp:

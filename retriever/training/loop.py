@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from retriever.data.sources import SourceItem, read_source
 from retriever.errors import ConfigError, UserError
 from retriever.metrics import RetrievalMetrics
 from retriever.models.load import LoadedModel, load_model, resolve_device, resolve_precision
+from retriever.skipped import ERRORS_FILE, SkippedImages, skipped_entry, write_skipped
 from retriever.training import distributed
 from retriever.training.checkpoint import load_train_state, rng_state, save_checkpoint, set_rng_state
 from retriever.training.config import OptimConfig, TrainConfig
@@ -52,6 +54,8 @@ from retriever.training.optim import (
     warmup_steps,
 )
 from retriever.training.start import build_start_model, configure_trainable, set_train_mode
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Callbacks", "EpochInfo", "OptimConfig", "RunState", "StepInfo", "TrainConfig", "TrainResult", "train"]
 
@@ -84,8 +88,8 @@ class EpochInfo:
 @dataclass
 class TrainResult:
     """Where a run's models are (run_dir, best_dir, last_dir), the best epoch and its val score,
-    the per-epoch history, test metrics (with a test split), steps taken, seconds, and whether
-    max_steps stopped it early."""
+    the per-epoch history, test metrics (with a test split), steps taken, seconds, whether
+    max_steps stopped it early, and the images it skipped."""
 
     run_dir: str
     best_dir: str
@@ -97,6 +101,7 @@ class TrainResult:
     steps: int
     seconds: float
     stopped_early: bool  # max_steps reached before the last epoch ended
+    skipped: SkippedImages = field(default_factory=SkippedImages)  # undecodable images, listed in RUN_DIR/_errors.jsonl
 
 
 @dataclass
@@ -186,6 +191,7 @@ class _Run:
     steps_per_epoch: int
     total_steps: int
     warmup: int
+    skipped: dict[str, dict] = field(default_factory=dict)  # this rank's undecodable images, by path
 
     @property
     def model(self) -> Any:
@@ -266,6 +272,9 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
         total_steps=spe * cfg.epochs,
         warmup=warmup_steps(cfg.optim, spe * cfg.epochs),
     )
+    for split in (cached or {}).values():
+        for entry in getattr(split, "skipped", []):
+            run.skipped.setdefault(entry["path"], entry)
 
     if saved is None:
         _evaluate_epoch(run, state, 0, None, 0.0)  # the starting point: what fine-tuning has to beat
@@ -302,6 +311,7 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
         state.step,
         time.perf_counter() - started,
         stopped_early,
+        _record_skipped(run),
     )
 
 
@@ -312,7 +322,7 @@ def _train_epoch(run: _Run, state: RunState) -> None:
     encode_image, encode_text = _encoders(model, run.cached)
     t0 = time.perf_counter()  # pairs/s counts data loading too: it is the rate the run moves at
     batches = _epoch_batches(
-        run.encoder, cfg, run.splits.train, run.cached, state.epoch, state.step_in_epoch, run.ranks
+        run.encoder, cfg, run.splits.train, run.cached, state.epoch, state.step_in_epoch, run.ranks, run.skipped
     )
     for images, texts, n_pairs in batches:
         lr = lr_at(state.step, cfg.optim.lr, run.warmup, run.total_steps)
@@ -389,6 +399,7 @@ def _evaluate_epoch(run: _Run, state: RunState, epoch: int, train_loss: float | 
         "seconds": round(seconds, 3),
     }
     state.history.append(row)
+    _record_skipped(run)
     if run.ranks.is_main:
         write_json_atomic(run.dir / "metrics.json", {"history": state.history})
         if run.writer and val:
@@ -396,6 +407,19 @@ def _evaluate_epoch(run: _Run, state: RunState, epoch: int, train_loss: float | 
                 run.writer.add_scalar(f"val/{k}", v, state.step)
     if run.callbacks.on_epoch and run.ranks.is_main:
         run.callbacks.on_epoch(EpochInfo(epoch, state.step, train_loss, val, is_best, seconds))
+
+
+def _record_skipped(run: _Run) -> SkippedImages:
+    """Every rank's skipped images, listed by rank 0 in RUN_DIR/_errors.jsonl (the embed format)."""
+    mine = list(run.skipped.values())
+    if run.ranks.enabled:
+        box: list = [None] * run.ranks.world_size
+        torch.distributed.all_gather_object(box, mine)
+        mine = [e for part in box for e in part]
+    entries = list({e["path"]: e for e in mine}.values())
+    if run.ranks.is_main and entries:
+        return write_skipped(run.dir, entries)
+    return SkippedImages(entries, str(run.dir / ERRORS_FILE) if entries else None)
 
 
 def _save_last(run: _Run, state: RunState) -> None:
@@ -556,7 +580,7 @@ def _encoders(model, cached):
     return (lambda x: model.encode_image(x, normalize=True)), (lambda t: model.encode_text(t, normalize=True))
 
 
-def _epoch_batches(encoder: LoadedModel, cfg: TrainConfig, items, cached, epoch, start_step, ranks):
+def _epoch_batches(encoder: LoadedModel, cfg: TrainConfig, items, cached, epoch, start_step, ranks, skipped):
     """(images, tokens, pairs) per step of this rank; cached tower outputs with --cache-features."""
     if cached is not None:
         train = cached["train"]
@@ -581,10 +605,10 @@ def _epoch_batches(encoder: LoadedModel, cfg: TrainConfig, items, cached, epoch,
         workers=cfg.workers,
     )
     for pixels, tokens, errors in loader:
-        for e in errors:
-            import logging
-
-            logging.getLogger(__name__).warning("Skipped an unreadable training image: %s", e)
+        for path, reason in errors:
+            if path not in skipped:  # once per image, not once per epoch
+                skipped[path] = skipped_entry(path, reason)
+                log.warning("Skipped an unreadable training image: %s: %s", path, reason)
         if pixels is None:
             continue
         pixels = pixels.to(encoder.device, non_blocking=True)

@@ -82,8 +82,8 @@ def estimate_build_bytes(spec: IndexSpec, n: int, d: int, batch_rows: int = BATC
         if spec.kind in ("ivfpq", "opq"):
             train += spec.train_size * 4 * d  # IVF-PQ trains its PQ on a copy of residuals
     # faiss grows its code arrays by doubling (std::vector): a Flat or HNSW store briefly holds
-    # old and new buffers (measured: Flat 1M×512, 2 GB of vectors, peaked 3.9 GB); IVF lists
-    # grow one list at a time but keep up to 2× capacity, ~1.5× on average.
+    # old and new buffers (benchmarks/RESULTS.md, "Figures behind comments"); IVF lists grow one
+    # list at a time but keep up to 2× capacity, ~1.5× on average.
     final = estimate_bytes(spec, n, d)
     growth = 2.0 if spec.kind in ("flat", "hnsw") else 1.5
     lists = 0 if spec.on_disk else n * (_ivf_parts(spec, n, d)[1] + 8) if spec.kind not in ("flat", "hnsw") else final

@@ -9,8 +9,8 @@ from __future__ import annotations
 import faiss
 
 # faiss switches from its sequential kernel to BLAS only when nq·d >= 128000 (faiss 1.15), which made
-# a batch of 64 queries at d=512 several times slower on a 2-core CPU (see benchmarks/RESULTS.md,
-# "BLAS threshold"). BLAS is as fast as the sequential kernel even for one query, so always use it.
+# a batch of 64 queries at d=512 several times slower on a 2-core CPU (benchmarks/RESULTS.md,
+# "Figures behind comments"). BLAS is as fast as the sequential kernel even for one query.
 BLAS_THRESHOLD = 1
 
 

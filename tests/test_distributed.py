@@ -19,7 +19,7 @@ from retriever.training.optim import OptimConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,7 @@ def tuned(tiny, emoji_split, tmp_path_factory):
     return cfg, train(cfg)
 
 
+@pytest.mark.e2e
 def test_fine_tuning_raises_held_out_recall(tuned):
     """The numbers section: seeded tiny model, real fixture, val R@5 rises well above its start."""
     _, result = tuned
@@ -75,6 +76,7 @@ def test_fine_tuning_raises_held_out_recall(tuned):
     assert result.best_epoch >= 5 and not result.stopped_early
 
 
+@pytest.mark.e2e
 def test_best_checkpoint_loads_in_retriever_and_plain_open_clip(tiny, tuned):
     import open_clip
 
@@ -106,6 +108,7 @@ def _weights(folder):
     return load_file(str(Path(folder) / "open_clip_model.safetensors"))
 
 
+@pytest.mark.e2e
 def test_resume_continues_the_same_run_exactly(tiny, small_manifest, tmp_path):
     """Stop mid-epoch (augmentation and patch dropout on), resume with another worker count: the
     same weights as a straight run, so data order, crops and the dropout RNG all resumed."""
@@ -244,6 +247,7 @@ def test_cli_train_eval_embed_index_search(tiny, small_manifest, tmp_path):
     assert r.exit_code == 1 and "already holds a run" in r.output
 
 
+@pytest.mark.e2e
 def test_cached_features_train_heads_only_and_match_the_saved_model(emoji_split, tmp_path):
     """Default towers locked + --cache-features: only heads/temperature move, and the cached-path
     validation equals evaluating the saved checkpoint through the full model."""

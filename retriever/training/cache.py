@@ -123,12 +123,12 @@ def compute_tower_features(
             t = load_file(str(path))
             cached = [items[int(i)] for i in t["kept"]]
             kept_set = {int(i) for i in t["kept"]}
-            skipped = [
+            not_cached = [
                 skipped_entry(it.path, "could not be decoded when its features were cached")
                 for i, it in enumerate(items)
                 if i not in kept_set
             ]
-            return CachedSplit(cached, t["image"], t["text"], t["caption_start"], skipped)
+            return CachedSplit(cached, t["image"], t["text"], t["caption_start"], not_cached)
 
     for trunk in split.trunks:
         trunk.eval()
@@ -139,7 +139,10 @@ def compute_tower_features(
         collate_fn=collate_decoded,
     )
     total = len(items) + sum(len(it.captions) for it in items)
-    done, kept, img_feats, skipped = 0, list[int](), [], list[dict]()
+    done = 0
+    kept: list[int] = []
+    img_feats: list[torch.Tensor] = []
+    skipped: list[dict] = []
     for batch in loader:
         done += len(batch.indices) + len(batch.errors)
         skipped += [skipped_entry(items[i].path, reason) for i, reason in batch.errors]

@@ -20,7 +20,6 @@ from fake_gpu import FakeGpu
 
 from retriever.errors import UserError
 from retriever.indexes import BuildConfig, build_index, gpu
-from retriever.indexes.rerank import capped_refine_factor
 from retriever.indexes.synthetic import ClipLike, write_synthetic_shards
 from retriever.indexes.tune import recall_at_k
 from retriever.search import Retriever
@@ -179,6 +178,8 @@ def test_gpu_k_above_2048_is_refused_and_candidates_are_capped(monkeypatch, shar
         r.search_raw(q, 3000, "image")
     assert r.search_raw(q, 2048, "image")[1].shape == (3, 2048)
     # RFlat with k_factor_rf 32 and k=100 would ask the GPU base for 3200 candidates.
+    from retriever.indexes.rerank import capped_refine_factor
+
     assert capped_refine_factor(100, 32.0, 2048) * 100 <= 2048
     assert capped_refine_factor(100, 4.0, 2048) == 4.0
     assert capped_refine_factor(10, 4.0, None) == 4.0
@@ -211,7 +212,8 @@ def test_multi_gpu_build_trains_once_then_shards_for_search(monkeypatch, shards,
     # 6: the empty index was sharded before training (each shard its own quantizer; merging back
     # failed; a sharded Flat refused its second add).
     cpu = build_index(shards, tmp_path / "cpu", BuildConfig(index_type=kind, use_gpu=False), modalities=("image",))
-    fake = FakeGpu(2, free_bytes=int(0.9 * gpu.gpu_bytes(_empty(cpu), N))).install(monkeypatch)
+    size = cpu.indexes["image"].extra["estimated_memory_bytes"]
+    fake = FakeGpu(2, free_bytes=int(0.9 * size)).install(monkeypatch)  # fits on two GPUs, not on one
     build_index(shards, tmp_path / "gpu", BuildConfig(index_type=kind), modalities=("image",))
     for event in fake.log:
         assert not (event["op"] == "to_gpu" and event["shard"] and not event["ntotal"]), fake.log
@@ -222,11 +224,6 @@ def test_multi_gpu_build_trains_once_then_shards_for_search(monkeypatch, shards,
     s_cpu, i_cpu = Retriever(tmp_path / "cpu", use_gpu=False).search_raw(q, 10, "image")
     assert recall_at_k(i_gpu, i_cpu, 10) >= 0.95
     np.testing.assert_allclose(s_gpu[:, 0], s_cpu[:, 0], atol=1e-5)
-
-
-def _empty(manifest) -> faiss.Index:
-    entry = manifest.indexes["image"]
-    return faiss.index_factory(D, entry.factory, faiss.METRIC_INNER_PRODUCT)
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "opq"])
@@ -263,14 +260,17 @@ def test_built_on_says_where_it_was_built(monkeypatch, shards, tmp_path):
     assert json.loads((tmp_path / "i" / "manifest.json").read_text())["indexes"]["image"]["built_on"] == "cpu"
 
 
-def test_rflat_host_vectors_do_not_count_as_gpu_memory(monkeypatch, xb):
+def test_rflat_host_vectors_do_not_count_as_gpu_memory(monkeypatch, shards, tmp_path):
     # 10: RFlat's exact vectors stay in host RAM; only the PQ part needs GPU memory.
-    index = _trained("IVF64,PQ4x8np,RFlat", xb)
-    need = gpu.gpu_bytes(index)
-    assert need < 4 * N * D  # far below the float32 vectors RFlat keeps on the host
-    FakeGpu(1, free_bytes=2 * need).install(monkeypatch)
-    assert gpu.gpu_plan(index, 1, gpu_free_bytes=2 * need).ok
-    assert gpu.device_name(gpu.to_gpu(index)) == "gpu"
+    m = build_index(shards, tmp_path / "i", BuildConfig(index_type="ivfpq", use_gpu=False), modalities=("image",))
+    entry = m.indexes["image"]
+    assert entry.factory.endswith(",RFlat")
+    whole = entry.extra["estimated_memory_bytes"]  # includes the 4·N·D bytes of exact vectors
+    FakeGpu(1, free_bytes=whole // 2).install(monkeypatch)
+    r = Retriever(tmp_path / "i")
+    r.search_raw(GEN.sample(3, stream=4), 10, "image")
+    assert gpu.device_name(r._index("image")) == "gpu"
+    assert gpu.gpu_bytes(r._index("image")) < whole // 2
 
 
 def test_cloner_options_are_faiss_fields_only(monkeypatch):

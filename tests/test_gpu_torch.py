@@ -9,7 +9,7 @@ import torch
 from torch.utils.data._utils.pin_memory import pin_memory
 
 from retriever.data.loading import DecodedBatch
-from retriever.models.load import enable_tf32, resolve_device, resolve_precision
+from retriever.models.load import resolve_device, resolve_precision
 
 
 def test_the_loader_pins_a_decoded_batch(monkeypatch):
@@ -43,6 +43,8 @@ def test_bf16_is_the_default_where_the_gpu_has_it(monkeypatch):
 
 def test_tf32_is_turned_on_for_fp32_matmuls():
     # 13: fp32 matmuls and convolutions on CUDA use TF32 tensor cores once a model is on a GPU.
+    from retriever.models.load import enable_tf32
+
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     before = (matmul.fp32_precision, conv.fp32_precision)
     try:

@@ -75,7 +75,7 @@ def faiss_install_problem() -> str | None:
         return None
     names = " ".join(f.split()[0] for f in found)
     return (
-        f"{' and '.join(found)} are all installed and overwrite each other's files, so GPU search may "
+        f"{' and '.join(found)} are installed together and overwrite each other's files, so GPU search may "
         f"silently run on the CPU; keep one: pip uninstall -y {names} && pip install faiss-gpu (or faiss-cpu)."
     )
 

@@ -33,7 +33,7 @@ def infonce_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Ten
     `logit_scale` is the *log* scale (the parameter); its exp multiplies the cosine similarities.
     """
     image, text = gather_with_grad(image), gather_with_grad(text)
-    if image.shape[0] == 0:  # every rank's batch failed to decode: a step that changes nothing
+    if image.shape[0] == 0:  # every rank's batch failed to decode: zero loss, zero gradients
         return logit_scale * 0.0
     logits = logit_scale.exp() * image @ text.T
     labels = torch.arange(logits.shape[0], device=logits.device)
@@ -48,7 +48,7 @@ def siglip_loss(
     Normalised by the number of images, as in the paper and open_clip's SigLipLoss.
     """
     image, text = gather_with_grad(image), gather_with_grad(text)
-    if image.shape[0] == 0:  # every rank's batch failed to decode: a step that changes nothing
+    if image.shape[0] == 0:  # every rank's batch failed to decode: zero loss, zero gradients
         return logit_scale * 0.0 + logit_bias * 0.0
     logits = logit_scale.exp() * image @ text.T + logit_bias
     labels = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1

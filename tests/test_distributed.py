@@ -109,19 +109,23 @@ def test_two_gloo_processes_match_a_single_process_run(manifest, tmp_path):
     assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == ["best", "last", "metrics.json", "run.json"]
 
 
-def _run_killing_group(cmd, env, timeout):
-    """subprocess.run whose timeout also ends torchrun's workers (its process group)."""
-    import signal
+def _run_or_kill_tree(cmd, env, timeout):
+    """Run torchrun; past `timeout` kill it and its workers (which torchrun starts in sessions
+    of their own, so a process-group kill misses them) and fail the test."""
+    import psutil
 
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the two ranks hung (killed after {timeout} s): {err[-2000:]}")
+        tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+        for pid in tree:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+        pytest.fail(f"the two ranks hung: killed after {timeout} s")
     return proc.returncode, out, err
 
 
@@ -166,7 +170,7 @@ def test_a_rank_whose_whole_batch_failed_to_decode_still_joins_the_step(tmp_path
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    rc, out, err = _run_killing_group(cmd, env, timeout=240)
+    rc, out, err = _run_or_kill_tree(cmd, env, timeout=240)
     assert len(bad) == 8
     assert rc == 0, out[-3000:] + err[-3000:]
     hist_dist = json.loads((tmp_path / "dist" / "metrics.json").read_text())["history"]

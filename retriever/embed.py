@@ -20,42 +20,63 @@ import numpy as np
 import torch
 
 from retriever import __version__
-from retriever.atomic import write_bytes_atomic, write_json_atomic
+from retriever.atomic import write_json_atomic
 from retriever.data.images import DEFAULT_MAX_PIXELS
 from retriever.data.loading import DecodedBatch, ImageDataset, collate_decoded, default_workers
 from retriever.data.sources import SourceItem
-from retriever.errors import UserError
+from retriever.errors import ConfigError, UserError
 from retriever.locks import folder_lock
 from retriever.models.encode import count_truncated, encode_image_tensors, encode_texts
 from retriever.models.load import LoadedModel
-from retriever.shards import ERRORS_FILE, SHARD_GLOB, shard_name, shard_number, shard_schema, write_shard
+from retriever.shards import DTYPES, SHARD_GLOB, shard_name, shard_number, shard_schema, write_shard
+from retriever.skipped import ERRORS_FILE, SkippedImages, read_skipped, skipped_entry, write_skipped
 
 JOB_FILE = "_embed_job.json"
 
 
 @dataclass
 class EmbedConfig:
+    """How `embed_items` writes shards.
+
+    Args:
+        shard_size: rows per Parquet shard (the unit of resuming).
+        batch_size: images per encoder batch; text_batch_size: captions per text-encoder batch.
+        num_workers: image-decoding worker processes (0: decode in the main process).
+        dtype: embedding storage, "float32" or "float16".
+        overwrite: discard shards made with other arguments instead of refusing.
+    """
+
     shard_size: int = 10_000
     batch_size: int = 32
     text_batch_size: int = 256
-    num_workers: int = field(default_factory=default_workers)  # decode processes; 0: in the main process
-    dtype: str = "float32"  # embedding storage: float32 or float16
-    overwrite: bool = False  # discard shards made with other arguments instead of refusing
+    num_workers: int = field(default_factory=default_workers)
+    dtype: str = "float32"
+    overwrite: bool = False
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # images decoding to more pixels are skipped and reported
+
+    def validate(self) -> None:
+        """Raise `ConfigError` (naming the parameter) for settings that cannot work."""
+        for name in ("shard_size", "batch_size", "text_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1.", name)
+        if self.num_workers < 0:
+            raise ConfigError("num_workers must be 0 or more.", "num_workers")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be {' or '.join(DTYPES)}, not {self.dtype!r}.", "dtype")
 
 
 @dataclass
 class EmbedResult:
+    """What `embed_items` did: rows and shards in the folder, and what this run wrote or kept."""
+
     out_dir: str
     rows: int  # rows in the folder after this run
-    errors: int  # images skipped (all runs)
     shards: int
     shards_written: int  # by this run
     shards_resumed: int  # already complete and kept
     seconds: float
     images_per_second: float
-    errors_file: str | None
-    error_samples: list[dict] = field(default_factory=list)  # the first few, for display
+    skipped: SkippedImages = field(default_factory=SkippedImages)  # all runs' skipped images
     repairs: list[str] = field(default_factory=list)  # what this run cleaned up after a killed one
     truncated_captions: int = 0  # captions (in shards written by this run) longer than the text context
     text_context: int | None = None  # the tokenizer's context length, in tokens
@@ -78,15 +99,24 @@ def embed_items(
 ) -> EmbedResult:
     """Embed every item into shards under `out_dir`, resuming whatever a previous run finished.
 
-    `out_dir` must be new, empty or a shard folder; it is locked while this runs (`wait`: queue
-    behind another writer instead of refusing). Temp files of killed runs and unreadable shards are
-    removed under the lock (the shards are redone) and each removal is reported to `on_message`.
-    `skipped`: entries the source reader left out ({"path", "reason"}, see SourceReport); they are
-    listed in `_errors.jsonl` with the images that failed to decode.
+    Args:
+        items: what to embed (`read_source`); an item's `index` becomes its row id.
+        encoder: the loaded model (`load_model`); its identity is stored with every shard.
+        out_dir: the shard folder; finished shards of an identical earlier run are kept.
+        config: shard size, batch sizes, workers, storage dtype (`EmbedConfig`).
+        progress: called after each batch with (images done, images to do) of this run.
+        wait: if another process is writing `out_dir`, wait for it instead of refusing. The folder
+            must be new, empty or a shard folder, and is locked while this runs.
+        on_message: called with a sentence when waiting, and for each thing removed under the
+            lock: temp files of killed runs, and unreadable shards (which are then redone).
+        skipped: entries the source reader left out ({"path", "reason"}, see SourceReport);
+            they are listed in `_errors.jsonl` with the images that failed to decode.
+
+    Returns:
+        An `EmbedResult`; undecodable images are skipped and listed in `out_dir/_errors.jsonl`.
     """
     cfg = config or EmbedConfig()
-    if cfg.shard_size < 1 or cfg.batch_size < 1:
-        raise UserError("--shard-size and --batch-size must be at least 1.")
+    cfg.validate()
     if not items:
         raise UserError("Nothing to embed: the source is empty.")
     out = Path(out_dir).expanduser()
@@ -118,8 +148,8 @@ def _embed_locked(
     done = {shard_number(p.name) for p in out.glob(SHARD_GLOB)}
     todo = [k for k in range(n_shards) if k not in done]
     # Source-level entries (shard None) are those of this run's reading of the source.
-    errors = [{**e, "shard": None} for e in skipped] + [e for e in _read_errors(out) if e.get("shard") in done]
-    _write_errors(out, errors)
+    errors = [{**e, "shard": None} for e in skipped] + [e for e in read_skipped(out) if e.get("shard") in done]
+    write_skipped(out, errors)
 
     t0 = time.perf_counter()
     n_todo = sum(len(_shard_items(items, k, cfg.shard_size)) for k in todo)
@@ -130,7 +160,7 @@ def _embed_locked(
         for batch in batches:
             for pos, reason in batch.errors:
                 it = chunk[pos]
-                shard_errors.append({"id": it.index, "path": it.path, "reason": reason, "shard": k})
+                shard_errors.append(skipped_entry(it.path, reason, id=it.index, shard=k))
             if batch.pixels is not None:
                 vecs.append(encode_image_tensors(encoder, batch.pixels))
                 for pos in batch.indices:
@@ -149,7 +179,7 @@ def _embed_locked(
             truncated += count_truncated(encoder.tokenizer, texts)
         # Errors first: if we die between the two writes, the rerun redoes this shard and rewrites them.
         errors.extend(shard_errors)
-        _write_errors(out, errors)
+        write_skipped(out, errors)
         write_shard(out / shard_name(k), schema, ids, paths, captions, img, txt, has_text)
 
     seconds = time.perf_counter() - t0
@@ -157,14 +187,12 @@ def _embed_locked(
     return EmbedResult(
         out_dir=str(out),
         rows=rows,
-        errors=len(errors),
         shards=n_shards,
         shards_written=len(todo),
         shards_resumed=n_shards - len(todo),
         seconds=seconds,
         images_per_second=n_seen / seconds if seconds > 0 and n_seen else 0.0,
-        errors_file=str(out / ERRORS_FILE) if errors else None,
-        error_samples=errors[:5],
+        skipped=SkippedImages(errors, str(out / ERRORS_FILE) if errors else None),
         repairs=repairs,
         truncated_captions=truncated,
         text_context=getattr(encoder.tokenizer, "context_length", None),
@@ -196,7 +224,7 @@ def _decoded_shards(items, todo, encoder: LoadedModel, cfg: EmbedConfig):
         prefetch_factor=4 if cfg.num_workers > 0 else None,
     )
     batches = iter(loader)
-    starts = {}
+    starts: dict[int, int] = {}
     for k, idx in batch_plan:
         starts.setdefault(k, idx[0])
     i = 0
@@ -294,18 +322,6 @@ def _remove_leftovers(out: Path) -> list[str]:
             shard.unlink()
             done.append(f"Removed unreadable shard {shard.name} ({type(e).__name__}); it is embedded again.")
     return done
-
-
-def _read_errors(out: Path) -> list[dict]:
-    path = out / ERRORS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_errors(out: Path, errors: list[dict]) -> None:
-    if errors:
-        write_bytes_atomic(out / ERRORS_FILE, "".join(json.dumps(e) + "\n" for e in errors).encode())
 
 
 def _count_rows(out: Path) -> int:

@@ -19,6 +19,7 @@ from retriever.cli.common import (
     load_encoder,
     note,
     out,
+    print_skipped,
     progress_bar,
     user_errors,
     workers_or_default,
@@ -82,7 +83,9 @@ def embed(
             skipped=report.skipped,
         )
     if as_json:
-        out.print_json(json.dumps({**result.__dict__, "not_images": report.not_images}))
+        out.print_json(
+            json.dumps({**result.__dict__, "skipped": result.skipped.to_dict(), "not_images": report.not_images})
+        )
         return
     out.print(
         f"{result.rows} rows in {result.shards} shards at {result.out_dir} "
@@ -97,7 +100,4 @@ def embed(
             "context[/yellow]; they were embedded from their first tokens only.",
             highlight=False,
         )
-    if result.errors:
-        err.print(f"[yellow]Skipped {result.errors} unreadable image(s)[/yellow]; details in {result.errors_file}:")
-        for e in result.error_samples:
-            err.print(f"  {e['path']}: {e['reason']}", highlight=False)
+    print_skipped(result.skipped)

@@ -36,7 +36,8 @@ def load_image(source: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS) 
     """Open a path, raw bytes or PIL image and return a fully decoded RGB image.
 
     Args:
-        source: a path, encoded bytes, or an already opened PIL image.
+        source: a file path, the file's bytes, or a PIL image. EXIF orientation is applied and
+            transparency composited onto white.
         max_pixels: refuse (ValueError) an image that would decode to more pixels than this,
             before decoding it; JPEGs are first draft-scaled (see DRAFT_SIDE). None: no limit
             beyond Pillow's own decompression-bomb guard.

@@ -30,7 +30,8 @@ from retriever.errors import UserError
 from retriever.identity import ModelIdentity
 from retriever.indexes.build import BuildProgress, add_batches
 from retriever.indexes.files import check_index, open_rows, read_index_file
-from retriever.indexes.manifest import MANIFEST, IndexManifest, read_manifest
+from retriever.indexes.manifest import MANIFEST, IndexManifest, read_index_manifest
+from retriever.indexes.settings import configure_faiss
 from retriever.locks import folder_lock
 from retriever.shards import ShardSet
 
@@ -45,10 +46,27 @@ def add_to_index(
     wait: bool = False,
     on_message: Callable[[str], None] | None = None,
 ) -> IndexManifest:
-    """Append `new_shards` to the index at `index_dir` under its writer lock (see build_index)."""
+    """Append the rows of `new_shards` to an existing index folder without retraining it.
+
+    The folder is locked while it is rewritten (see retriever/locks.py); what killed writers left
+    beside it is removed under the lock first.
+
+    Args:
+        index_dir: the index folder (`build_index`); rewritten atomically.
+        new_shards: a shard folder (or `ShardSet`) made with the index's model.
+        renumber: shift the new row ids past the index's largest id instead of refusing clashing ids.
+        batch_size: vectors added per faiss call.
+        progress: called with (modality, rows done, rows to do).
+        wait: if another process is writing the index, wait for it instead of refusing.
+        on_message: called with a sentence when waiting and for each leftover removed.
+
+    Returns:
+        The new `IndexManifest`.
+    """
+    configure_faiss()
     index_dir = Path(index_dir).expanduser()
     if not any(index_dir.parent.glob(f".{glob.escape(index_dir.name)}.*.old")):  # else: restored under the lock
-        read_manifest(index_dir)  # refuse a non-index before creating a lock file beside it
+        read_index_manifest(index_dir)  # refuse a non-index before creating a lock file beside it
     with folder_lock(index_dir, inside=False, wait=wait, on_wait=on_message):
         for line in clean_stale_siblings(index_dir):
             if on_message:
@@ -58,7 +76,7 @@ def add_to_index(
 
 
 def _add_locked(index_dir: Path, new_shards, renumber: bool, batch_size: int, progress) -> IndexManifest:
-    manifest = read_manifest(index_dir)
+    manifest = read_index_manifest(index_dir)
     for entry in manifest.indexes.values():
         check_index(index_dir, entry)  # a damaged index is refused before anything is written
     ss = new_shards if isinstance(new_shards, ShardSet) else ShardSet(new_shards)

@@ -108,7 +108,7 @@ def read_folder(root: Path, report: SourceReport | None = None) -> list[SourceIt
             report.skipped.append({"path": str(p), "reason": f"{suffix[1:].upper()} vector images are not supported"})
         elif not (suffix == ".txt" and any(p.with_suffix(e).exists() for e in _IMAGE_SUFFIX_CASES)):
             report.not_images += 1
-    items = []
+    items: list[SourceItem] = []
     for p in files:
         txt = p.with_suffix(".txt")
         caption = None

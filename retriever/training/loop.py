@@ -122,7 +122,7 @@ class _Splits:
 
 
 def load_splits(cfg: TrainConfig) -> _Splits:
-    kw = dict(image_column=cfg.image_column, caption_column=cfg.caption_column)
+    kw: dict[str, Any] = dict(image_column=cfg.image_column, caption_column=cfg.caption_column)
     items = read_source(cfg.source, **kw)
     fractions = [0.0 if cfg.val else cfg.val_fraction, 0.0 if cfg.test else cfg.test_fraction]
     train, val, test = split_items(items, fractions, cfg.split_seed)

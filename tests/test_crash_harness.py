@@ -10,9 +10,12 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "crash_harness.py"
 
 
+@pytest.mark.e2e  # ~55 CPU-seconds of real CLI processes: in CI, out of the inner loop
 def test_killed_commands_resume_to_the_uninterrupted_result(tmp_path):
     spec = importlib.util.spec_from_file_location("crash_harness", HARNESS)
     harness = importlib.util.module_from_spec(spec)

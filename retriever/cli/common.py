@@ -110,3 +110,16 @@ class Loss(str, Enum):
 
 def path_str(p: Path | None) -> str | None:
     return None if p is None else str(p)
+
+
+def report_skipped(items) -> None:
+    """What reading a source skipped (bad tars, members without images, duplicate keys), on stderr."""
+    skipped = getattr(items, "skipped", None) or []
+    if skipped:
+        err.print(
+            f"[yellow]Skipped {len(skipped)} unreadable tar(s)/member(s)/file(s) while reading the source:[/yellow]"
+        )
+        for p in skipped[:10]:
+            err.print(f"  {p['location']}: {p['reason']}", highlight=False)
+        if len(skipped) > 10:
+            err.print(f"  ... and {len(skipped) - 10} more", highlight=False)

@@ -18,6 +18,7 @@ from retriever.cli.common import (
     load_encoder,
     out,
     progress_bar,
+    report_skipped,
     user_errors,
     workers_or_default,
 )
@@ -26,7 +27,9 @@ from retriever.cli.common import (
 @user_errors
 def embed(
     source: Path = typer.Argument(
-        ..., help="Folder of images (captions from same-name .txt) or a CSV/TSV/JSONL/Parquet manifest."
+        ...,
+        help="Folder of images (captions from same-name .txt), a CSV/TSV/JSONL/Parquet manifest, webdataset tar "
+        "shards (a .tar, a glob, shards/{00000..00099}.tar or a folder of tars) or image Parquet (img2dataset, HF).",
     ),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the Parquet shards."),
     model: str | None = ModelOpt,
@@ -49,6 +52,7 @@ def embed(
     from retriever.embed import EmbedConfig, embed_items
 
     items = read_source(source, image_column=image_column, caption_column=caption_column)
+    report_skipped(items)
     encoder = load_encoder(model, pretrained, device, precision)
     cfg = EmbedConfig(
         shard_size=shard_size,

@@ -1,0 +1,189 @@
+"""CSV/TSV/Parquet manifests read in streaming batches into compact Arrow columns.
+
+Reading a manifest row by row into Python dicts costs about a kilobyte per row (10M rows: over
+10 GB). Here pyarrow streams the file in batches, projected to the columns we use (image path,
+caption, scalar metadata; binary and nested columns are never read), paths are made absolute per
+batch, and the result stays in Arrow buffers: a `ManifestItems` sequence builds each `SourceItem`
+only when it is asked for. Peak memory is then about the bytes of the kept columns (measured in
+benchmarks/bench_manifest.py).
+
+Row order is kept: item ids are positions of first appearance, exactly as before, so resumes
+and shard ids do not change. Rows naming the same image merge, their captions kept in order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from retriever.errors import UserError
+
+BATCH_ROWS = 65_536
+
+
+def _is_kept_metadata(t: pa.DataType) -> bool:
+    return (
+        pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_boolean(t)
+    )
+
+
+class ManifestItems(Sequence):
+    """The items of a manifest, materialised one `SourceItem` at a time from Arrow columns."""
+
+    def __init__(self, table: pa.Table, caption_column: str | None, groups: pa.Array | None):
+        # table columns: "path" (absolute), caption column (optional), metadata columns, "_row".
+        self._table = table
+        self._cap = caption_column
+        self._meta_cols = [c for c in table.column_names if c not in ("path", "_row", caption_column)]
+        self._paths = table.column("path").combine_chunks()
+        self._groups = groups  # list<caption> per item when rows merged, else None
+        self.skipped: list[dict] = []
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    @overload
+    def __getitem__(self, i: int) -> Any: ...
+    @overload
+    def __getitem__(self, i: slice) -> list: ...
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._item(j) for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._item(i)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self._item(i)
+
+    def _item(self, i: int):
+        from retriever.data.sources import SourceItem, _captions_of
+
+        if self._groups is not None:
+            raw = self._groups[i].as_py()
+            caps: list[str] = []
+            for value in raw:
+                for c in _captions_of(_text(value)):
+                    if c not in caps:
+                        caps.append(c)
+        elif self._cap is not None:
+            caps = _captions_of(_text(self._table.column(self._cap)[i].as_py()))
+        else:
+            caps = []
+        meta = {c: _text(self._table.column(c)[i].as_py()) for c in self._meta_cols}
+        return SourceItem(i, self._paths[i].as_py(), tuple(caps), meta)
+
+
+def _text(value: Any) -> Any:
+    """CSV cells are read as bytes (so bad UTF-8 costs a replacement character, not the file)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, list):
+        return [_text(v) for v in value]
+    return value
+
+
+def read_manifest_streaming(
+    path: Path, kind: str, pick_image: Any, pick_caption: Any, image_column: str | None, caption_column: str | None
+) -> ManifestItems:
+    """Stream a csv/tsv/parquet manifest. `pick_image(columns, wanted)` / `pick_caption` choose columns."""
+    try:
+        schema, batches = _open(path, kind)
+        img_col = pick_image(schema.names, image_column)
+        cap_col = pick_caption(schema.names, caption_column)
+        meta_cols = [f.name for f in schema if f.name not in (img_col, cap_col) and _keep(f.type, kind)]
+        keep = [img_col] + ([cap_col] if cap_col else []) + meta_cols
+        base = str(path.resolve().parent)
+        pieces = []
+        offset = 0
+        for batch in batches(keep):
+            pieces.append(_normalise(batch, img_col, base, offset))
+            offset += len(batch)
+    except (OSError, pa.ArrowException) as e:
+        raise UserError(f"Could not read manifest {path}: {e}") from e
+    names = ["path", *([cap_col] if cap_col else []), *meta_cols, "_row"]
+    table = (
+        pa.Table.from_batches(pieces).select(names)
+        if pieces
+        else pa.table({n: pa.array([], pa.string()) for n in names})
+    )
+    table = table.filter(pc.invert(pc.is_null(table.column("path"))))
+    pieces.clear()
+    groups = None
+    if len(table) and pc.count_distinct(table.column("path")).as_py() != len(table):
+        table, groups = _merge_duplicates(table, cap_col)
+    return ManifestItems(table, cap_col, groups)
+
+
+def _keep(t: pa.DataType, kind: str) -> bool:
+    if kind != "parquet":
+        return True  # CSV columns are all read as bytes
+    return _is_kept_metadata(t)
+
+
+def _open(path: Path, kind: str):
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path, pre_buffer=False)
+
+        def parquet_batches(columns):
+            yield from pf.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+
+        return pf.schema_arrow, parquet_batches
+    import pyarrow.csv as pcsv
+
+    parse = pcsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", newlines_in_values=True)
+    read = pcsv.ReadOptions(block_size=16 << 20)
+    header = pcsv.open_csv(path, read_options=read, parse_options=parse).schema
+
+    def csv_batches(columns):
+        convert = pcsv.ConvertOptions(
+            column_types={c: pa.binary() for c in header.names}, include_columns=columns, strings_can_be_null=False
+        )
+        reader = pcsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+        yield from reader
+
+    return header, csv_batches
+
+
+def _normalise(batch: pa.RecordBatch, img_col: str, base: str, offset: int) -> pa.RecordBatch:
+    """Replace the image column by absolute, normalised paths (null where the cell is empty)."""
+    raw = batch.column(img_col).to_pylist()
+    paths = []
+    for v in raw:
+        s = _text(v)
+        s = str(s).strip() if s is not None else ""
+        paths.append(os.path.normpath(os.path.join(base, os.path.expanduser(s))) if s else None)
+    cols = {n: batch.column(n) for n in batch.schema.names if n != img_col}
+    return pa.RecordBatch.from_pydict(
+        {"path": pa.array(paths, pa.string()), **cols, "_row": pa.array(np.arange(offset, offset + len(batch)))}
+    )
+
+
+def _merge_duplicates(table: pa.Table, cap_col: str | None) -> tuple[pa.Table, pa.Array | None]:
+    """One row per path in order of first appearance; captions of all its rows as a list."""
+    aggs = [("_row", "min")] + ([(cap_col, "list")] if cap_col else [])
+    grouped = table.select(["path", "_row", *([cap_col] if cap_col else [])]).group_by("path", use_threads=False)
+    g = grouped.aggregate(aggs)
+    order = pc.sort_indices(g.column("_row_min"))
+    g = g.take(order)
+    first = g.column("_row_min")
+    # Row positions in `table` of each item's first row (table is in _row order already).
+    pos = pc.index_in(first, value_set=table.column("_row"))
+    kept = table.take(pos)
+    groups = g.column(f"{cap_col}_list").combine_chunks() if cap_col else None
+    return kept, groups

@@ -120,12 +120,13 @@ def read_manifest_streaming(
         if pieces
         else pa.table({n: pa.array([], pa.string()) for n in names})
     )
-    table = table.filter(pc.invert(pc.is_null(table.column("path"))))
     pieces.clear()
     groups = None
     if len(table) and pc.count_distinct(table.column("path")).as_py() != len(table):
         table, groups = _merge_duplicates(table, cap_col)
-    return ManifestItems(table, cap_col, groups)
+    items = ManifestItems(table, cap_col, groups)
+    pa.default_memory_pool().release_unused()
+    return items
 
 
 def _keep(t: pa.DataType, kind: str) -> bool:
@@ -160,18 +161,33 @@ def _open(path: Path, kind: str):
     return header, csv_batches
 
 
+_NEEDS_PYTHON = r"(^~)|(^|/)\.\.?(/|$)|//|\\"  # ~, . or .. segments, doubled or back slashes
+
+
 def _normalise(batch: pa.RecordBatch, img_col: str, base: str, offset: int) -> pa.RecordBatch:
-    """Replace the image column by absolute, normalised paths (null where the cell is empty)."""
-    raw = batch.column(img_col).to_pylist()
-    paths = []
-    for v in raw:
-        s = _text(v)
-        s = str(s).strip() if s is not None else ""
-        paths.append(os.path.normpath(os.path.join(base, os.path.expanduser(s))) if s else None)
-    cols = {n: batch.column(n) for n in batch.schema.names if n != img_col}
-    return pa.RecordBatch.from_pydict(
-        {"path": pa.array(paths, pa.string()), **cols, "_row": pa.array(np.arange(offset, offset + len(batch)))}
-    )
+    """Replace the image column by absolute, normalised paths and drop rows without one.
+
+    Vectorised in Arrow for plain paths (absolute, or relative without dot segments); only the
+    rest go through os.path.normpath one by one.
+    """
+    col = batch.column(img_col)
+    try:
+        text = pc.utf8_trim_whitespace(col.cast(pa.string()))
+    except pa.ArrowInvalid:  # invalid UTF-8 in a CSV path: decode with replacement characters
+        text = pa.array([None if v is None else _text(v).strip() for v in col.to_pylist()], pa.string())
+    absolute = pc.starts_with(text, "/")
+    joined = pc.if_else(absolute, text, pc.binary_join_element_wise(base, text, "/"))
+    odd = pc.fill_null(pc.match_substring_regex(text, _NEEDS_PYTHON), False)
+    if pc.any(odd).as_py():
+        fixed = [
+            os.path.normpath(os.path.join(base, os.path.expanduser(t))) if o else j
+            for t, j, o in zip(text.to_pylist(), joined.to_pylist(), odd.to_pylist())
+        ]
+        joined = pa.array(fixed, pa.string())
+    keep = pc.and_(pc.is_valid(text), pc.not_equal(pc.fill_null(text, ""), ""))
+    cols = {"path": joined, **{n: batch.column(n) for n in batch.schema.names if n != img_col}}
+    cols["_row"] = pa.array(np.arange(offset, offset + len(batch)))
+    return pa.RecordBatch.from_pydict(cols).filter(keep)
 
 
 def _merge_duplicates(table: pa.Table, cap_col: str | None) -> tuple[pa.Table, pa.Array | None]:

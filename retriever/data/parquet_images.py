@@ -47,7 +47,9 @@ def image_column_of(schema: pa.Schema, wanted: str | None = None) -> str | None:
     for guess in IMAGE_BYTES_COLUMN_GUESSES:
         if guess in candidates:
             return guess
-    return candidates[0] if candidates else None
+    # Any other binary column (a thumbnail, a hash) does not make a manifest of paths an image file;
+    # HF's struct<bytes, path> is unambiguous whatever its name.
+    return next((c for c in candidates if pa.types.is_struct(schema.field(c).type)), None)
 
 
 def has_image_column(path: str | Path, wanted: str | None = None) -> bool:

@@ -8,6 +8,7 @@ from typing import Any
 
 from retriever.errors import UserError
 from retriever.indexes.manifest import MANIFEST, read_manifest
+from retriever.parts import parts_status
 from retriever.shards import ERRORS_FILE, ShardSet
 
 
@@ -21,7 +22,10 @@ def describe(path: str | Path) -> dict[str, Any]:
         return {"kind": "index", "path": str(p.resolve()), "bytes": size, **m.to_dict()}
     ss = ShardSet(p)
     errors = p / ERRORS_FILE
-    n_errors = sum(1 for line in errors.read_text().splitlines() if line.strip()) if errors.is_file() else 0
+    error_files = sorted(p.glob("_errors*.jsonl"))  # one per part when embedded in parts
+    n_errors = sum(1 for f in error_files for line in f.read_text().splitlines() if line.strip())
+    if not errors.is_file() and error_files:
+        errors = error_files[0]
     return {
         "kind": "shards",
         "path": str(ss.folder),
@@ -32,6 +36,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "skipped_images": n_errors,
         "errors_file": str(errors) if n_errors else None,
         **{k: v for k, v in ss.meta.items()},
+        "parts": parts_status(p),
     }
 
 

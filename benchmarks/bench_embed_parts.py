@@ -10,7 +10,8 @@ workers. The single process uses torch's default intra-op threads (all cores); e
 gets OMP_NUM_THREADS = cores / 2, so both sides use every core. Wall time includes process start
 and model load, which every real run pays too; the table also gives the embedding phase alone
 (images / images_per_second as reported by the run: rank 0's for torchrun, whose ranks run in
-parallel). Runs alternate (1, 2, 1, 2, ...) so drift hits both sides alike.
+parallel) and the CPU seconds of the whole process tree (user + system, from the children's
+rusage), which other jobs on the machine do not inflate. Runs alternate (1, 2, 1, 2, ...) so drift hits both sides alike.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -29,13 +31,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def run(cmd: list[str], env: dict) -> tuple[float, dict]:
+def run(cmd: list[str], env: dict) -> tuple[float, float, dict]:
+    """(wall seconds, CPU seconds of the whole process tree, the run's JSON report)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         raise SystemExit(proc.stdout[-2000:] + proc.stderr[-2000:])
-    return wall, json.loads(proc.stdout[proc.stdout.index("{") :])
+    return wall, cpu, json.loads(proc.stdout[proc.stdout.index("{") :])
 
 
 def main() -> None:
@@ -62,26 +68,34 @@ def main() -> None:
     try:
         for r in range(args.repeat):
             out = tmp / f"one{r}"
-            wall, rep = run(base + cli + ["--out", str(out)], env)
-            results["1 process"].append({"wall": wall, "embed": args.images / rep["images_per_second"] * 1})
+            wall, cpu, rep = run(base + cli + ["--out", str(out)], env)
+            results["1 process"].append({"wall": wall, "cpu": cpu, "embed": args.images / rep["images_per_second"]})
             out = tmp / f"two{r}"
             tr = base + ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-            wall, rep = run(tr + cli + ["--out", str(out)], {**env, "OMP_NUM_THREADS": str(max(1, cores // 2))})
+            wall, cpu, rep = run(tr + cli + ["--out", str(out)], {**env, "OMP_NUM_THREADS": str(max(1, cores // 2))})
             assert rep["parts"]["complete"] == [0, 1]
             # rank 0 embedded its half at images_per_second; the ranks run side by side.
             results["2 torchrun ranks"].append(
-                {"wall": wall, "embed": (rep["images_per_second"] and args.images / 2 / rep["images_per_second"])}
+                {
+                    "wall": wall,
+                    "cpu": cpu,
+                    "embed": (rep["images_per_second"] and args.images / 2 / rep["images_per_second"]),
+                }
             )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\n{args.model}, {args.images} images, shard size {args.shard_size}, {cores} cores, {args.repeat} runs each")
-    print(
-        f"{'setup':<18} {'wall s (best)':>13} {'embed s (best)':>14} {'img/s end to end':>17} {'img/s embedding':>16}"
-    )
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {cores} cores (other jobs inflate wall times)")
+    head = f"{'setup':<18} {'wall s':>7} {'embed s':>8} {'CPU s':>7} {'img/s wall':>11} {'img/s embed':>12} {'CPU ms/img':>11}"
+    print(head)
     for name, rs in results.items():
         wall = min(x["wall"] for x in rs)
         emb = min(x["embed"] for x in rs)
-        print(f"{name:<18} {wall:>13.1f} {emb:>14.1f} {args.images / wall:>17.1f} {args.images / emb:>16.1f}")
+        cpu = min(x["cpu"] for x in rs)
+        print(
+            f"{name:<18} {wall:>7.1f} {emb:>8.1f} {cpu:>7.1f} {args.images / wall:>11.1f} {args.images / emb:>12.1f} "
+            f"{cpu / args.images * 1000:>11.0f}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(

@@ -37,15 +37,31 @@ def _is_kept_metadata(t: pa.DataType) -> bool:
     )
 
 
+class _Column:
+    """Row access into a chunked column without combining it (which would copy it whole)."""
+
+    def __init__(self, col: pa.ChunkedArray):
+        self.chunks = col.chunks
+        self.starts = np.cumsum([0] + [len(c) for c in self.chunks])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> Any:
+        c = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.chunks[c][i - int(self.starts[c])].as_py()
+
+
 class ManifestItems(Sequence):
     """The items of a manifest, materialised one `SourceItem` at a time from Arrow columns."""
 
     def __init__(self, table: pa.Table, caption_column: str | None, groups: pa.Array | None):
         # table columns: "path" (absolute), caption column (optional), metadata columns, "_row".
-        self._table = table
-        self._cap = caption_column
-        self._meta_cols = [c for c in table.column_names if c not in ("path", "_row", caption_column)]
-        self._paths = table.column("path").combine_chunks()
+        self._cap = _Column(table.column(caption_column)) if caption_column else None
+        self._meta = {
+            c: _Column(table.column(c)) for c in table.column_names if c not in ("path", "_row", caption_column)
+        }
+        self._paths = _Column(table.column("path"))
         self._groups = groups  # list<caption> per item when rows merged, else None
         self.skipped: list[dict] = []
 
@@ -76,15 +92,23 @@ class ManifestItems(Sequence):
             raw = self._groups[i].as_py()
             caps: list[str] = []
             for value in raw:
-                for c in _captions_of(_text(value)):
+                for c in _safe_captions(_captions_of, value):
                     if c not in caps:
                         caps.append(c)
         elif self._cap is not None:
-            caps = _captions_of(_text(self._table.column(self._cap)[i].as_py()))
+            caps = _safe_captions(_captions_of, self._cap[i])
         else:
             caps = []
-        meta = {c: _text(self._table.column(c)[i].as_py()) for c in self._meta_cols}
-        return SourceItem(i, self._paths[i].as_py(), tuple(caps), meta)
+        meta = {c: _text(col[i]) for c, col in self._meta.items()}
+        return SourceItem(i, self._paths[i], tuple(caps), meta)
+
+
+def _safe_captions(captions_of, value: Any) -> list[str]:
+    """A cell that is not text (a struct, a number) gives no caption; ids cannot shift by skipping it."""
+    try:
+        return captions_of(_text(value))
+    except ValueError:
+        return []
 
 
 def _text(value: Any) -> Any:
@@ -124,6 +148,7 @@ def read_manifest_streaming(
     groups = None
     if len(table) and pc.count_distinct(table.column("path")).as_py() != len(table):
         table, groups = _merge_duplicates(table, cap_col)
+    table = table.drop_columns(["_row"])
     items = ManifestItems(table, cap_col, groups)
     pa.default_memory_pool().release_unused()
     return items

@@ -189,3 +189,21 @@ def test_streamed_manifest_keeps_order_metadata_and_merges(tmp_path, emoji_items
     assert items[1].metadata == {"source": "s1", "score": "1"}
     assert items[3].caption.startswith("c3")
     assert [it.path for it in items[1:3]] == [items[1].path, items[2].path]
+
+
+def test_a_photo_folder_with_a_stray_tar_stays_a_photo_folder(tmp_path, emoji_items):
+    shutil.copy(emoji_items[0].path, tmp_path / "a.png")
+    _write_tar(tmp_path / "backup.tar", [("000000001", emoji_items[1])])
+    items = read_source(tmp_path)
+    assert [Path(it.path).name for it in items] == ["a.png"]
+
+
+def test_location_bytes_are_the_member_bytes(tar_shards, emoji_items):
+    from retriever.data.locations import read_location_bytes, split_location
+
+    items = read_source(tar_shards / "00000.tar")
+    assert read_location_bytes(items[2].path) == Path(emoji_items[2].path).read_bytes()
+    assert split_location(emoji_items[2].path) is None  # a plain file stays a file
+    odd = tar_shards.parent / "a#1.png"  # a real file whose name has a '#'
+    shutil.copy(emoji_items[0].path, odd)
+    assert read_location_bytes(str(odd)) == Path(emoji_items[0].path).read_bytes()

@@ -45,9 +45,17 @@ def read_container_source(
     return items
 
 
+_SHARD_FOLDER_SUFFIXES = {".tar", ".parquet", ".json", ".txt", ".md"}
+
+
 def _kind(path: Path, text: str, image_column: str | None) -> str | None:
     if path.is_dir():
+        # Only a folder that holds nothing but shards and their sidecars (img2dataset's output:
+        # NNNNN.tar, NNNNN.parquet, NNNNN_stats.json; HF's data/*.parquet): a photo folder with a
+        # stray backup.tar or a manifest.parquet in it stays a photo folder.
         names = [p for p in path.iterdir() if not p.name.startswith(".")]
+        if not names or any(p.is_dir() or p.suffix.lower() not in _SHARD_FOLDER_SUFFIXES for p in names):
+            return None
         if any(p.suffix.lower() == ".tar" for p in names):
             return "tar"
         parquets = [p for p in names if p.suffix.lower() == ".parquet"]

@@ -60,3 +60,9 @@ def open_location(location: str | os.PathLike) -> Path | io.BytesIO:
     from retriever.data.parquet_images import read_parquet_image
 
     return io.BytesIO(read_parquet_image(container, int(key)))
+
+
+def read_location_bytes(location: str | os.PathLike) -> bytes:
+    """The encoded image bytes at a location (for a server's image endpoint, an export, ...)."""
+    src = open_location(location)
+    return src.getvalue() if isinstance(src, io.BytesIO) else src.read_bytes()

@@ -245,7 +245,9 @@ def merge_parts(out_dir: str | Path) -> IndexManifest:
 
 
 def _concat_rows(files: list[Path], dest: Path) -> None:
-    with pa.OSFile(str(dest), "wb") as sink, pa.ipc.new_file(sink, ROWS_SCHEMA) as writer:
+    """The parts' rows files end to end (their schema: id, path, caption and any metadata columns)."""
+    schema = pa.ipc.open_file(pa.memory_map(str(files[0]), "r")).schema if files else ROWS_SCHEMA
+    with pa.OSFile(str(dest), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for f in files:
             reader = pa.ipc.open_file(pa.memory_map(str(f), "r"))
             for i in range(reader.num_record_batches):

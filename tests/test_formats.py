@@ -73,7 +73,7 @@ def test_webdataset_items_locations_captions_metadata_and_problems(tar_shards, e
     assert 7 <= len(items) < 11
     assert items[5].caption == emoji_items[5].captions[0]
     assert items[5].metadata["url"] == "http://x/000000005" and items[5].metadata["width"] == 72
-    reasons = {(Path(p["location"].split("#")[0]).name, p["reason"].split(" ")[0]) for p in items.skipped}
+    reasons = {(Path(p["path"].split("#")[0]).name, p["reason"].split(" ")[0]) for p in items.skipped}
     assert ("00001.tar", "no") in reasons  # no image member
     assert ("00001.tar", "duplicated") in reasons
     assert ("00002.tar", "truncated") in reasons

@@ -120,6 +120,6 @@ def report_skipped(items) -> None:
             f"[yellow]Skipped {len(skipped)} unreadable tar(s)/member(s)/file(s) while reading the source:[/yellow]"
         )
         for p in skipped[:10]:
-            err.print(f"  {p['location']}: {p['reason']}", highlight=False)
+            err.print(f"  {p['path']}: {p['reason']}", highlight=False)
         if len(skipped) > 10:
             err.print(f"  ... and {len(skipped) - 10} more", highlight=False)

@@ -31,14 +31,14 @@ def read_container_source(
         rows, problems = [], []
         for f in files:
             if not f.is_file():
-                problems.append({"location": str(f), "reason": "no such Parquet file"})
+                problems.append({"path": str(f), "reason": "no such Parquet file"})
             elif not parquet_images.has_image_column(f, image_column):
-                problems.append({"location": str(f), "reason": "no image column (binary or struct<bytes, path>)"})
+                problems.append({"path": str(f), "reason": "no image column (binary or struct<bytes, path>)"})
             else:
                 rows.extend(parquet_images.read_image_parquet(f, image_column, caption_column))
         n_files, what = len(files), "Parquet file"
     if not rows:
-        first = f": {problems[0]['location']}: {problems[0]['reason']}" if problems else ""
+        first = f": {problems[0]['path']}: {problems[0]['reason']}" if problems else ""
         raise UserError(f"Source {text} has no readable images in its {n_files} {what}(s){first}.")
     items = SourceList(SourceItem(i, loc, caps, meta) for i, (loc, caps, meta) in enumerate(rows))
     items.skipped = problems

@@ -35,7 +35,7 @@ class SourceItem:
 
 
 class SourceList(list):
-    """Items, plus what reading skipped: `skipped` lists {"location", "reason"} per bad tar/member/file."""
+    """Items, plus what reading skipped: `skipped` lists {"path", "reason"} (the format of _errors.jsonl) per bad tar/member/file."""
 
     skipped: list[dict] = []
 

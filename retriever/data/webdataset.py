@@ -102,7 +102,7 @@ def scan_tar(path: Path) -> tuple[list[TarMember], list[dict[str, str]]]:
         size = path.stat().st_size
         tf = tarfile.open(path, mode="r:")
     except (OSError, tarfile.TarError) as e:
-        return [], [{"location": where, "reason": f"not a readable tar ({type(e).__name__}: {e})"}]
+        return [], [{"path": where, "reason": f"not a readable tar ({type(e).__name__}: {e})"}]
     seen: set[str] = set()
     current: TarMember | None = None
 
@@ -111,9 +111,9 @@ def scan_tar(path: Path) -> tuple[list[TarMember], list[dict[str, str]]]:
             return
         loc = tar_location(path, m.key)
         if m.key in seen:
-            problems.append({"location": loc, "reason": f"duplicated key {m.key!r} in {path.name}; kept the first"})
+            problems.append({"path": loc, "reason": f"duplicated key {m.key!r} in {path.name}; kept the first"})
         elif m.image is None:
-            problems.append({"location": loc, "reason": f"no image member (found {', '.join(m.others)})"})
+            problems.append({"path": loc, "reason": f"no image member (found {', '.join(m.others)})"})
         else:
             members.append(m)
         seen.add(m.key)
@@ -129,7 +129,7 @@ def scan_tar(path: Path) -> tuple[list[TarMember], list[dict[str, str]]]:
                 key, ext = match.group(1), match.group(2).lower()
                 if info.offset_data + info.size > size:
                     problems.append(
-                        {"location": tar_location(path, key), "reason": f"truncated tar: {info.name} is cut short"}
+                        {"path": tar_location(path, key), "reason": f"truncated tar: {info.name} is cut short"}
                     )
                     break
                 if current is None or current.key != key:
@@ -138,7 +138,7 @@ def scan_tar(path: Path) -> tuple[list[TarMember], list[dict[str, str]]]:
                 current.others.append(info.name)
                 _take_member(tf, info, ext, current)
         except (tarfile.TarError, OSError, EOFError) as e:
-            problems.append({"location": where, "reason": f"truncated or corrupt tar ({type(e).__name__}: {e})"})
+            problems.append({"path": where, "reason": f"truncated or corrupt tar ({type(e).__name__}: {e})"})
             current = None  # its members may be cut short
         finish(current)
     _write_offsets(path, members)
@@ -226,7 +226,7 @@ def read_webdataset(spec: str | os.PathLike) -> tuple[list[tuple[str, tuple[str,
     paths = tar_paths(spec)
     for tar in paths:
         if not tar.is_file():
-            problems.append({"location": str(tar), "reason": "no such tar shard"})
+            problems.append({"path": str(tar), "reason": "no such tar shard"})
             continue
         tar = tar.resolve()
         members, bad = scan_tar(tar)

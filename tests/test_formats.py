@@ -145,7 +145,7 @@ def test_image_parquet_embeds_and_reports_bad_cells(tmp_path, emoji_items, tiny_
     assert sorted(e["id"] for e in bad) == [3, 4]
 
 
-def test_tiff_read_and_hidden_and_nas_folders_skipped(tmp_path, emoji_items):
+def test_tiff_read_and_hidden_and_nas_folders_skipped(tmp_path, emoji_items, tiny_model):
     Image.open(emoji_items[0].path).convert("RGBA").convert("RGB").save(tmp_path / "a.tif")
     Image.open(emoji_items[1].path).convert("RGBA").convert("RGB").save(tmp_path / "b.tiff")
     for junk in ("@eaDir/a.tif/SYNOFILE_THUMB_M.jpg", ".hidden/c.png", "__MACOSX/._a.png", "._b.png"):
@@ -155,6 +155,8 @@ def test_tiff_read_and_hidden_and_nas_folders_skipped(tmp_path, emoji_items):
     items = read_source(tmp_path)
     assert [Path(it.path).name for it in items] == ["a.tif", "b.tiff"]
     assert load_image(items[0].path).mode == "RGB"
+    res = embed_items(items, tiny_model, tmp_path / "out" / "s", EmbedConfig(num_workers=0))
+    assert res.rows == 2 and res.errors == 0
 
 
 def test_heic_read_when_pillow_heif_installed(tmp_path, emoji_items):
@@ -166,7 +168,7 @@ def test_heic_read_when_pillow_heif_installed(tmp_path, emoji_items):
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet"])
-def test_streamed_manifest_keeps_order_metadata_and_merges(tmp_path, emoji_items, kind):
+def test_streamed_manifest_keeps_order_metadata_and_merges(tmp_path, emoji_items, kind, tiny_model):
     rows = [{"image": emoji_items[i].path, "caption": f"c{i}", "source": f"s{i}", "score": str(i)} for i in range(5)]
     rows.append({"image": emoji_items[1].path, "caption": "again", "source": "dup", "score": "9"})
     path = tmp_path / f"m.{kind}"
@@ -189,6 +191,8 @@ def test_streamed_manifest_keeps_order_metadata_and_merges(tmp_path, emoji_items
     assert items[1].metadata == {"source": "s1", "score": "1"}
     assert items[3].caption.startswith("c3")
     assert [it.path for it in items[1:3]] == [items[1].path, items[2].path]
+    res = embed_items(items, tiny_model, tmp_path / "s", EmbedConfig(num_workers=0))
+    assert res.rows == 5 and pq.read_table(tmp_path / "s").column("caption").to_pylist()[1] == "c1"
 
 
 def test_a_photo_folder_with_a_stray_tar_stays_a_photo_folder(tmp_path, emoji_items):
@@ -207,3 +211,18 @@ def test_location_bytes_are_the_member_bytes(tar_shards, emoji_items):
     odd = tar_shards.parent / "a#1.png"  # a real file whose name has a '#'
     shutil.copy(emoji_items[0].path, odd)
     assert read_location_bytes(str(odd)) == Path(emoji_items[0].path).read_bytes()
+
+
+def test_cli_embeds_a_brace_expansion_and_lists_what_it_skipped(tar_shards, tmp_path):
+    from conftest import TINY_CONFIG
+    from typer.testing import CliRunner
+
+    from retriever.cli.app import app
+
+    spec = str(tar_shards / "{00000..00003}.tar")
+    res = CliRunner().invoke(
+        app, ["embed", spec, "--out", str(tmp_path / "s"), "--model", TINY_CONFIG, "--workers", "0"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "Skipped 4 unreadable" in res.output and "00003.tar: not a readable tar" in res.output
+    assert "duplicated key '000000004'" in res.output

@@ -40,29 +40,36 @@ def _is_kept_metadata(t: pa.DataType) -> bool:
 class _Column:
     """Row access into a chunked column without combining it (which would copy it whole)."""
 
-    def __init__(self, col: pa.ChunkedArray):
-        self.chunks = col.chunks
-        self.starts = np.cumsum([0] + [len(c) for c in self.chunks])
+    def __init__(self, col: pa.ChunkedArray | pa.Array):
+        self.col = col if isinstance(col, pa.ChunkedArray) else pa.chunked_array([col], col.type)
+        self.starts = np.cumsum([0] + [len(c) for c in self.col.chunks])
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     def __getitem__(self, i: int) -> Any:
         c = int(np.searchsorted(self.starts, i, side="right")) - 1
-        return self.chunks[c][i - int(self.starts[c])].as_py()
+        return self.col.chunks[c][i - int(self.starts[c])].as_py()
+
+    def values(self, lo: int, hi: int) -> list:
+        """Rows lo..hi as Python values, converted in bulk (≈ 50× faster than one by one)."""
+        return self.col.slice(lo, hi - lo).to_pylist()
 
 
 class ManifestItems(Sequence):
-    """The items of a manifest, materialised one `SourceItem` at a time from Arrow columns."""
+    """The items of a manifest, materialised as `SourceItem`s only when asked for (in bulk for slices
+    and iteration)."""
+
+    BLOCK = 8192  # rows converted per step when iterating
 
     def __init__(self, table: pa.Table, caption_column: str | None, groups: pa.Array | None):
-        # table columns: "path" (absolute), caption column (optional), metadata columns, "_row".
-        self._cap = _Column(table.column(caption_column)) if caption_column else None
+        # table columns: "path" (absolute), caption column (optional), metadata columns.
+        self._cap = _Column(groups if groups is not None else table.column(caption_column)) if caption_column else None
+        self._merged = groups is not None  # caption cells are lists of every merged row's caption cell
         self._meta = {
             c: _Column(table.column(c)) for c in table.column_names if c not in ("path", "_row", caption_column)
         }
         self._paths = _Column(table.column("path"))
-        self._groups = groups  # list<caption> per item when rows merged, else None
         self.skipped: list[dict] = []
 
     def __len__(self) -> int:
@@ -74,33 +81,36 @@ class ManifestItems(Sequence):
     def __getitem__(self, i: slice) -> list: ...
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return [self._item(j) for j in range(*i.indices(len(self)))]
+            lo, hi, step = i.indices(len(self))
+            if step == 1:
+                return self._items(lo, max(lo, hi))
+            return [self._items(j, j + 1)[0] for j in range(lo, hi, step)]
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
-        return self._item(i)
+        return self._items(i, i + 1)[0]
 
     def __iter__(self):
-        for i in range(len(self)):
-            yield self._item(i)
+        for lo in range(0, len(self), self.BLOCK):
+            yield from self._items(lo, min(lo + self.BLOCK, len(self)))
 
-    def _item(self, i: int):
+    def _items(self, lo: int, hi: int) -> list:
         from retriever.data.sources import SourceItem, _captions_of
 
-        if self._groups is not None:
-            raw = self._groups[i].as_py()
-            caps: list[str] = []
-            for value in raw:
-                for c in _safe_captions(_captions_of, value):
-                    if c not in caps:
-                        caps.append(c)
-        elif self._cap is not None:
-            caps = _safe_captions(_captions_of, self._cap[i])
-        else:
-            caps = []
-        meta = {c: _text(col[i]) for c, col in self._meta.items()}
-        return SourceItem(i, self._paths[i], tuple(caps), meta)
+        paths = self._paths.values(lo, hi)
+        cells = self._cap.values(lo, hi) if self._cap is not None else [None] * (hi - lo)
+        metas = {c: col.values(lo, hi) for c, col in self._meta.items()}
+        out = []
+        for j, (p, cell) in enumerate(zip(paths, cells)):
+            if self._merged:
+                caps: list[str] = []
+                for value in cell or ():
+                    caps.extend(c for c in _safe_captions(_captions_of, value) if c not in caps)
+            else:
+                caps = _safe_captions(_captions_of, cell)
+            out.append(SourceItem(lo + j, p, tuple(caps), {c: _text(v[j]) for c, v in metas.items()}))
+        return out
 
 
 def _safe_captions(captions_of, value: Any) -> list[str]:

@@ -67,8 +67,14 @@ def embed_items(
     out_dir: str | Path,
     config: EmbedConfig | None = None,
     progress: ProgressFn | None = None,
+    *,
+    skipped: Sequence[dict] = (),
 ) -> EmbedResult:
-    """Embed every item into shards under `out_dir`, resuming whatever a previous run finished."""
+    """Embed every item into shards under `out_dir`, resuming whatever a previous run finished.
+
+    `skipped`: entries the source reader left out ({"path", "reason"}: a bad tar, a key without an
+    image); they are listed in the errors file with the images that failed to decode.
+    """
     cfg = config or EmbedConfig()
     if cfg.shard_size < 1 or cfg.batch_size < 1:
         raise UserError("--shard-size and --batch-size must be at least 1.")
@@ -96,7 +102,11 @@ def embed_items(
     mine = [k for k in range(n_shards) if parts.owns(k, cfg.part, cfg.num_parts)]
     done = {k for k in mine if (out / parts.shard_file(k, cfg.part, cfg.num_parts)).is_file()}
     todo = [k for k in mine if k not in done]
-    errors = [e for e in _read_errors(out, errors_name) if e["shard"] in done]
+    # Source-level entries (shard None) are those of this run's reading of the source.
+    errors = [{**e, "shard": None} for e in skipped] + [
+        e for e in _read_errors(out, errors_name) if e.get("shard") in done
+    ]
+    _write_errors(out, errors, errors_name)
 
     t0 = time.perf_counter()
     n_todo = sum(len(_shard_items(items, k, cfg.shard_size)) for k in todo)

@@ -226,3 +226,5 @@ def test_cli_embeds_a_brace_expansion_and_lists_what_it_skipped(tar_shards, tmp_
     assert res.exit_code == 0, res.output
     assert "Skipped 4 unreadable" in res.output and "00003.tar: not a readable tar" in res.output
     assert "duplicated key '000000004'" in res.output
+    logged = [json.loads(x) for x in (tmp_path / "s" / "_errors.jsonl").read_text().splitlines()]
+    assert len([e for e in logged if e["shard"] is None]) == 4  # kept with the decode errors

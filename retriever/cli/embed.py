@@ -73,7 +73,12 @@ def embed(
     with progress_bar() as bar:
         task = bar.add_task("Embedding", total=None)
         result = embed_items(
-            items, encoder, out_dir, cfg, progress=lambda n, total: bar.update(task, completed=n, total=total)
+            items,
+            encoder,
+            out_dir,
+            cfg,
+            progress=lambda n, total: bar.update(task, completed=n, total=total),
+            skipped=getattr(items, "skipped", ()),
         )
     from retriever.embed_parallel import finish_parts
 

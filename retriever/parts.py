@@ -54,6 +54,11 @@ def errors_file(part: int, num_parts: int) -> str:
     return f"{ERRORS_PREFIX}{tag(part, num_parts)}.jsonl"
 
 
+def errors_files(folder: Path) -> list[Path]:
+    """The skipped-image lists of a shard folder: `_errors.jsonl`, or one per part."""
+    return sorted(p for p in Path(folder).glob(f"{ERRORS_PREFIX}*.jsonl") if p.is_file())
+
+
 def part_of_name(name: str) -> tuple[int, int] | None:
     """(part, num_parts) a file name carries, None for a one-process file."""
     m = _TAG_RE.search(name)

@@ -98,7 +98,7 @@ def test_all_bad_tars_are_refused_in_one_sentence(tmp_path):
 def test_webdataset_embeds_end_to_end(tar_shards, tiny_model, tmp_path):
     items = read_source(str(tar_shards / "{00000..00001}.tar"))
     res = embed_items(items, tiny_model, tmp_path / "s", EmbedConfig(num_workers=2, batch_size=3, shard_size=4))
-    assert res.rows == 7 and res.errors == 0
+    assert res.rows == 7 and res.skipped.count == 0
     table = pq.read_table(tmp_path / "s")
     assert sorted(table.column("id").to_pylist()) == list(range(7))
     assert all("#" in p for p in table.column("path").to_pylist())
@@ -140,7 +140,7 @@ def test_image_parquet_embeds_and_reports_bad_cells(tmp_path, emoji_items, tiny_
     assert load_image(items[5].path).size == load_image(emoji_items[5].path).size
     assert load_image(items[1].path).size == load_image(emoji_items[1].path).size
     res = embed_items(items, tiny_model, tmp_path / "s", EmbedConfig(num_workers=0, batch_size=4))
-    assert res.rows == 4 and res.errors == 2
+    assert res.rows == 4 and res.skipped.count == 2
     bad = [json.loads(x) for x in (tmp_path / "s" / "_errors.jsonl").read_text().splitlines()]
     assert sorted(e["id"] for e in bad) == [3, 4]
 
@@ -156,7 +156,7 @@ def test_tiff_read_and_hidden_and_nas_folders_skipped(tmp_path, emoji_items, tin
     assert [Path(it.path).name for it in items] == ["a.tif", "b.tiff"]
     assert load_image(items[0].path).mode == "RGB"
     res = embed_items(items, tiny_model, tmp_path / "out" / "s", EmbedConfig(num_workers=0))
-    assert res.rows == 2 and res.errors == 0
+    assert res.rows == 2 and res.skipped.count == 0
 
 
 def test_heic_read_when_pillow_heif_installed(tmp_path, emoji_items):
@@ -213,15 +213,14 @@ def test_location_bytes_are_the_member_bytes(tar_shards, emoji_items):
     assert read_location_bytes(str(odd)) == Path(emoji_items[0].path).read_bytes()
 
 
-def test_cli_embeds_a_brace_expansion_and_lists_what_it_skipped(tar_shards, tmp_path):
-    from conftest import TINY_CONFIG
+def test_cli_embeds_a_brace_expansion_and_lists_what_it_skipped(tar_shards, tmp_path, tiny):
     from typer.testing import CliRunner
 
     from retriever.cli.app import app
 
     spec = str(tar_shards / "{00000..00003}.tar")
     res = CliRunner().invoke(
-        app, ["embed", spec, "--out", str(tmp_path / "s"), "--model", TINY_CONFIG, "--workers", "0"]
+        app, ["embed", spec, "--out", str(tmp_path / "s"), "--model", tiny.config, "--workers", "0"]
     )
     assert res.exit_code == 0, res.output
     assert "Skipped 4 unreadable" in res.output and "00003.tar: not a readable tar" in res.output

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from retriever.cli.app import app
 from retriever.errors import UserError
-from retriever.indexes import BuildConfig, build_index, read_manifest
+from retriever.indexes import BuildConfig, build_index, read_index_manifest
 from retriever.indexes.partitioned import build_part, merge_parts, staging_dir
 from retriever.search import Retriever
 from retriever.shards import ShardSet, shard_name, shard_schema, write_shard
@@ -54,7 +54,7 @@ def test_parts_merged_equal_one_process_build(shards, tmp_path, tiny_model, kind
     res = run("index", "merge", merged, "--json")
     assert json.loads(res.stdout)["indexes"]["image"]["extra"]["built_in_parts"] == 3
     assert not staging_dir(merged).exists()
-    a, b = read_manifest(one), read_manifest(merged)
+    a, b = read_index_manifest(one), read_index_manifest(merged)
     for m in ("image", "text"):
         assert a.indexes[m].count == b.indexes[m].count and a.indexes[m].factory == b.indexes[m].factory
         assert a.indexes[m].search_params == b.indexes[m].search_params

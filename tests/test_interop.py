@@ -4,7 +4,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_CONFIG
 from typer.testing import CliRunner
 
 from retriever.cli.app import app
@@ -43,7 +42,7 @@ def emoji_folder_of(tmp, emoji_items):
     return root
 
 
-def test_export_then_import_round_trips(shards, tmp_path, tiny_model):
+def test_export_then_import_round_trips(shards, tmp_path, tiny_model, tiny):
     res = runner.invoke(app, ["export", str(shards), "--format", "clip-retrieval", "--out", str(tmp_path / "cr")])
     assert res.exit_code == 0, res.output
     assert np.load(tmp_path / "cr" / "img_emb" / "img_emb_0.npy").dtype == np.float16
@@ -51,7 +50,7 @@ def test_export_then_import_round_trips(shards, tmp_path, tiny_model):
         f"metadata_{k}.parquet" for k in range(3)
     ]
     res = runner.invoke(
-        app, ["import", "clip-retrieval", str(tmp_path / "cr"), "--out", str(tmp_path / "back"), "--model", TINY_CONFIG]
+        app, ["import", "clip-retrieval", str(tmp_path / "cr"), "--out", str(tmp_path / "back"), "--model", tiny.config]
     )
     assert res.exit_code == 0, res.output
     a, b = _rows(shards), _rows(tmp_path / "back")

@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TINY_CONFIG
 from typer.testing import CliRunner
 
 from retriever.cli.app import app
@@ -21,7 +20,7 @@ from retriever.data.sources import read_source
 from retriever.embed import EmbedConfig, embed_items
 from retriever.errors import UserError
 from retriever.indexes import build_index
-from retriever.info import describe
+from retriever.info import folder_info
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -61,7 +60,7 @@ def test_parts_union_is_the_single_run_and_each_resumes_alone(single, emoji_fold
     r0 = embed_items(items, tiny_model, out, cfg(0))
     assert r0.shards == 3 and sorted(p.name for p in out.glob("*-p0of3.parquet"))[0] == "part-00000-p0of3.parquet"
     # Part 0 alone: info names what is missing, index refuses in one sentence naming parts 1 and 2.
-    st = describe(out)["parts"]
+    st = folder_info(out)["parts"]
     assert st["complete"] == [0] and st["not_started"] == [1, 2]
     with pytest.raises(UserError, match=r"part 1 \(not started\), part 2 \(not started\)"):
         build_index(out, tmp_path / "i")
@@ -76,13 +75,13 @@ def test_parts_union_is_the_single_run_and_each_resumes_alone(single, emoji_fold
     r2 = embed_items(items, tiny_model, out, cfg(2))
     assert r2.shards_written == 2
     (out / "part-00005-p2of3.parquet").unlink()  # killed after one shard: a rerun redoes only that one
-    st = describe(out)["parts"]
+    st = folder_info(out)["parts"]
     assert st["partial"] == {2: "1 of 2 shards"}
     with pytest.raises(UserError, match=r"part 2 \(1 of 2 shards\)"):
         build_index(out, tmp_path / "i")
     again = embed_items(items, tiny_model, out, cfg(2))
     assert again.shards_written == 1 and again.shards_resumed == 1
-    assert describe(out)["parts"]["complete"] == [0, 1, 2]
+    assert folder_info(out)["parts"]["complete"] == [0, 1, 2]
     assert_same_rows(rows_of(out), rows_of(single))
     build_index(out, tmp_path / "i")
 
@@ -96,7 +95,8 @@ def test_part_flags_are_checked(emoji_folder, tiny_model, tmp_path):
         embed_items(items, tiny_model, tmp_path / "one", cfg(0, n=2))
 
 
-def test_two_torchrun_processes_write_the_rows_of_one(single, emoji_folder, tmp_path):
+@pytest.mark.e2e
+def test_two_torchrun_processes_write_the_rows_of_one(single, emoji_folder, tmp_path, tiny):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("this torch build has no gloo backend")
     # The same 30 items as `single`: a manifest of them (embed's source is a path).
@@ -105,7 +105,7 @@ def test_two_torchrun_processes_write_the_rows_of_one(single, emoji_folder, tmp_
         "".join(json.dumps({"image": it.path, "caption": it.caption}) + "\n" for it in read_source(emoji_folder)[:30])
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "retriever.cli.app", "embed", str(manifest), "--out", str(tmp_path / "d"), "--model", TINY_CONFIG]
+    cmd += ["-m", "retriever.cli.app", "embed", str(manifest), "--out", str(tmp_path / "d"), "--model", tiny.config]
     cmd += ["--shard-size", "4", "--workers", "0", "--json"]
     env = {
         **os.environ,

@@ -14,11 +14,10 @@ from retriever.cli.common import (
     PrecisionOpt,
     PretrainedOpt,
     WorkersOpt,
-    err,
     load_encoder,
     out,
+    print_skipped,
     progress_bar,
-    report_skipped,
     user_errors,
     workers_or_default,
 )
@@ -58,8 +57,6 @@ def embed(
 
     num_parts, part, device, dist_info = part_from_environment(num_parts, part, device)
     items = read_source(source, image_column=image_column, caption_column=caption_column)
-    if dist_info.is_main:
-        report_skipped(items)
     encoder = load_encoder(model, pretrained, device, precision)
     cfg = EmbedConfig(
         shard_size=shard_size,
@@ -86,7 +83,7 @@ def embed(
     if not dist_info.is_main:
         return  # rank 0 reports for the whole torchrun job
     if as_json:
-        out.print_json(json.dumps({**result.__dict__, "parts": status}))
+        out.print_json(json.dumps({**result.__dict__, "skipped": result.skipped.to_dict(), "parts": status}))
         return
     which = f"part {part} of {num_parts}: " if num_parts > 1 and not dist_info.enabled else ""
     out.print(
@@ -104,7 +101,4 @@ def embed(
                 else f" (not yet: {', '.join(str(p) for p in range(status['num_parts']) if p not in status['complete'])})."
             )
         )
-    if result.errors:
-        err.print(f"[yellow]Skipped {result.errors} unreadable image(s)[/yellow]; details in {result.errors_file}:")
-        for e in result.error_samples:
-            err.print(f"  {e['path']}: {e['reason']}", highlight=False)
+    print_skipped(result.skipped)

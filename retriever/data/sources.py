@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,15 @@ CAPTION_COLUMN_GUESSES = ("caption", "text", "captions", "title", "description")
 
 @dataclass(frozen=True)
 class SourceItem:
+    """One image of a source.
+
+    Attributes:
+        index: position in the source: the row id in shards.
+        path: absolute path of the image file.
+        captions: every caption known for the image (training samples one per epoch).
+        metadata: extra per-item columns that shards keep beside the vectors.
+    """
+
     index: int  # position in the source: the row id in shards
     path: str  # absolute path of the image file
     captions: tuple[str, ...] = ()  # every caption known for the image (training samples one)
@@ -54,10 +63,21 @@ def read_source(
     *,
     image_column: str | None = None,
     caption_column: str | None = None,
-) -> list[SourceItem]:
-    """Read a folder (recursive), a CSV/TSV/JSONL/Parquet manifest, webdataset tar shards (a tar, a
-    glob, `{00000..00099}` brace expansion or a folder of tars) or image Parquet (img2dataset binary
-    columns, Hugging Face struct<bytes, path> cells) into ordered items."""
+) -> Sequence[SourceItem]:
+    """Read a folder (recursive), a manifest, webdataset tar shards or image Parquet into ordered items.
+
+    Args:
+        source: a folder (every image below it; a same-name .txt file is its caption); a
+            CSV/TSV/JSONL/Parquet manifest with one row per image–caption pair (rows naming one
+            image merge their captions); webdataset tar shards (a .tar, a glob, a brace expansion
+            `shards/{00000..00099}.tar` or a folder of tars); or image Parquet (img2dataset binary
+            columns, Hugging Face struct<bytes, path> cells).
+        image_column, caption_column: the manifest's columns; guessed from common names when None.
+
+    Returns:
+        `SourceItem`s in a stable order; `item.index` is the row id shards and indexes use. For tar
+        and image-Parquet sources a `SourceList` whose `skipped` lists bad tars/members.
+    """
     from retriever.data.formats import read_container_source
 
     contained = read_container_source(source, image_column=image_column, caption_column=caption_column)
@@ -66,10 +86,11 @@ def read_source(
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"Source {path} does not exist.")
+    items: Sequence[SourceItem]
     if path.is_dir():
         items = read_folder(path)
     elif path.suffix.lower() in MANIFEST_SUFFIXES:
-        items = read_manifest(path, image_column=image_column, caption_column=caption_column)
+        items = read_source_manifest(path, image_column=image_column, caption_column=caption_column)
     else:
         raise UserError(f"Source {path} is neither a folder nor a manifest ({', '.join(sorted(MANIFEST_SUFFIXES))}).")
     if not items:
@@ -97,9 +118,9 @@ def read_folder(root: Path) -> list[SourceItem]:
     return items
 
 
-def read_manifest(
+def read_source_manifest(
     path: Path, *, image_column: str | None = None, caption_column: str | None = None
-) -> list[SourceItem]:
+) -> Sequence[SourceItem]:
     """Rows of a manifest; rows naming the same image merge, keeping every caption in order.
 
     CSV/TSV/Parquet stream into Arrow columns (manifests.py); JSONL is read line by line.
@@ -121,6 +142,7 @@ def read_manifest(
         return []
     columns = list(rows[0].keys())
     img_col = _pick_column(columns, image_column, IMAGE_COLUMN_GUESSES, "image", path)
+    assert img_col is not None  # required=True raises instead of returning None
     cap_col = _pick_column(columns, caption_column, CAPTION_COLUMN_GUESSES, "caption", path, required=False)
     base = path.resolve().parent
     by_path: dict[str, list[str]] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retriever import __version__
+from retriever import __version__, parts
 from retriever.atomic import write_json_atomic
 from retriever.data.images import DEFAULT_MAX_PIXELS
 from retriever.data.loading import DecodedBatch, ImageDataset, collate_decoded, default_workers
@@ -28,7 +29,7 @@ from retriever.errors import ConfigError, UserError
 from retriever.locks import folder_lock
 from retriever.models.encode import count_truncated, encode_image_tensors, encode_texts
 from retriever.models.load import LoadedModel
-from retriever.shards import DTYPES, SHARD_GLOB, shard_name, shard_number, shard_schema, write_shard
+from retriever.shards import DTYPES, SHARD_GLOB, shard_number, shard_schema, write_shard
 from retriever.skipped import ERRORS_FILE, SkippedImages, read_skipped, skipped_entry, write_skipped
 
 JOB_FILE = "_embed_job.json"
@@ -53,6 +54,8 @@ class EmbedConfig:
     dtype: str = "float32"
     overwrite: bool = False
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # images decoding to more pixels are skipped and reported
+    num_parts: int = 1  # the items' shards are split among this many independent parts (see parts.py)
+    part: int = 0  # which of them this run writes
 
     def validate(self) -> None:
         """Raise `ConfigError` (naming the parameter) for settings that cannot work."""
@@ -103,17 +106,21 @@ def embed_items(
         items: what to embed (`read_source`); an item's `index` becomes its row id.
         encoder: the loaded model (`load_model`); its identity is stored with every shard.
         out_dir: the shard folder; finished shards of an identical earlier run are kept.
-        config: shard size, batch sizes, workers, storage dtype (`EmbedConfig`).
+        config: shard size, batch sizes, workers, storage dtype, part (`EmbedConfig`).
         progress: called after each batch with (images done, images to do) of this run.
-        wait: if another process is writing `out_dir`, wait for it instead of refusing. The folder
-            must be new, empty or a shard folder, and is locked while this runs.
+        wait: if another process is writing this run's files in `out_dir` (the folder, or this
+            part of it), wait for it instead of refusing. The folder must be new, empty or a shard
+            folder, and is locked while this runs (per part when `config.num_parts` > 1, so parts
+            run side by side while two writers of one part still exclude each other).
         on_message: called with a sentence when waiting, and for each thing removed under the
-            lock: temp files of killed runs, and unreadable shards (which are then redone).
-        skipped: entries the source reader left out ({"path", "reason"}, see SourceReport);
-            they are listed in `_errors.jsonl` with the images that failed to decode.
+            lock: this run's temp files of killed runs, and its unreadable shards (then redone).
+        skipped: entries the source reader left out ({"path", "reason"}: a bad tar, a key without
+            an image, a caption that is not text; see `SourceList.skipped`); they are listed in the
+            errors file with the images that failed to decode.
 
     Returns:
-        An `EmbedResult`; undecodable images are skipped and listed in `out_dir/_errors.jsonl`.
+        An `EmbedResult`; undecodable images are skipped and listed in `out_dir/_errors.jsonl`
+        (`_errors-pIofN.jsonl` for part I of N).
     """
     cfg = config or EmbedConfig()
     cfg.validate()
@@ -129,27 +136,38 @@ def embed_items(
         "dtype": cfg.dtype,
         "model": encoder.identity.to_dict(),
     }
+    parts.check_part(cfg.part, cfg.num_parts)
     _check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
-    with folder_lock(out, inside=True, wait=wait, on_wait=on_message, what="embedding into"):
+    lock_tag = parts.tag(cfg.part, cfg.num_parts)  # "" for a one-process run: the folder's lock
+    with folder_lock(out, inside=True, tag=lock_tag, wait=wait, on_wait=on_message, what="embedding into"):
         return _embed_locked(items, encoder, out, cfg, schema, job, progress, on_message, skipped)
 
 
 def _embed_locked(
     items, encoder, out: Path, cfg: EmbedConfig, schema, job, progress, on_message, skipped
 ) -> EmbedResult:
-    _prepare_out_dir(out, job, cfg.overwrite)
-    repairs = _remove_leftovers(out)
+    if cfg.num_parts > 1:
+        job.update(num_parts=cfg.num_parts, part=cfg.part)
+        _prepare_part_dir(out, job, cfg.overwrite)
+    else:
+        _prepare_out_dir(out, job, cfg.overwrite)
+    repairs = _remove_leftovers(out, cfg.part, cfg.num_parts)
     for line in repairs:
         if on_message:
             on_message(line)
+    errors_name = parts.errors_file(cfg.part, cfg.num_parts)
 
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
-    done = {shard_number(p.name) for p in out.glob(SHARD_GLOB)}
-    todo = [k for k in range(n_shards) if k not in done]
-    # Source-level entries (shard None) are those of this run's reading of the source.
-    errors = [{**e, "shard": None} for e in skipped] + [e for e in read_skipped(out) if e.get("shard") in done]
-    write_skipped(out, errors)
+    mine = [k for k in range(n_shards) if parts.owns(k, cfg.part, cfg.num_parts)]
+    done = {k for k in mine if (out / parts.shard_file(k, cfg.part, cfg.num_parts)).is_file()}
+    todo = [k for k in mine if k not in done]
+    # Source-level entries (shard None) are those of this run's reading of the source; part 0 lists
+    # them (every part reads the same source).
+    errors = [{**e, "shard": None} for e in (skipped if cfg.part == 0 else ())] + [
+        e for e in read_skipped(out, errors_name) if e.get("shard") in done
+    ]
+    write_skipped(out, errors, errors_name)
 
     t0 = time.perf_counter()
     n_todo = sum(len(_shard_items(items, k, cfg.shard_size)) for k in todo)
@@ -179,20 +197,22 @@ def _embed_locked(
             truncated += count_truncated(encoder.tokenizer, texts)
         # Errors first: if we die between the two writes, the rerun redoes this shard and rewrites them.
         errors.extend(shard_errors)
-        write_skipped(out, errors)
-        write_shard(out / shard_name(k), schema, ids, paths, captions, img, txt, has_text)
+        write_skipped(out, errors, errors_name)
+        write_shard(
+            out / parts.shard_file(k, cfg.part, cfg.num_parts), schema, ids, paths, captions, img, txt, has_text
+        )
 
     seconds = time.perf_counter() - t0
     rows = _count_rows(out)
     return EmbedResult(
         out_dir=str(out),
         rows=rows,
-        shards=n_shards,
+        shards=len(mine),
         shards_written=len(todo),
-        shards_resumed=n_shards - len(todo),
+        shards_resumed=len(done),
         seconds=seconds,
         images_per_second=n_seen / seconds if seconds > 0 and n_seen else 0.0,
-        skipped=SkippedImages(errors, str(out / ERRORS_FILE) if errors else None),
+        skipped=SkippedImages(errors, str(out / errors_name) if errors else None),
         repairs=repairs,
         truncated_captions=truncated,
         text_context=getattr(encoder.tokenizer, "context_length", None),
@@ -259,6 +279,9 @@ def _prepare_out_dir(out: Path, job: dict, overwrite: bool) -> None:
     job_path = out / JOB_FILE
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder.")
+    if out.is_dir() and parts.parts_status(out) is not None:
+        # Its parts hold their own locks, not this one: replacing their shards could race a running part.
+        raise UserError(f"{out} holds a --num-parts embed; a one-process run needs its own --out folder.")
     existing = list(out.glob(SHARD_GLOB)) if out.is_dir() else []
     if job_path.is_file():
         try:
@@ -281,8 +304,9 @@ def _prepare_out_dir(out: Path, job: dict, overwrite: bool) -> None:
     write_json_atomic(job_path, job)
 
 
-# What a shard folder may hold besides its shards: ours, or hidden (temp files, the lock, .DS_Store).
-_SHARD_FOLDER_FILES = {JOB_FILE, ERRORS_FILE}
+# What a shard folder may hold besides its shards: ours (one-process or part-tagged job and
+# errors files), or hidden (temp files, the locks, .DS_Store).
+_SHARD_FOLDER_FILE = re.compile(r"^(_embed_job|_errors)(-p\d+of\d+)?\.(json|jsonl)$")
 
 
 def _check_out_dir(out: Path) -> None:
@@ -294,7 +318,7 @@ def _check_out_dir(out: Path) -> None:
     strangers = sorted(
         p.name
         for p in out.iterdir()
-        if p.name not in _SHARD_FOLDER_FILES and not p.name.startswith(".") and shard_number(p.name) is None
+        if not _SHARD_FOLDER_FILE.match(p.name) and not p.name.startswith(".") and shard_number(p.name) is None
     )
     if strangers:
         raise UserError(
@@ -302,26 +326,58 @@ def _check_out_dir(out: Path) -> None:
         )
 
 
-def _remove_leftovers(out: Path) -> list[str]:
-    """Under the folder's lock: delete temp files of killed runs and shards that cannot be read.
+def _is_own(name: str, part: int, num_parts: int) -> bool:
+    """Whether a file of the shard folder (or its temp file) is this run's: this part's (its name
+    carries the tag -pIofN), or, for a one-process run, one whose name carries no part tag."""
+    found = parts.part_of_name(name)
+    return found == (part, num_parts) if num_parts > 1 else found is None
 
-    Only a dead process can have left a `.*.tmp` here, because a live one would hold the lock. A
-    shard that Parquet cannot open (a disk filled up, a copy cut short) is deleted so that this
-    run redoes it instead of counting it as done.
+
+def _remove_leftovers(out: Path, part: int = 0, num_parts: int = 1) -> list[str]:
+    """Under this run's lock: delete its temp files of killed runs and its shards that cannot be read.
+
+    Only a dead process can have left one of this run's `.*.tmp` here, because a live one would
+    hold the same lock; other parts' files are never touched (they may be writing now). A shard
+    that Parquet cannot open (a disk filled up, a copy cut short) is deleted so that this run
+    redoes it instead of counting it as done.
     """
     import pyarrow.parquet as pq
 
     done = []
     for stale in sorted(out.glob(".*.tmp")):  # no `finally` survives kill -9
-        stale.unlink(missing_ok=True)
-        done.append(f"Removed {stale.name}, left in {out} by a killed run.")
+        if _is_own(stale.name, part, num_parts):
+            stale.unlink(missing_ok=True)
+            done.append(f"Removed {stale.name}, left in {out} by a killed run.")
     for shard in sorted(out.glob(SHARD_GLOB)):
+        if not _is_own(shard.name, part, num_parts):
+            continue
         try:
             pq.ParquetFile(shard).metadata  # noqa: B018 (reading the footer is the check)
         except Exception as e:  # noqa: BLE001 (any failure to read the footer means the file is damaged)
             shard.unlink()
             done.append(f"Removed unreadable shard {shard.name} ({type(e).__name__}); it is embedded again.")
     return done
+
+
+def _prepare_part_dir(out: Path, job: dict, overwrite: bool) -> None:
+    """Like _prepare_out_dir for one part: only this part's files are ever replaced or cleaned."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder.")
+    if overwrite:
+        raise UserError("--overwrite cannot be combined with --num-parts (it would delete other parts' shards).")
+    if out.is_dir():
+        parts.check_compatible(out, job)
+        own_job = out / parts.job_file(job["part"], job["num_parts"])
+        strangers = [
+            p.name for p in out.glob(SHARD_GLOB) if parts.part_of_name(p.name) != (job["part"], job["num_parts"])
+        ]
+        if not own_job.is_file() and any(parts.part_of_name(n) is None for n in strangers):
+            raise UserError(f"{out} already holds shards not made by this job; use a new --out.")
+        if own_job.is_file() and json.loads(own_job.read_text()) != job:
+            raise UserError(f"{out} holds this part's shards made with other arguments; use a new --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    # This part's leftover temp files are removed by _remove_leftovers, under this part's lock.
+    write_json_atomic(out / parts.job_file(job["part"], job["num_parts"]), job)
 
 
 def _count_rows(out: Path) -> int:

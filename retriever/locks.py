@@ -11,6 +11,11 @@ Where the lock file lives: a folder written in place (a shard folder) keeps it i
 (`FOLDER/.retriever.lock`); a folder replaced as a whole by a rename (an index, a checkpoint; see
 atomic.atomic_dir) keeps it beside (`PARENT/.FOLDER.lock`), because a lock file inside would be
 swapped away with the old folder while a waiting writer still holds it open.
+
+A writer of a share of a folder locks only that share: part I of N of an embed in parts
+(`FOLDER/.retriever-pIofN.lock`, see parts.py) writes only its own part-tagged files, so parts run
+side by side while two writers of one part still exclude each other; the quantizer training of a
+partitioned index build takes `INDEX.parts/.retriever-train.lock`.
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ from retriever.errors import UserError
 INSIDE_NAME = ".retriever.lock"
 
 
-def lock_file_for(folder: str | os.PathLike, *, inside: bool) -> Path:
+def lock_file_for(folder: str | os.PathLike, *, inside: bool, tag: str = "") -> Path:
+    """The lock file of `folder`, or of the share of it named by `tag` (a part's `-pIofN`)."""
     folder = Path(folder).expanduser()
-    return folder / INSIDE_NAME if inside else folder.parent / f".{folder.name}.lock"
+    if inside:
+        return folder / (INSIDE_NAME.removesuffix(".lock") + f"{tag}.lock")
+    return folder.parent / f".{folder.name}{tag}.lock"
 
 
 @contextlib.contextmanager
@@ -39,6 +47,7 @@ def folder_lock(
     wait: bool = False,
     on_wait: Callable[[str], None] | None = None,
     what: str = "writing",
+    tag: str = "",
 ) -> Iterator[Path]:
     """Hold an exclusive lock on `folder` for the duration of the block.
 
@@ -48,8 +57,11 @@ def folder_lock(
         wait: block until the holder finishes instead of refusing.
         on_wait: called once with a sentence when we have to wait (for the CLI to print).
         what: what the holder is doing, for the messages ("writing", "embedding into", …).
+        tag: lock only this writer's share of the folder: part I of N of an embed in parts passes
+            its `-pIofN`, so parts writing their own files run side by side while two writers of
+            one part still exclude each other. "" (the default) locks the whole folder.
     """
-    path = lock_file_for(folder, inside=inside)
+    path = lock_file_for(folder, inside=inside, tag=tag)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -58,8 +70,9 @@ def folder_lock(
         except BlockingIOError:
             holder = _holder(fd)
             if not wait:
+                share = f" (part {tag.lstrip('-')})" if tag else ""
                 raise UserError(
-                    f"{Path(folder)} is being written by another retriever process ({holder}); "
+                    f"{Path(folder)}{share} is being written by another retriever process ({holder}); "
                     "wait for it to finish, or pass --wait to queue behind it."
                 ) from None
             if on_wait:

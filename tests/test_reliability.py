@@ -137,10 +137,10 @@ def test_train_out_refuses_a_file_and_a_foreign_folder(emoji_folder, tmp_path):
 # 2. One writer per folder.
 
 
-def hold_lock(folder: Path, inside: bool, seconds: float) -> subprocess.Popen:
+def hold_lock(folder: Path, inside: bool, seconds: float, tag: str = "") -> subprocess.Popen:
     code = (
         "import sys, time; from retriever.locks import folder_lock\n"
-        f"with folder_lock({str(folder)!r}, inside={inside}):\n"
+        f"with folder_lock({str(folder)!r}, inside={inside}, tag={tag!r}):\n"
         "    print('held', flush=True); time.sleep(float(sys.argv[1]))\n"
     )
     p = subprocess.Popen(
@@ -203,6 +203,83 @@ def test_embed_keeps_a_live_runs_temp_file(shards, emoji_folder, tmp_path):
     # The holder is dead now: its temp file is stale, removed by the next run, which says so.
     res = run("embed", emoji_folder, "--out", out, "--model", TINY_CONFIG, "--shard-size", "20", "--workers", "0")
     assert not live.exists() and "Removed .part-00003.parquet.1234abcd.tmp" in res.output
+
+
+def part_cfg(part: int):
+    from retriever.embed import EmbedConfig
+
+    return EmbedConfig(shard_size=2, num_workers=0, num_parts=2, part=part)
+
+
+def test_parts_lock_their_own_part_only(emoji_folder, tiny_model, tmp_path):
+    """Parts of one folder run side by side; a second writer of the same part is still refused."""
+    from retriever.data.sources import read_source
+    from retriever.embed import embed_items
+    from retriever.errors import UserError
+
+    items = read_source(emoji_folder)[:8]
+    out = tmp_path / "p"
+    out.mkdir()
+    holder = hold_lock(out, inside=True, seconds=60, tag="-p0of2")
+    try:
+        assert embed_items(items, tiny_model, out, part_cfg(1)).shards_written == 2  # not refused by part 0
+        with pytest.raises(UserError, match=rf"part p0of2.*pid {holder.pid}"):
+            embed_items(items, tiny_model, out, part_cfg(0))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert embed_items(items, tiny_model, out, part_cfg(0)).shards_written == 2
+    assert sorted(p.name for p in out.glob("part-*")) == [
+        "part-00000-p0of2.parquet",
+        "part-00001-p1of2.parquet",
+        "part-00002-p0of2.parquet",
+        "part-00003-p1of2.parquet",
+    ]
+
+
+def test_a_part_cleans_only_its_own_leftovers(emoji_folder, tiny_model, tmp_path):
+    """Another part's temp file may belong to a live writer (it holds another lock): it stays."""
+    from retriever.data.sources import read_source
+    from retriever.embed import embed_items
+    from retriever.errors import UserError
+
+    items = read_source(emoji_folder)[:8]
+    out = tmp_path / "p"
+    embed_items(items, tiny_model, out, part_cfg(1))  # the folder now holds part-tagged files only
+    mine = out / ".part-00000-p0of2.parquet.0badf00d.tmp"
+    theirs = out / ".part-00003-p1of2.parquet.1234abcd.tmp"
+    single = out / "._errors.jsonl.feedbeef.tmp"
+    for p in (mine, theirs, single):
+        p.write_bytes(b"x")
+    res = embed_items(items, tiny_model, out, part_cfg(0))  # --out check: a folder of parts is a shard folder
+    assert res.repairs == [f"Removed {mine.name}, left in {out} by a killed run."]
+    assert not mine.exists() and theirs.exists() and single.exists()
+    from retriever.embed import EmbedConfig
+
+    with pytest.raises(UserError, match="holds a --num-parts embed"):  # its parts do not hold this lock
+        embed_items(items, tiny_model, out, EmbedConfig(shard_size=2, num_workers=0, overwrite=True))
+    assert len(list(out.glob("part-*.parquet"))) == 4
+
+
+def test_streamed_csv_captions_are_decoded_honestly_or_reported(emoji_folder, tmp_path):
+    from retriever.data.sources import read_source
+
+    pngs = [str(p) for p in sorted(emoji_folder.rglob("*.png"))[:4]]
+    m = tmp_path / "m.csv"
+    m.write_bytes(
+        b"image,caption\n"
+        + f"{pngs[0]},plain\n".encode()
+        + f"{pngs[1]},".encode()
+        + "café".encode("latin-1")
+        + b"\n"
+        + f"{pngs[2]},".encode()
+        + "\ufeffcrème".encode()
+        + b"\n"
+        + f"{pngs[0]},again\n".encode()
+    )
+    items = read_source(m)
+    assert [(it.path, it.captions) for it in items] == [(pngs[0], ("plain", "again")), (pngs[2], ("crème",))]
+    assert [(s["path"], s["reason"][:21]) for s in items.skipped] == [(pngs[1], "caption: not UTF-8 te")]
 
 
 def test_next_index_writer_cleans_what_killed_writers_left(shards, index):
@@ -314,7 +391,7 @@ def test_garbage_embed_job_file_is_refused_not_a_traceback(shards, emoji_folder,
 
 
 def test_jsonl_lines_that_are_not_objects_are_reported(emoji_folder, tmp_path):
-    from retriever.data.sources import SourceReport, read_source
+    from retriever.data.sources import read_source
 
     pngs = sorted(emoji_folder.rglob("*.png"))[:2]
     m = tmp_path / "m.jsonl"
@@ -329,16 +406,15 @@ def test_jsonl_lines_that_are_not_objects_are_reported(emoji_folder, tmp_path):
             ]
         )
     )
-    report = SourceReport()
-    items = read_source(m, report=report)
+    items = read_source(m)
     assert [it.path for it in items] == [str(pngs[0]), str(pngs[1])]
-    reasons = [s["reason"] for s in report.skipped]
+    reasons = [s["reason"] for s in items.skipped]
     assert reasons[:2] == ["row 2 is a list, not an object", "row 3 is a str, not an object"]
     assert "not JSON" in reasons[2]
 
 
 def test_caption_files_are_decoded_honestly_or_reported(emoji_folder, tmp_path):
-    from retriever.data.sources import SourceReport, read_source
+    from retriever.data.sources import read_source
 
     root = tmp_path / "f"
     root.mkdir()
@@ -356,10 +432,9 @@ def test_caption_files_are_decoded_honestly_or_reported(emoji_folder, tmp_path):
             (root / f"{name}.txt").mkdir()
         else:
             (root / f"{name}.txt").write_bytes(data)
-    report = SourceReport()
-    items = read_source(root, report=report)
+    items = read_source(root)
     assert {Path(it.path).stem: it.caption for it in items} == {"bom": "café crème", "utf16": "naïve"}
-    reasons = {Path(s["path"]).stem: s["reason"] for s in report.skipped}
+    reasons = {Path(s["path"]).stem: s["reason"] for s in items.skipped}
     assert set(reasons) == {"latin1", "binary", "unreadable"}
     assert "not UTF-8" in reasons["latin1"] and "binary" in reasons["binary"]
     assert "\ufffd" not in json.dumps([it.caption for it in items])
@@ -369,19 +444,16 @@ def test_non_string_caption_columns_are_not_stored_as_reprs(emoji_folder, tmp_pa
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from retriever.data.sources import SourceReport, read_source
+    from retriever.data.sources import read_source
 
     pngs = [str(p) for p in sorted(emoji_folder.rglob("*.png"))[:4]]
     table = pa.table({"image": pngs[:2], "caption": [b"plain", b"\xff\xfe\x00"]})
     pq.write_table(table, tmp_path / "bytes.parquet")
-    report = SourceReport()
-    items = read_source(tmp_path / "bytes.parquet", report=report)
-    assert [it.caption for it in items] == ["plain"] and len(report.skipped) == 1
+    items = read_source(tmp_path / "bytes.parquet")
+    assert [it.caption for it in items] == ["plain"] and len(items.skipped) == 1
     pq.write_table(pa.table({"image": pngs[2:], "caption": [{"a": 1}, {"a": 2}]}), tmp_path / "struct.parquet")
-    report = SourceReport()
-    with pytest.raises(Exception, match="no images"):
-        read_source(tmp_path / "struct.parquet", report=report)
-    assert len(report.skipped) == 2 and "not text" in report.skipped[0]["reason"]
+    with pytest.raises(Exception, match="no images.*2 entries were left out.*not text"):
+        read_source(tmp_path / "struct.parquet")
 
 
 def test_embed_writes_source_skips_to_the_errors_file(emoji_folder, tmp_path):
@@ -403,7 +475,7 @@ def test_embed_writes_source_skips_to_the_errors_file(emoji_folder, tmp_path):
 def test_tiff_svg_and_symlink_loops_are_not_dropped_silently(emoji_folder, tmp_path):
     from PIL import Image
 
-    from retriever.data.sources import SourceReport, read_source
+    from retriever.data.sources import read_source
 
     root = tmp_path / "f"
     root.mkdir()
@@ -411,11 +483,10 @@ def test_tiff_svg_and_symlink_loops_are_not_dropped_silently(emoji_folder, tmp_p
     (root / "logo.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
     os.symlink("loop.png", root / "loop.png")
     (root / "notes.md").write_text("x")
-    report = SourceReport()
-    items = read_source(root, report=report)
+    items = read_source(root)
     assert [Path(it.path).name for it in items] == ["scan.tiff"]
-    assert sorted(Path(s["path"]).name for s in report.skipped) == ["logo.svg", "loop.png"]
-    assert report.not_images == 1
+    assert sorted(Path(s["path"]).name for s in items.skipped) == ["logo.svg", "loop.png"]
+    assert items.not_images == 1
 
 
 # 8. and 11. Bombs and huge images are refused before they are decoded.

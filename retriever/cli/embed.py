@@ -29,7 +29,9 @@ from retriever.cli.common import (
 @user_errors
 def embed(
     source: Path = typer.Argument(
-        ..., help="Folder of images (captions from same-name .txt) or a CSV/TSV/JSONL/Parquet manifest."
+        ...,
+        help="Folder of images (captions from same-name .txt), a CSV/TSV/JSONL/Parquet manifest, webdataset tar "
+        "shards (a .tar, a glob, shards/{00000..00099}.tar or a folder of tars) or image Parquet (img2dataset, HF).",
     ),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the Parquet shards."),
     model: str | None = ModelOpt,
@@ -52,15 +54,20 @@ def embed(
         "decoded scaled down first. Bounds each decode worker's memory.",
     ),
     wait: bool = WaitOpt,
+    num_parts: int = typer.Option(
+        1, "--num-parts", help="Split the work into this many independent parts (SLURM arrays, several machines)."
+    ),
+    part: int = typer.Option(0, "--part", help="Which part (0-based) this run writes; under torchrun: the rank."),
     as_json: bool = JsonOpt,
 ):
     """Embed a collection into Parquet shards (resumes an interrupted run)."""
     from retriever.data.images import DEFAULT_MAX_PIXELS
-    from retriever.data.sources import SourceReport, read_source
+    from retriever.data.sources import read_source
     from retriever.embed import EmbedConfig, embed_items
+    from retriever.embed_parallel import part_from_environment
 
-    report = SourceReport()
-    items = read_source(source, image_column=image_column, caption_column=caption_column, report=report)
+    num_parts, part, device, dist_info = part_from_environment(num_parts, part, device)
+    items = read_source(source, image_column=image_column, caption_column=caption_column)
     encoder = load_encoder(model, pretrained, device, precision)
     cfg = EmbedConfig(
         shard_size=shard_size,
@@ -69,6 +76,8 @@ def embed(
         dtype=dtype,
         overwrite=overwrite,
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+        num_parts=num_parts,
+        part=part,
     )
     with progress_bar() as bar:
         task = bar.add_task("Embedding", total=None)
@@ -80,20 +89,44 @@ def embed(
             progress=lambda n, total: bar.update(task, completed=n, total=total),
             wait=wait,
             on_message=note,
-            skipped=report.skipped,
+            skipped=getattr(items, "skipped", ()),
         )
+    from retriever.embed_parallel import finish_parts
+
+    status = finish_parts(out_dir, dist_info)
+    if not dist_info.is_main:
+        return  # rank 0 reports for the whole torchrun job
+    not_images = getattr(items, "not_images", 0)  # a folder's files that are not an image type
     if as_json:
         out.print_json(
-            json.dumps({**result.__dict__, "skipped": result.skipped.to_dict(), "not_images": report.not_images})
+            json.dumps(
+                {
+                    **result.__dict__,
+                    "skipped": result.skipped.to_dict(),
+                    "not_images": not_images,
+                    "parts": status,
+                }
+            )
         )
         return
+    which = f"part {part} of {num_parts}: " if num_parts > 1 and not dist_info.enabled else ""
     out.print(
-        f"{result.rows} rows in {result.shards} shards at {result.out_dir} "
+        f"{which}{result.rows} rows in {result.shards} shards at {result.out_dir} "
         f"({result.shards_written} written, {result.shards_resumed} kept from an earlier run; "
         f"{result.images_per_second:.1f} images/s)."
     )
-    if report.not_images:
-        err.print(f"{report.not_images} file(s) in the source are not an image type and were left aside.")
+    if status is not None:
+        done = len(status["complete"])
+        out.print(
+            f"Parts complete: {done} of {status['num_parts']}"
+            + (
+                "."
+                if done == status["num_parts"]
+                else f" (not yet: {', '.join(str(p) for p in range(status['num_parts']) if p not in status['complete'])})."
+            )
+        )
+    if not_images:
+        err.print(f"{not_images} file(s) in the source are not an image type and were left aside.")
     if result.truncated_captions:
         err.print(
             f"[yellow]{result.truncated_captions} caption(s) are longer than the model's {result.text_context}-token "

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retriever.data.images import IMAGE_EXTENSIONS, VECTOR_EXTENSIONS
+from retriever.data.images import IMAGE_EXTENSIONS, VECTOR_EXTENSIONS, image_extensions
 from retriever.errors import UserError
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -44,12 +44,29 @@ class SourceItem:
         return self.captions[0] if self.captions else None
 
 
-@dataclass
-class SourceReport:
-    """What reading a source left out, so that every entry ends embedded or accounted for."""
+class SourceList(list):
+    """Items, plus what reading left out, so that every entry ends embedded or accounted for.
 
-    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}, like _errors.jsonl
-    not_images: int = 0  # files a folder walk saw that are not an image type (caption .txt files apart)
+    Attributes:
+        skipped: {"path", "reason"} per entry left out (the format of _errors.jsonl): a bad tar or
+            member, a caption that is not honest text, a manifest row that is not an object, a
+            vector image, a broken link.
+        not_images: files a folder walk saw that are not an image type (caption .txt files apart).
+    """
+
+    def __init__(self, items=(), skipped: list[dict] | None = None, not_images: int = 0):
+        super().__init__(items)
+        self.skipped: list[dict] = skipped if skipped is not None else []
+        self.not_images = not_images
+
+
+# Folders that hold no samples: NAS thumbnails (Synology @eaDir), macOS resource forks, VCS data.
+SKIPPED_FOLDERS = frozenset({"@eaDir", "__MACOSX", "#recycle", "$RECYCLE.BIN", "Thumbs.db"})
+
+
+def is_hidden(rel_parts: tuple[str, ...]) -> bool:
+    """Hidden files and folders (.DS_Store, ._x.jpg, .git) and NAS/OS metadata folders are not samples."""
+    return any(part.startswith(".") or part in SKIPPED_FOLDERS for part in rel_parts)
 
 
 def read_source(
@@ -57,58 +74,74 @@ def read_source(
     *,
     image_column: str | None = None,
     caption_column: str | None = None,
-    report: SourceReport | None = None,
-) -> list[SourceItem]:
-    """Read a folder (recursive) or a CSV/TSV/JSONL/Parquet manifest into ordered items.
+) -> Sequence[SourceItem]:
+    """Read a folder (recursive), a manifest, webdataset tar shards or image Parquet into ordered items.
 
     Args:
-        source: a folder (every image below it; a same-name .txt file is its caption) or a manifest
-            file with one row per image–caption pair (rows naming one image merge their captions).
+        source: a folder (every image below it; a same-name .txt file is its caption); a
+            CSV/TSV/JSONL/Parquet manifest with one row per image–caption pair (rows naming one
+            image merge their captions); webdataset tar shards (a .tar, a glob, a brace expansion
+            `shards/{00000..00099}.tar` or a folder of tars); or image Parquet (img2dataset binary
+            columns, Hugging Face struct<bytes, path> cells).
         image_column, caption_column: the manifest's columns; guessed from common names when None.
-        report: if given, receives what was left out (see SourceReport); embed writes its
-            `skipped` entries to `_errors.jsonl` and counts the rest in its summary.
 
     Returns:
-        `SourceItem`s in a stable order; `item.index` is the row id shards and indexes use.
+        `SourceItem`s in a stable order; `item.index` is the row id shards and indexes use. The
+        sequence's `skipped` lists the entries left out ({"path", "reason"}: a bad tar or member,
+        a caption that is not text, a vector image, ...) and `not_images` counts a folder's other
+        files; embed writes the first to `_errors.jsonl` and prints the count.
     """
+    from retriever.data.formats import read_container_source
+
+    contained = read_container_source(source, image_column=image_column, caption_column=caption_column)
+    if contained is not None:
+        return contained
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"Source {path} does not exist.")
-    report = report if report is not None else SourceReport()
+    items: Sequence[SourceItem]
     if path.is_dir():
-        items = read_folder(path, report)
+        items = read_folder(path)
     elif path.suffix.lower() in MANIFEST_SUFFIXES:
-        items = read_source_manifest(path, image_column=image_column, caption_column=caption_column, report=report)
+        items = read_source_manifest(path, image_column=image_column, caption_column=caption_column)
     else:
         raise UserError(f"Source {path} is neither a folder nor a manifest ({', '.join(sorted(MANIFEST_SUFFIXES))}).")
     if not items:
-        raise UserError(f"Source {path} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+        left_out = getattr(items, "skipped", [])
+        why = (
+            f"; {len(left_out)} entries were left out, the first {left_out[0]['path']}: {left_out[0]['reason']}"
+            if left_out
+            else ""
+        )
+        raise UserError(f"Source {path} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}){why}.")
     return items
 
 
-def read_folder(root: Path, report: SourceReport | None = None) -> list[SourceItem]:
+def read_folder(root: Path) -> SourceList:
     """Every image below `root`, sorted by relative path; captions from same-name `.txt` files.
 
-    Every file the walk sees is accounted for in `report`: images whose caption file cannot be
+    Every file the walk sees is accounted for in the result: images whose caption file cannot be
     read as text, vector images and broken or looping links are `skipped` with a reason; other
     files (captions apart) are counted in `not_images`.
     """
-    report = report if report is not None else SourceReport()
+    items = SourceList()
     root = root.resolve()
+    exts = image_extensions()
     files = []
     for p in sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix()):
+        if is_hidden(p.relative_to(root).parts):
+            continue
         suffix = p.suffix.lower()
         if p.is_symlink() and not p.exists():
-            report.skipped.append({"path": str(p), "reason": "broken or looping symbolic link"})
+            items.skipped.append({"path": str(p), "reason": "broken or looping symbolic link"})
         elif p.is_dir():
             continue
-        elif suffix in IMAGE_EXTENSIONS:
+        elif suffix in exts:
             files.append(p)
         elif suffix in VECTOR_EXTENSIONS:
-            report.skipped.append({"path": str(p), "reason": f"{suffix[1:].upper()} vector images are not supported"})
+            items.skipped.append({"path": str(p), "reason": f"{suffix[1:].upper()} vector images are not supported"})
         elif not (suffix == ".txt" and any(p.with_suffix(e).exists() for e in _IMAGE_SUFFIX_CASES)):
-            report.not_images += 1
-    items: list[SourceItem] = []
+            items.not_images += 1
     for p in files:
         txt = p.with_suffix(".txt")
         caption = None
@@ -116,7 +149,7 @@ def read_folder(root: Path, report: SourceReport | None = None) -> list[SourceIt
             try:
                 caption = _clean(decode_caption(txt.read_bytes()))
             except (OSError, ValueError) as e:
-                report.skipped.append({"path": str(p), "reason": f"caption file {txt.name}: {e}"})
+                items.skipped.append({"path": str(p), "reason": f"caption file {txt.name}: {e}"})
                 continue
         items.append(SourceItem(len(items), str(p), (caption,) if caption else ()))
     return items
@@ -141,33 +174,43 @@ def decode_caption(data: bytes) -> str:
 
 
 def read_source_manifest(
-    path: Path,
-    *,
-    image_column: str | None = None,
-    caption_column: str | None = None,
-    report: SourceReport | None = None,
-) -> list[SourceItem]:
+    path: Path, *, image_column: str | None = None, caption_column: str | None = None
+) -> Sequence[SourceItem]:
     """Rows of a manifest; rows naming the same image merge, keeping every caption in order.
 
-    Rows that are not objects (a JSONL line `[1, 2]`, a line that is not JSON) and rows whose
-    caption is not text are left out and listed in `report.skipped`.
+    CSV/TSV/Parquet stream into Arrow columns (manifests.py); JSONL is read line by line. Rows
+    whose caption is not text (a struct, a number, bytes that are not UTF-8) and JSONL lines that
+    are not objects are left out and listed in the result's `skipped`.
     """
-    report = report if report is not None else SourceReport()
+    kind = MANIFEST_SUFFIXES[path.suffix.lower()]
+    if kind != "jsonl":
+        from retriever.data.manifests import read_manifest_streaming
+
+        return read_manifest_streaming(
+            path,
+            kind,
+            lambda cols, wanted: _pick_column(cols, wanted, IMAGE_COLUMN_GUESSES, "image", path),
+            lambda cols, wanted: _pick_column(cols, wanted, CAPTION_COLUMN_GUESSES, "caption", path, required=False),
+            image_column,
+            caption_column,
+        )
+    out = SourceList()
     rows = []
     for n, row in enumerate(_read_rows(path), 1):
         if isinstance(row, dict):
             rows.append(row)
         else:
             reason = str(row) if isinstance(row, _BadRow) else f"row {n} is a {type(row).__name__}, not an object"
-            report.skipped.append({"path": f"{path}:{n}", "reason": reason})
+            out.skipped.append({"path": f"{path}:{n}", "reason": reason})
     if not rows:
-        return []
+        return out
     columns = list(rows[0].keys())
     img_col = _pick_column(columns, image_column, IMAGE_COLUMN_GUESSES, "image", path)
     assert img_col is not None  # required=True raises instead of returning None
     cap_col = _pick_column(columns, caption_column, CAPTION_COLUMN_GUESSES, "caption", path, required=False)
     base = path.resolve().parent
     by_path: dict[str, list[str]] = {}
+    metadata: dict[str, dict[str, Any]] = {}
     for row in rows:
         raw = row.get(img_col)
         if raw is None or str(raw).strip() == "":
@@ -177,13 +220,15 @@ def read_source_manifest(
         try:
             captions = _captions_of(row.get(cap_col) if cap_col else None)
         except ValueError as e:
-            report.skipped.append({"path": key, "reason": f"caption: {e}"})
+            out.skipped.append({"path": key, "reason": f"caption: {e}"})
             continue
+        metadata.setdefault(key, {k: v for k, v in row.items() if k not in (img_col, cap_col)})
         caps = by_path.setdefault(key, [])
         for c in captions:
             if c not in caps:
                 caps.append(c)
-    return [SourceItem(i, p, tuple(c)) for i, (p, c) in enumerate(by_path.items())]
+    out.extend(SourceItem(i, p, tuple(c), metadata[p]) for i, (p, c) in enumerate(by_path.items()))
+    return out
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:

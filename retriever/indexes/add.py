@@ -33,6 +33,7 @@ from retriever.indexes.files import check_index, open_rows, read_index_file
 from retriever.indexes.manifest import MANIFEST, IndexManifest, read_index_manifest
 from retriever.indexes.settings import configure_faiss
 from retriever.locks import folder_lock
+from retriever.parts import missing_parts
 from retriever.shards import ShardSet
 
 
@@ -80,6 +81,7 @@ def _add_locked(index_dir: Path, new_shards, renumber: bool, batch_size: int, pr
     for entry in manifest.indexes.values():
         check_index(index_dir, entry)  # a damaged index is refused before anything is written
     ss = new_shards if isinstance(new_shards, ShardSet) else ShardSet(new_shards)
+    missing_parts(ss.folder)
     ModelIdentity.from_dict(manifest.model).check_same(ss.identity, f"Shard folder {ss.folder}")
     if ss.count("text") and "text" not in manifest.indexes:
         raise UserError(

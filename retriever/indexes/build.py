@@ -28,6 +28,7 @@ from retriever.indexes.manifest import MANIFEST, MODALITIES, IndexManifest, Moda
 from retriever.indexes.rerank import OWN_PARAMS, VectorStore, VectorWriter, search_index
 from retriever.indexes.settings import configure_faiss
 from retriever.locks import folder_lock
+from retriever.parts import missing_parts
 from retriever.shards import ShardSet
 
 ROWS_SCHEMA = pa.schema([("id", pa.int64()), ("path", pa.string()), ("caption", pa.string())])
@@ -102,6 +103,7 @@ def build_index(
     cfg = config or BuildConfig()
     cfg.validate()
     ss = shards if isinstance(shards, ShardSet) else ShardSet(shards)
+    missing_parts(ss.folder)
     out = Path(out_dir).expanduser()
     specs = {m: plan_index(ss.count(m), ss.dim, cfg) for m in modalities if ss.count(m)}
     if not specs:

@@ -38,6 +38,9 @@ def index(
     ),
     gpu: bool | None = typer.Option(None, "--gpu/--no-gpu", help="Build on the GPU (default: when faiss sees one)."),
     as_json: bool = JsonOpt,
+    onnx: bool = typer.Option(
+        True, "--onnx/--no-onnx", help="Also export the model's towers to INDEX/onnx for torch-free queries."
+    ),
 ):
     """Build FAISS indexes (image, and text where captions exist) from shards, or --add shards to one."""
     from retriever.indexes import BuildConfig, build_index
@@ -78,6 +81,8 @@ def index(
                 k=k,
             )
             manifest = build_index(ss, out_dir, cfg, progress=progress)
+    if onnx:
+        _export_onnx(out_dir)
     if as_json:
         out.print_json(json.dumps(manifest.to_dict()))
         return
@@ -97,3 +102,17 @@ def index(
                     highlight=False,
                 )
     out.print(f"{'Updated' if add else 'Wrote'} {out_dir}")
+
+
+def _export_onnx(index_dir: Path) -> None:
+    """ONNX towers beside the index, so `search` needs no torch; a failure costs one line, not the index."""
+    from retriever.onnx.export import export_for_index
+
+    try:
+        with err.status("Exporting the model to ONNX for torch-free queries…"):
+            folder, written = export_for_index(index_dir)
+    except UserError as e:
+        err.print(f"[yellow]No ONNX export ({e}); queries will use torch.[/yellow]", highlight=False)
+        return
+    if written:
+        err.print(f"Exported the model to {folder} (verified against torch); queries need no torch.", highlight=False)

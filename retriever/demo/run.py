@@ -152,6 +152,9 @@ def run_demo(
     t = time.perf_counter()
     build_index(ws / "shards", ws / "index")
     seconds["index"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _export_onnx(ws / "index", encoder, say)
+    seconds["onnx_export"] = time.perf_counter() - t
 
     r = Retriever(ws / "index", encoder)
     text_examples = {q: [h.to_dict() for h in r.search(text=q, k=3)] for q in cfg.examples}
@@ -190,3 +193,14 @@ def _finished_history(run: Path, epochs: int) -> list[dict] | None:
 
 
 __all__ = ["DemoConfig", "DemoResult", "EmojiImage", "run_demo", "R5_BAR"]
+
+
+def _export_onnx(index_dir: Path, encoder, say: Callable[[str], None]) -> None:
+    """ONNX towers beside the demo index, so that `retriever search` on it needs no torch."""
+    from retriever.onnx.export import export_for_index
+
+    try:
+        folder, _ = export_for_index(index_dir, encoder)
+        say(f"Exported the tuned model to {folder} for torch-free queries")
+    except UserError as e:
+        say(f"No ONNX export ({e}); queries will use torch")

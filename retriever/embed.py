@@ -65,9 +65,16 @@ def embed_items(
     out_dir: str | Path,
     config: EmbedConfig | None = None,
     progress: ProgressFn | None = None,
+    onnx=None,
 ) -> EmbedResult:
-    """Embed every item into shards under `out_dir`, resuming whatever a previous run finished."""
+    """Embed every item into shards under `out_dir`, resuming whatever a previous run finished.
+
+    `onnx`: an OnnxEncoder (retriever.onnx.runtime) of the same model to run the forward passes on
+    onnxruntime; decoding and preprocessing stay the torch path's, so the shards are interchangeable.
+    """
     cfg = config or EmbedConfig()
+    if onnx is not None:
+        encoder.identity.check_same(onnx.identity, f"The ONNX export in {onnx.folder}")
     if cfg.shard_size < 1 or cfg.batch_size < 1:
         raise UserError("--shard-size and --batch-size must be at least 1.")
     if not items:
@@ -100,7 +107,11 @@ def embed_items(
                 it = chunk[pos]
                 shard_errors.append({"id": it.index, "path": it.path, "reason": reason, "shard": k})
             if batch.pixels is not None:
-                vecs.append(encode_image_tensors(encoder, batch.pixels))
+                vecs.append(
+                    encode_image_tensors(encoder, batch.pixels)
+                    if onnx is None
+                    else onnx.encode_pixels(batch.pixels.numpy())
+                )
                 for pos in batch.indices:
                     ids.append(chunk[pos].index)
                     paths.append(chunk[pos].path)
@@ -112,7 +123,12 @@ def embed_items(
         has_text = np.array([c is not None for c in captions], bool)
         txt = np.zeros_like(img)
         if has_text.any():
-            txt[has_text] = encode_texts(encoder, [c for c in captions if c is not None], cfg.text_batch_size)
+            texts = [c for c in captions if c is not None]
+            txt[has_text] = (
+                encode_texts(encoder, texts, cfg.text_batch_size)
+                if onnx is None
+                else onnx.encode_texts(texts, cfg.text_batch_size)
+            )
         # Errors first: if we die between the two writes, the rerun redoes this shard and rewrites them.
         errors.extend(shard_errors)
         _write_errors(out, errors)

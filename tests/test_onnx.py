@@ -267,3 +267,30 @@ def test_composed_hf_tower_export_from_local_dir(tmp_path):
     found, why = find_onnx_encoder(None, encoder.identity)  # found in the model folder's onnx/
     assert why is None and isinstance(found, OnnxEncoder)
     assert found.encode_texts(["a red heart"]).shape == (1, 32)
+
+
+def test_embed_on_onnx_matches_torch_shards(tiny_model, tiny_export, emoji_folder, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from retriever.data.sources import read_source
+    from retriever.embed import EmbedConfig, embed_items
+    from retriever.onnx.backend import choose_embed_backend
+    from retriever.onnx.runtime import OnnxEncoder
+
+    monkeypatch.setenv("RETRIEVER_ONNX_CACHE", str(tmp_path / "cache"))
+    onnx, why = choose_embed_backend(tiny_model, "auto", 8, 64)
+    assert onnx is None and "torch" in why  # no export anywhere and a small job: not worth one
+    assert choose_embed_backend(tiny_model, "torch", 8, 64) == (None, None)
+    onnx, why = choose_embed_backend(tiny_model, "onnx", 8, 64)  # exports into the cache
+    assert isinstance(onnx, OnnxEncoder) and "onnxruntime" in why
+    onnx, why = choose_embed_backend(tiny_model, "auto", 8, 64)  # now measured on one batch
+    assert why.startswith("Embedding with ") and "ms on onnxruntime" in why
+
+    items = read_source(emoji_folder)
+    cfg = EmbedConfig(num_workers=0, batch_size=8)
+    embed_items(items, tiny_model, tmp_path / "t", cfg)
+    embed_items(items, tiny_model, tmp_path / "o", cfg, onnx=OnnxEncoder(tiny_export[0]))
+    a, b = pq.read_table(tmp_path / "t"), pq.read_table(tmp_path / "o")
+    assert a.column("id").to_pylist() == b.column("id").to_pylist()
+    for col in ("image_embedding", "text_embedding"):
+        assert np.abs(np.array(a.column(col).to_pylist()) - np.array(b.column(col).to_pylist())).max() <= 1e-5

@@ -43,6 +43,11 @@ def embed(
     precision: str | None = PrecisionOpt,
     overwrite: bool = typer.Option(False, help="Replace shards in --out made with other arguments."),
     as_json: bool = JsonOpt,
+    backend: str = typer.Option(
+        "auto",
+        "--backend",
+        help="Forward passes on onnx (onnxruntime, CPU fp32), torch, or auto (the faster, measured on one batch).",
+    ),
 ):
     """Embed a collection into Parquet shards (resumes an interrupted run)."""
     from retriever.data.sources import read_source
@@ -57,10 +62,21 @@ def embed(
         dtype=dtype,
         overwrite=overwrite,
     )
+    from retriever.onnx.backend import choose_embed_backend
+
+    with err.status("Choosing the embedding backend…"):
+        onnx, why = choose_embed_backend(encoder, backend, batch_size, len(items))
+    if why:
+        err.print(why, highlight=False)
     with progress_bar() as bar:
         task = bar.add_task("Embedding", total=None)
         result = embed_items(
-            items, encoder, out_dir, cfg, progress=lambda n, total: bar.update(task, completed=n, total=total)
+            items,
+            encoder,
+            out_dir,
+            cfg,
+            progress=lambda n, total: bar.update(task, completed=n, total=total),
+            onnx=onnx,
         )
     if as_json:
         out.print_json(json.dumps(result.__dict__))

@@ -244,6 +244,11 @@ def test_cli_export_onnx_and_index_auto_export(tmp_path, tiny_index):
     from retriever.onnx.runtime import OnnxEncoder
 
     OnnxEncoder(tmp_path / "i2" / "onnx").load()
+    before = (tmp_path / "i2" / "onnx" / TEXT_FILE).stat().st_ino
+    res = runner.invoke(app, ["index", "--add", str(shards), str(tmp_path / "i2"), "--renumber"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "i2" / "onnx" / TEXT_FILE).stat().st_ino == before  # carried over (linked), not re-exported
+    assert "Exported" not in res.output
 
 
 def test_composed_hf_tower_export_from_local_dir(tmp_path):

@@ -1,6 +1,6 @@
 """Torch-free queries and ORT embedding, measured against the torch path on the same machine.
 
-    python -m retriever demo --limit 200 --epochs 2 --workspace /tmp/demo15   # once: index + INDEX/onnx
+    python -m retriever demo --limit 200 --epochs 2 --workspace /tmp/demo15   # once: index + model export
     python benchmarks/bench_query.py --workspace /tmp/demo15 --json bench-out/query.json
 
 Four parts, each printed as a table:
@@ -197,8 +197,10 @@ def main() -> None:
 
     ws = args.workspace
     index = ws / "index"
-    if not (index / "onnx" / "export.json").is_file():
-        raise SystemExit(f"{index}/onnx has no export; run `retriever demo --workspace {ws}` or `retriever index`.")
+    if not any((d / "export.json").is_file() for d in (index / "onnx", ws / "run" / "best" / "onnx")):
+        raise SystemExit(
+            f"No ONNX export of the demo model; run `retriever demo --workspace {ws}` or `retriever index`."
+        )
     val = [json.loads(line) for line in (ws / "data" / "val.jsonl").read_text().splitlines()]
     results: dict = {"workspace": str(ws), "load_average": os.getloadavg()}
     if "cold" not in args.skip:

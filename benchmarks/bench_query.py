@@ -146,7 +146,7 @@ def embed_part(workspace: Path, batch: int, rounds: int, int8: bool, vit: bool) 
     import torch
 
     from retriever.models.load import load_model
-    from retriever.onnx.backend import cache_dir
+    from retriever.onnx.choose import cache_dir
     from retriever.onnx.export import export_onnx
     from retriever.onnx.runtime import ExportUnusable, OnnxEncoder
 

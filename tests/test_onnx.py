@@ -17,6 +17,12 @@ from retriever.errors import UserError
 from retriever.onnx import EXPORT_JSON, IMAGE_FILE, TEXT_FILE
 
 
+@pytest.fixture(autouse=True)
+def private_export_cache(tmp_path, monkeypatch):
+    """Searches also look in the export cache (~/.cache/retriever/onnx): keep this machine's out."""
+    monkeypatch.setenv("RETRIEVER_ONNX_CACHE", str(tmp_path / "onnx-cache"))
+
+
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory, tiny_model):
     from retriever.onnx.export import export_onnx
@@ -274,7 +280,7 @@ def test_composed_hf_tower_export_from_local_dir(tmp_path):
     assert found.encode_texts(["a red heart"]).shape == (1, 32)
 
 
-def test_embed_on_onnx_matches_torch_shards(tiny_model, tiny_export, emoji_folder, tmp_path, monkeypatch):
+def test_embed_on_onnx_matches_torch_shards(tiny_model, tiny_export, emoji_folder, tmp_path):
     import pyarrow.parquet as pq
 
     from retriever.data.sources import read_source
@@ -282,12 +288,14 @@ def test_embed_on_onnx_matches_torch_shards(tiny_model, tiny_export, emoji_folde
     from retriever.onnx.backend import choose_embed_backend
     from retriever.onnx.runtime import OnnxEncoder
 
-    monkeypatch.setenv("RETRIEVER_ONNX_CACHE", str(tmp_path / "cache"))
     onnx, why = choose_embed_backend(tiny_model, "auto", 8, 64)
     assert onnx is None and "torch" in why  # no export anywhere and a small job: not worth one
     assert choose_embed_backend(tiny_model, "torch", 8, 64) == (None, None)
     onnx, why = choose_embed_backend(tiny_model, "onnx", 8, 64)  # exports into the cache
     assert isinstance(onnx, OnnxEncoder) and "onnxruntime" in why
+    from retriever.onnx.choose import find_onnx_encoder
+
+    assert find_onnx_encoder(None, tiny_model.identity)[0] is not None  # and searches find it there
     onnx, why = choose_embed_backend(tiny_model, "auto", 8, 64)  # now measured on one batch
     assert why.startswith("Embedding with ") and "ms on onnxruntime" in why
 

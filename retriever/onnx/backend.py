@@ -9,34 +9,23 @@ when `--backend onnx` asks for one, or when `auto` has a job large enough to rep
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 
 from retriever.errors import UserError
 from retriever.identity import ModelIdentity
-from retriever.onnx.choose import BACKENDS, export_candidates
+from retriever.onnx.choose import BACKENDS, cache_dir, export_candidates
 
 # Exporting the demo model takes ~15 s on 2 cores; below this many images auto does not bother.
 AUTO_EXPORT_MIN_IMAGES = 2000
-
-
-def cache_dir(identity: ModelIdentity) -> Path:
-    """Where exports of models without a folder of their own go: $RETRIEVER_ONNX_CACHE or ~/.cache."""
-    root = (
-        os.environ.get("RETRIEVER_ONNX_CACHE")
-        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "retriever" / "onnx"
-    )
-    return Path(root) / identity.weights_sha256[:16]
 
 
 def find_export(identity: ModelIdentity, threads: int | None = None):
     """A usable OnnxEncoder of `identity` from the model folder or the cache, else None."""
     from retriever.onnx.runtime import ExportUnusable, OnnxEncoder
 
-    for folder in [*export_candidates(None, identity), cache_dir(identity)]:
+    for folder in export_candidates(None, identity):
         try:
             return OnnxEncoder(folder, identity, threads=threads).load()
         except ExportUnusable:

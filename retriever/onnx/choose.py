@@ -8,6 +8,7 @@ that is stale, corrupt or unloadable); the reason is kept as one sentence for th
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -23,13 +24,24 @@ EXPORT_SUBDIR = "onnx"
 log = logging.getLogger(__name__)
 
 
+def cache_dir(identity: ModelIdentity) -> Path:
+    """Where exports of models without a folder of their own go: $RETRIEVER_ONNX_CACHE or ~/.cache."""
+    root = (
+        os.environ.get("RETRIEVER_ONNX_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "retriever" / "onnx"
+    )
+    return Path(root) / identity.weights_sha256[:16]
+
+
 def export_candidates(index_dir: str | Path | None, identity: ModelIdentity) -> list[Path]:
-    """Where an export of the index's model may live: INDEX/onnx, then the model folder's onnx/."""
+    """Where an export of the index's model may live: INDEX/onnx, the model folder's onnx/, then
+    the cache keyed by the weights' SHA-256 (where `embed --backend onnx` exports)."""
     out = []
     if index_dir is not None:
         out.append(Path(index_dir) / EXPORT_SUBDIR)
     if identity.name.startswith("local-dir:"):
         out.append(Path(identity.name.removeprefix("local-dir:")) / EXPORT_SUBDIR)
+    out.append(cache_dir(identity))
     return out
 
 

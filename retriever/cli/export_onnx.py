@@ -31,6 +31,6 @@ def export_onnx(
         return
     v = info["verified"]
     out.print(
-        f"Wrote {out_dir}: text.onnx and image.onnx of {encoder.identity.describe()}; "
+        f"Wrote {out_dir}: text.onnx and image.onnx of {encoder.identity.label()}; "
         f"max abs diff from torch {v['text_max_abs_diff']:.1e} (text), {v['image_max_abs_diff']:.1e} (image)."
     )

@@ -65,7 +65,7 @@ class _TextTower(torch.nn.Module):
         self.model = model
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        feats = self.model.encode_text(tokens).float()
+        feats = self.model.encode_text(tokens).float()  # type: ignore[operator]
         return feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # as models/encode.py
 
 
@@ -75,7 +75,7 @@ class _ImageTower(torch.nn.Module):
         self.model = model
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        feats = self.model.encode_image(pixels).float()
+        feats = self.model.encode_image(pixels).float()  # type: ignore[operator]
         return feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
@@ -86,7 +86,7 @@ class _ImageTower(torch.nn.Module):
 
 def tokenizer_spec(encoder: LoadedModel, folder: Path) -> dict[str, Any]:
     """Copy the tokenizer's files into `folder` and describe it for the runtime."""
-    tok = encoder.tokenizer
+    tok: Any = encoder.tokenizer  # open_clip's SimpleTokenizer or HFTokenizer
     text_cfg = encoder.config.get("model_cfg", {}).get("text_cfg", {})
     kwargs = text_cfg.get("tokenizer_kwargs", {}) or {}
     kind = type(tok).__name__
@@ -306,13 +306,13 @@ def export_for_index(index_dir: str | Path, encoder: LoadedModel | None = None) 
     exported; the index itself is never touched.
     """
     from retriever.identity import ModelIdentity
-    from retriever.indexes.manifest import read_manifest
+    from retriever.indexes.manifest import read_index_manifest
     from retriever.models.load import load_model
     from retriever.onnx.choose import EXPORT_SUBDIR
     from retriever.onnx.runtime import ExportUnusable, OnnxEncoder
 
     index_dir = Path(index_dir)
-    identity = ModelIdentity.from_dict(read_manifest(index_dir).model)
+    identity = ModelIdentity.from_dict(read_index_manifest(index_dir).model)
     folder = index_dir / EXPORT_SUBDIR
     try:
         OnnxEncoder(folder, identity)
@@ -323,7 +323,7 @@ def export_for_index(index_dir: str | Path, encoder: LoadedModel | None = None) 
         try:
             encoder = load_model(identity.name, identity.pretrained, device="cpu")
         except UserError as e:
-            raise UserError(f"could not load the index's model {identity.describe()} to export it ({e})") from None
+            raise UserError(f"could not load the index's model {identity.label()} to export it ({e})") from None
     encoder.identity.check_same(identity, f"Index {index_dir}")
     export_onnx(encoder, folder)
     return folder, True

@@ -176,7 +176,10 @@ class Retriever:
             index = ondisk.open_on_disk(path) if entry.ivfdata_file else faiss.read_index(str(path))
             set_search_params(index, entry.search_params)  # before moving: the GPU clone keeps them
             if self._use_gpu is not False and not entry.ivfdata_file:
-                plan = gpu.gpu_plan(index, gpu.gpu_count(), gpu_free_bytes=gpu._gpu_free_bytes())
+                n_gpus = gpu.gpu_count()
+                # Free GPU memory is asked of torch: only when faiss has a GPU, so that a CPU-only
+                # query (the ONNX path) never imports torch.
+                plan = gpu.gpu_plan(index, n_gpus, gpu_free_bytes=gpu._gpu_free_bytes() if n_gpus else None)
                 if self._use_gpu and not plan.ok:
                     raise UserError(
                         f"use_gpu was asked for, but the {modality} index cannot go to a GPU: {plan.reason}."

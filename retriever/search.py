@@ -41,10 +41,11 @@ class SearchResult:
 class Retriever:
     """An opened index folder plus the model its vectors came from.
 
-    The query encoder is opened lazily, on the first query that needs encoding: an ONNX export of the
-    index's model (INDEX/onnx/ or the model folder's onnx/) when one matches, which needs no torch,
-    else the torch model loaded from the identity in the manifest (`backend=` "auto", "onnx" or "torch"); pass `model=` to reuse one already loaded. A model whose weights differ from the
-    index's is refused: its vectors would not be comparable.
+    The query encoder is opened lazily, on the first query that needs encoding: an ONNX export of
+    the index's model when one matches (INDEX/onnx/, the model folder's onnx/, the export cache),
+    which needs no torch, else the torch model loaded from the identity in the manifest (`backend=`
+    "auto", "onnx" or "torch"); pass `model=` to reuse one already loaded. A model whose weights
+    differ from the index's is refused: its vectors would not be comparable.
     """
 
     def __init__(
@@ -176,10 +177,7 @@ class Retriever:
             index = ondisk.open_on_disk(path) if entry.ivfdata_file else faiss.read_index(str(path))
             set_search_params(index, entry.search_params)  # before moving: the GPU clone keeps them
             if self._use_gpu is not False and not entry.ivfdata_file:
-                n_gpus = gpu.gpu_count()
-                # Free GPU memory is asked of torch: only when faiss has a GPU, so that a CPU-only
-                # query (the ONNX path) never imports torch.
-                plan = gpu.gpu_plan(index, n_gpus, gpu_free_bytes=gpu._gpu_free_bytes() if n_gpus else None)
+                plan = gpu.gpu_plan(index, gpu.gpu_count(), gpu_free_bytes=gpu._gpu_free_bytes())
                 if self._use_gpu and not plan.ok:
                     raise UserError(
                         f"use_gpu was asked for, but the {modality} index cannot go to a GPU: {plan.reason}."

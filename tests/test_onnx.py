@@ -259,7 +259,8 @@ def test_cli_export_onnx_and_index_auto_export(tmp_path, tiny_index):
 
 def test_composed_hf_tower_export_from_local_dir(tmp_path):
     """timm trunk + MiniLM text tower (the demo's recipe, smaller image tower) saved as local-dir."""
-    from retriever.models.compose import build_composed_model, default_tower_paths, save_composed_model
+    from retriever.models.compose import build_composed_model, default_tower_paths
+    from retriever.models.folder import write_model_files
     from retriever.models.load import load_model
     from retriever.onnx.export import export_onnx
     from retriever.onnx.runtime import OnnxEncoder
@@ -268,7 +269,8 @@ def test_composed_hf_tower_export_from_local_dir(tmp_path):
     model, config = build_composed_model(
         "timm:tf_efficientnet_lite0", f"hf:{text_dir}", image_size=64, context_length=16, embed_dim=32
     )
-    save_composed_model(model, config, tmp_path / "model")
+    (tmp_path / "model").mkdir()
+    write_model_files(tmp_path / "model", model, config)
     encoder = load_model(f"local-dir:{tmp_path / 'model'}")
     info = export_onnx(encoder, tmp_path / "model" / "onnx")
     assert info["text"]["tokenizer"]["kind"] == "hf" and info["text"]["tokenizer"]["context_length"] == 16

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from retriever.cli import demo, embed, evaluate, export_onnx, index, info, search, train
+from retriever.cli import demo, embed, evaluate, export, export_onnx, import_, index, info, search, train
 from retriever.cli.common import quiet_library_logs
 
 app = typer.Typer(
@@ -35,6 +35,8 @@ app.command(name="info")(info.info)
 app.command(name="train")(train.train)
 app.command(name="eval")(evaluate.eval_cmd)
 app.command(name="demo")(demo.demo)
+app.command(name="import")(import_.import_cmd)
+app.command(name="export")(export.export)
 app.command(name="export-onnx")(export_onnx.export_onnx)
 
 

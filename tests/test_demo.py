@@ -31,6 +31,11 @@ def test_reduced_demo_tunes_reports_and_indexes(demo_ws):
     r = Retriever(ws / "index")
     assert r.manifest.indexes["image"].count == 200
     assert r.identity.name == report["model"]
+    # The tuned model was exported (verified against torch) and queries run on it, torch-free.
+    export = json.loads((ws / "run" / "best" / "onnx" / "export.json").read_text())
+    assert export["text"]["tokenizer"]["kind"] == "hf"
+    assert max(export["verified"]["text_max_abs_diff"], export["verified"]["image_max_abs_diff"]) <= 1e-5
+    assert r.search(text="a red heart", k=3) and r.query_encoder.backend == "onnx"
 
 
 def test_rerun_reuses_the_finished_work(demo_ws):

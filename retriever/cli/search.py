@@ -25,6 +25,11 @@ def search(
     pretrained: str | None = PretrainedOpt,
     device: str | None = DeviceOpt,
     as_json: bool = JsonOpt,
+    backend: str = typer.Option(
+        "auto",
+        "--backend",
+        help="Query encoder: auto (the index's ONNX export when one matches, else torch), onnx (error without one) or torch.",
+    ),
 ):
     """Search an index: text → image, image → text, image → image."""
     from retriever.search import Retriever
@@ -34,10 +39,12 @@ def search(
     if image is not None and not image.is_file():
         raise UserError(f"Query image {image} does not exist.")
     encoder = load_encoder(model, pretrained, device) if model else None
-    r = Retriever(index_dir, encoder, device=device)
+    r = Retriever(index_dir, encoder, device=device, backend=backend)
     if encoder is None:
         with err.status("Loading model…"):
-            r.model  # noqa: B018 (loads the model inside the spinner)
+            r.query_encoder.prepare("image" if image is not None else "text")
+    if r.query_encoder.note:
+        err.print(f"[yellow]{r.query_encoder.note}[/yellow]", highlight=False)
     results = r.search(text=query, image=image, k=k, modality=modality.value)
     if as_json:
         out.print_json(json.dumps([x.to_dict() for x in results]))

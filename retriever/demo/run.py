@@ -152,6 +152,9 @@ def run_demo(
     t = time.perf_counter()
     build_index(ws / "shards", ws / "index")
     seconds["index"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _export_onnx(run / "best", encoder, say)
+    seconds["onnx_export"] = time.perf_counter() - t
 
     r = Retriever(ws / "index", encoder)
     text_examples = {q: [h.to_dict() for h in r.search(text=q, k=3)] for q in cfg.examples}
@@ -190,3 +193,23 @@ def _finished_history(run: Path, epochs: int) -> list[dict] | None:
 
 
 __all__ = ["DemoConfig", "DemoResult", "EmojiImage", "run_demo", "R5_BAR"]
+
+
+def _export_onnx(model_dir: Path, encoder, say: Callable[[str], None]) -> None:
+    """ONNX towers in the tuned model's folder (MODEL/onnx, where `search` looks for an index of a
+    local-dir model), so that searching the demo index needs no torch. The model folder, not the
+    index: a rerun rebuilds the index but keeps a still-valid export of the same model."""
+    from retriever.onnx.export import export_onnx
+    from retriever.onnx.runtime import ExportUnusable, OnnxEncoder
+
+    folder = model_dir / "onnx"
+    try:
+        OnnxEncoder(folder, encoder.identity)
+        return
+    except ExportUnusable:
+        pass
+    try:
+        export_onnx(encoder, folder)
+        say(f"Exported the tuned model to {folder} for torch-free queries")
+    except UserError as e:
+        say(f"No ONNX export ({e}); queries will use torch")

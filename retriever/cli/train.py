@@ -82,6 +82,12 @@ def train(
     cache_features: bool = typer.Option(
         False, help="Both towers locked: compute tower outputs once, train heads + temperature on the cache."
     ),
+    cache_views: int = typer.Option(
+        1, help="With --cache-features: tower passes per training image (the plain view + N-1 seeded zoom/shift views)."
+    ),
+    caption_template: list[str] = typer.Option(
+        [], help='Train on every caption under this template too, e.g. "an icon of {}" (repeatable; include "{}").'
+    ),
     grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward: less memory, ~30% slower."),
     device: str | None = DeviceOpt,
     precision: str | None = PrecisionOpt,
@@ -124,6 +130,8 @@ def train(
         lock_text=lock_text,
         unlock_text_last=unlock_text_last,
         cache_features=cache_features,
+        cache_views=cache_views,
+        caption_templates=list(caption_template),
         grad_checkpointing=grad_checkpointing,
         precision=precision,
         device=device,

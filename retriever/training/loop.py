@@ -39,6 +39,7 @@ from retriever.training.data import (
     split_items,
     steps_per_epoch,
     with_captions,
+    with_templates,
 )
 from retriever.training.gradcache import contrastive_backward
 from retriever.training.losses import LOSSES, clamp_logit_scale, contrastive_loss, ensure_logit_bias
@@ -90,6 +91,8 @@ class TrainConfig:
     unlock_text_last: int = 0
     grad_checkpointing: bool = False
     cache_features: bool = False
+    cache_views: int = 1  # with --cache-features: the eval view plus N-1 seeded geometric views per image
+    caption_templates: list[str] = field(default_factory=list)  # training captions under each "…{}…" template
     precision: str | None = None
     device: str | None = None
     seed: int = 0
@@ -165,7 +168,7 @@ def load_splits(cfg: TrainConfig) -> _Splits:
         val = read_source(cfg.val, **kw)
     if cfg.test:
         test = read_source(cfg.test, **kw)
-    train = with_captions(train, "training")
+    train = with_templates(with_captions(train, "training"), cfg.caption_templates)
     return _Splits(train, [it for it in val if it.captions], [it for it in test if it.captions])
 
 
@@ -424,6 +427,11 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(
             "--epochs must be at least 1 and --batch-size at least 2 (a contrastive batch needs negatives)."
         )
+    if cfg.cache_views < 1 or (cfg.cache_views > 1 and not cfg.cache_features):
+        raise UserError("--cache-views needs --cache-features and must be at least 1.")
+    for t in cfg.caption_templates:
+        if t.count("{}") != 1:
+            raise UserError(f"Caption template {t!r} must contain '{{}}' exactly once (where the caption goes).")
     if cfg.micro_batch is not None and cfg.micro_batch < 1:
         raise UserError("--micro-batch must be at least 1.")
     if (cfg.image_tower is None) != (cfg.text_tower is None):
@@ -501,7 +509,7 @@ def _epoch_batches(encoder: LoadedModel, cfg: TrainConfig, items, cached, epoch,
         samples = epoch_samples(train.items, epoch, cfg.seed)
         for positions in rank_batches(len(train.items), cfg.batch_size, dist.rank, dist.world_size, start_step):
             smp = [samples[p] for p in positions]
-            img = train.image[[s.item for s in smp]].to(encoder.device)
+            img = train.image_rows([s.item for s in smp], [s.seed for s in smp]).to(encoder.device)
             txt = train.text[[train.text_row(s.item, s.caption) for s in smp]].to(encoder.device)
             yield img, txt, len(smp)
         return
@@ -552,6 +560,7 @@ def _cache(encoder, cfg, splits, run, cb, dist):
             items,
             cache_dir=run / "features",
             name=name,
+            views=cfg.cache_views if name == "train" else 1,  # validation sees what an index sees
             batch_size=32,
             workers=cfg.workers,
             progress=progress,

@@ -15,8 +15,9 @@ from retriever.errors import UserError
 from retriever.identity import ModelIdentity
 from retriever.indexes import gpu, ondisk
 from retriever.indexes.build import set_search_params
-from retriever.indexes.manifest import IndexManifest, ModalityIndex, read_manifest
+from retriever.indexes.manifest import IndexManifest, ModalityIndex, read_index_manifest
 from retriever.indexes.rerank import VectorStore, search_index
+from retriever.indexes.settings import configure_faiss
 
 if TYPE_CHECKING:  # torch is imported only when a query has to be encoded
     from retriever.data.images import ImageInput
@@ -25,6 +26,8 @@ if TYPE_CHECKING:  # torch is imported only when a query has to be encoded
 
 @dataclass(slots=True)
 class SearchResult:
+    """One hit: its rank (1 = best), row id, cosine score, image path and caption."""
+
     rank: int
     id: int
     score: float  # cosine similarity (inner product of unit vectors)
@@ -51,8 +54,9 @@ class Retriever:
         device: str | None = None,
         use_gpu: bool | None = None,
     ):
+        configure_faiss()
         self.index_dir = Path(index_dir).expanduser()
-        self.manifest: IndexManifest = read_manifest(self.index_dir)
+        self.manifest: IndexManifest = read_index_manifest(self.index_dir)
         self.identity = ModelIdentity.from_dict(self.manifest.model)
         if model is not None:
             model.identity.check_same(self.identity, f"Index {self.index_dir}")
@@ -76,7 +80,7 @@ class Retriever:
                 encoder = load_model(self.identity.name, self.identity.pretrained, device=self._device)
             except UserError as e:
                 raise UserError(
-                    f"Could not load the index's model {self.identity.describe()} ({e}); pass it with --model."
+                    f"Could not load the index's model {self.identity.label()} ({e}); pass it with --model."
                 ) from e
             encoder.identity.check_same(self.identity, f"Index {self.index_dir}")
             self._model = encoder
@@ -100,6 +104,7 @@ class Retriever:
             except (OSError, ValueError) as e:
                 raise UserError(f"Could not read the query image: {e}") from e
         else:
+            assert text is not None  # exactly one of text/image, checked above
             q = encode_texts(self.model, [text])
         return self.search_vectors(q, k, modality)[0]
 

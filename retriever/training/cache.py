@@ -20,6 +20,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from retriever.data.loading import ImageDataset, collate_decoded
 from retriever.data.sources import SourceItem
 from retriever.errors import UserError
 from retriever.models.load import LoadedModel, state_dict_sha256
+from retriever.skipped import skipped_entry
 
 
 @dataclass
@@ -48,7 +50,8 @@ class TowerSplit:
 
 def split_towers(model: torch.nn.Module) -> TowerSplit:
     """Trunk/head of a composed (timm image, HF text) open_clip model whose trunks are locked."""
-    visual, text = getattr(model, "visual", None), getattr(model, "text", None)
+    visual: Any = getattr(model, "visual", None)
+    text: Any = getattr(model, "text", None)
     if not (
         hasattr(visual, "trunk") and hasattr(visual, "head") and hasattr(text, "transformer") and hasattr(text, "proj")
     ):
@@ -83,7 +86,7 @@ class CachedSplit:
     image: torch.Tensor  # (len(items), D_img)
     text: torch.Tensor  # (total captions, D_txt)
     caption_start: torch.Tensor  # (len(items),) first caption row of each item
-    skipped: int
+    skipped: list[dict]  # skipped_entry(path, reason) per undecodable item
     views: torch.Tensor | None = None  # (len(items), V - 1, D_img) augmented views, if any
 
     def image_rows(self, items: Sequence[int], draws: Sequence[int]) -> torch.Tensor:
@@ -181,14 +184,21 @@ def compute_tower_features(
         path = Path(cache_dir) / f"{name}-{cache_key(encoder, split, items, views)}.safetensors"
         if path.is_file():
             t = load_file(str(path))
-            kept = [items[int(i)] for i in t["kept"]]
-            return CachedSplit(kept, t["image"], t["text"], t["caption_start"], len(items) - len(kept), t.get("views"))
+            cached = [items[int(i)] for i in t["kept"]]
+            kept_set = {int(i) for i in t["kept"]}
+            not_cached = [
+                skipped_entry(it.path, "could not be decoded when its features were cached")
+                for i, it in enumerate(items)
+                if i not in kept_set
+            ]
+            return CachedSplit(cached, t["image"], t["text"], t["caption_start"], not_cached, t.get("views"))
 
     for trunk in split.trunks:
         trunk.eval()
     paths = [it.path for it in items]
     total = views * len(items) + sum(len(it.captions) for it in items)
     done = 0
+    skipped: dict[int, dict] = {}
     per_view: list[dict[int, torch.Tensor]] = []
     for v in range(views):
         dataset = (
@@ -202,6 +212,8 @@ def compute_tower_features(
         rows: dict[int, torch.Tensor] = {}
         for batch in loader:
             done += len(batch.indices) + len(batch.errors)
+            for i, reason in batch.errors:
+                skipped.setdefault(i, skipped_entry(items[i].path, reason))
             if batch.pixels is not None:
                 px = batch.pixels.to(encoder.device)
                 if encoder.device.type == "cpu":
@@ -231,7 +243,7 @@ def compute_tower_features(
         torch.cat(img_feats),
         txt_feats,
         torch.tensor(starts),
-        len(items) - len(kept),
+        [skipped[i] for i in sorted(skipped) if i not in set(kept)],
         aug,
     )
     if path is not None:

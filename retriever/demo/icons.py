@@ -38,7 +38,7 @@ def fontawesome_collection(out: str | Path, size: int = 96) -> list[EmojiImage]:
 
     Captions: the label in lower case first, then the search terms that differ from it.
     """
-    import yaml
+    import yaml  # type: ignore[import-untyped]
     from PIL import Image, ImageDraw, ImageFont
 
     folder = fontawesome_folder()

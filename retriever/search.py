@@ -122,7 +122,7 @@ class Retriever:
         if q.ndim != 2 or q.shape[1] != index.d:
             raise UserError(f"Query vectors must have shape (n, {index.d}).")
         entry = self._entry(modality)
-        return search_index(index, q, k, entry.search_params, self._store(modality))
+        return search_index(index, q, k, entry.search_params, self._store(modality), max_k=gpu.max_k(index))
 
     def lookup(self, modality: str, rows: np.ndarray, scores: np.ndarray | None = None) -> list[SearchResult]:
         """Metadata for the given faiss rows only: a `take` on the memory-mapped rows file."""
@@ -156,9 +156,16 @@ class Retriever:
             path = self.index_dir / entry.file
             # On-disk inverted lists are memory-mapped from the .ivfdata file beside the index.
             index = ondisk.open_on_disk(path) if entry.ivfdata_file else faiss.read_index(str(path))
-            if self._use_gpu is not False and not entry.ivfdata_file and gpu.can_use_gpu(index):
-                index = gpu.to_gpu(index, index_bytes=int(entry.extra.get("estimated_memory_bytes", 0)))
-            set_search_params(index, entry.search_params)
+            set_search_params(index, entry.search_params)  # before moving: the GPU clone keeps them
+            if self._use_gpu is not False and not entry.ivfdata_file:
+                plan = gpu.gpu_plan(index, gpu.gpu_count(), gpu_free_bytes=gpu._gpu_free_bytes())
+                if self._use_gpu and not plan.ok:
+                    raise UserError(
+                        f"use_gpu was asked for, but the {modality} index cannot go to a GPU: {plan.reason}."
+                    )
+                if plan.ok:
+                    index = gpu.to_gpu(index, plan)
+                    set_search_params(index, entry.search_params)
             self._indexes[modality] = index
         return self._indexes[modality]
 

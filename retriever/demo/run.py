@@ -205,22 +205,20 @@ def demo_train_config(
     from retriever.training.loop import TrainConfig
     from retriever.training.optim import OptimConfig
 
-    towers = {}
+    image_tower = text_tower = image_weights = None
     if model is None:
         image_weights, text_folder = default_tower_paths()
-        towers = dict(
-            image_tower=DEFAULT_IMAGE_TOWER,
-            text_tower=f"hf:{text_folder}",
-            image_weights=image_weights,
-            embed_dim=cfg.embed_dim,
-        )
+        image_tower, text_tower = DEFAULT_IMAGE_TOWER, f"hf:{text_folder}"
     unlocked = bool(cfg.unlock_image_last or cfg.unlock_text_last)
     return TrainConfig(
         source=str(source),
         val=str(val),
         out=str(out),
         model=model,
-        **towers,
+        image_tower=image_tower,
+        text_tower=text_tower,
+        image_weights=image_weights,
+        embed_dim=cfg.embed_dim,
         epochs=epochs,
         batch_size=min(cfg.batch_size, n_train),
         optim=OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=0.05),

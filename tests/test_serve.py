@@ -321,3 +321,65 @@ def test_in_flight_query_finishes_on_the_old_index(serve_index, tiny_model):  # 
     new = reg.get("emoji")
     assert new is not old and new.generation == 2
     assert old.retriever.search_vectors(np.ones((1, old.retriever._index("image").d), np.float32), 3)[0]
+
+
+# ------------------------------------------------------------------ the CLI against a running server
+
+
+def test_cli_search_over_http_prints_the_same_results(serve_index, tiny_model, tmp_path):  # noqa: F811
+    import json
+
+    from live_server import live_server
+    from typer.testing import CliRunner
+
+    from retriever.cli.app import app
+    from retriever.serve.app import ServeConfig, create_app
+
+    key = "cli-test-key-0123456789"
+    (tmp_path / "key").write_text(key + "\n")
+    server_app = create_app(
+        ServeConfig(indexes=[("emoji", serve_index)], model=tiny_model, watch_seconds=0, api_key=key)
+    )
+    want = Retriever(serve_index, tiny_model).search(text="red heart", k=4)
+    runner = CliRunner()
+    with live_server(server_app) as url:
+        res = runner.invoke(
+            app, ["search", url, "red heart", "-k", "4", "--json", "--api-key-file", str(tmp_path / "key")]
+        )
+        assert res.exit_code == 0, res.output
+        got = json.loads(res.stdout)
+        assert [g["id"] for g in got] == [w.id for w in want]
+        assert got[0]["path"].startswith(f"{url}/v1/indexes/emoji/items/")
+        res = runner.invoke(
+            app,
+            [
+                "search",
+                str(serve_index),
+                "red heart",
+                "-k",
+                "4",
+                "--server",
+                url,
+                "--api-key-file",
+                str(tmp_path / "key"),
+            ],
+        )
+        assert res.exit_code == 0 and "rank" in res.stdout
+        res = runner.invoke(app, ["search", f"{url}/v1/indexes/emoji", "red heart"])  # no key
+        assert res.exit_code == 1 and "401" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["search", url, "red heart"])  # the server is gone
+    assert res.exit_code == 1 and "Could not reach" in res.output
+
+
+def test_serve_command_options(tmp_path, serve_index):  # noqa: F811
+    from retriever.cli.serve import parse_index_spec, parse_size, read_api_key
+    from retriever.errors import UserError
+
+    assert parse_size("20M") == 20 << 20 and parse_size("512k") == 512 << 10 and parse_size("100") == 100
+    assert parse_index_spec(str(serve_index)) == ("emoji", serve_index)
+    assert parse_index_spec(f"demo={serve_index}") == ("demo", serve_index)
+    with pytest.raises(UserError):
+        parse_index_spec(str(tmp_path / "missing"))
+    (tmp_path / "short").write_text("abc")
+    with pytest.raises(UserError, match="shorter than 16"):
+        read_api_key(tmp_path / "short")

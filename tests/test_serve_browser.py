@@ -33,7 +33,9 @@ K = 8
 def server(serve_index, tiny_model):  # noqa: F811
     from retriever.serve.app import ServeConfig, create_app
 
-    app = create_app(ServeConfig(indexes=[("emoji", serve_index)], model=tiny_model, watch_seconds=0, max_upload=200_000))
+    app = create_app(
+        ServeConfig(indexes=[("emoji", serve_index)], model=tiny_model, watch_seconds=0, max_upload=200_000)
+    )
     with live_server(app) as url:
         yield url
 

@@ -83,6 +83,35 @@ def test_more_like_this_by_id_leaves_out_the_item(client, rows):
     assert client.post("/v1/search", json={"id": 10**9}).status_code == 404
 
 
+def test_concurrent_text_queries_share_encoder_passes_and_get_their_own_results(serve_index, tiny_model):  # noqa: F811
+    import asyncio
+
+    import httpx
+
+    from retriever.serve.app import ServeConfig, create_app
+
+    texts = [f"emoji number {i}" for i in range(24)]
+    r = Retriever(serve_index, tiny_model)
+    want = {t: [h.id for h in r.search(text=t, k=1 + i % 5)] for i, t in enumerate(texts)}
+    app = create_app(
+        ServeConfig(indexes=[("emoji", serve_index)], model=tiny_model, watch_seconds=0, batch_window_ms=20)
+    )
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            replies = await asyncio.gather(
+                *[c.post("/v1/search", json={"text": t, "k": 1 + i % 5}) for i, t in enumerate(texts)]
+            )
+        return [x.json() for x in replies]
+
+    replies = asyncio.run(main())
+    for t, body in zip(texts, replies):
+        assert [h["id"] for h in body["hits"]] == want[t]
+    searcher = app.state.searcher
+    assert searcher.texts == len(texts) and searcher.encoder_passes < len(texts) / 4
+
+
 def test_vector_query(client, serve_index, tiny_model):  # noqa: F811
     from retriever.models.encode import encode_texts
 
@@ -259,7 +288,7 @@ def test_errors_never_carry_stack_traces(client, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(query, "_search_one", boom)
+    monkeypatch.setattr(query, "_text_batch", boom)
     r = client.post("/v1/search", json={"text": "x"})
     assert r.status_code == 500 and r.json() == {"error": "Internal error; the server log has the details."}
     monkeypatch.undo()

@@ -276,8 +276,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         finally:
             if watcher is not None:
                 watcher.cancel()
-            for b in searcher.batchers.values():
-                await b.close()
+            for served in registry.all():
+                for b in served.batchers.values():
+                    await b.close()
 
     app = FastAPI(
         title="retriever",
@@ -302,8 +303,8 @@ def create_app(config: ServeConfig) -> FastAPI:
             for mod, e in s.retriever.manifest.indexes.items():
                 vectors[(("index", s.name), ("modality", mod))] = e.count
         batches = {
-            (("kind", "batches"),): sum(b.batches for b in searcher.batchers.values()),
-            (("kind", "texts"),): sum(b.texts for b in searcher.batchers.values()),
+            (("kind", "batches"),): searcher.encoder_passes,
+            (("kind", "texts"),): searcher.texts,
         }
         text = metrics.render(
             {

@@ -1,84 +1,86 @@
-"""Dynamic batching of text queries: requests arriving within a few milliseconds share one encoder pass.
+"""Dynamic batching: requests arriving within a few milliseconds share one encoder pass and one
+faiss call.
 
 A text encoder costs nearly the same for 1 text as for 32 on a CPU (per-call overhead dominates
-small batches), so under concurrency one pass over the waiting texts answers them all. The first
-text of a batch waits at most `window_ms` for company; when the encoder is busy, texts queue and
-go together in the next pass anyway.
+small batches), and so does a faiss search over a batch of queries, so under concurrency one pass
+over the waiting requests answers them all with one hop to a worker thread instead of two per
+request. The first request of a batch waits at most `window_ms` for company; while a batch is
+being processed, new requests queue and go together in the next one.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
-import numpy as np
-
-EncodeFn = Callable[[Sequence[str]], np.ndarray]
+IDLE_EXIT_SECONDS = 5.0  # a worker with nothing to do ends, so batchers of replaced indexes are freed
 
 
-class TextBatcher:
-    """Encode texts one call at a time from many coroutines, batched behind the scenes.
+class Batcher:
+    """Run `process(list_of_items) -> list_of_results` (blocking; in the default thread pool) over
+    items submitted one at a time from many coroutines.
 
-    encode: blocking function texts -> (n, d) unit vectors; runs in the default thread pool.
-    window_ms: how long the first text of a batch waits for more (0 with enabled=False: no batching).
-    max_batch: most texts in one encoder pass.
+    process: maps a batch to one result per item, in order.
+    window_ms: how long the first item of a batch waits for more.
+    max_batch: most items in one call.
+    enabled: False processes every item on its own (the benchmark's baseline).
     """
 
-    def __init__(self, encode: EncodeFn, window_ms: float = 3.0, max_batch: int = 64, enabled: bool = True):
-        self.encode_fn = encode
+    def __init__(
+        self, process: Callable[[list], list], window_ms: float = 3.0, max_batch: int = 64, enabled: bool = True
+    ):
+        self.process = process
         self.window = window_ms / 1000.0
         self.max_batch = max_batch
         self.enabled = enabled
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
         self.batches = 0
-        self.texts = 0
+        self.items = 0
 
-    async def encode(self, text: str) -> np.ndarray:
-        """The (1, d) vector of one text."""
+    async def submit(self, item: Any) -> Any:
         loop = asyncio.get_running_loop()
         if not self.enabled:
             self.batches += 1
-            self.texts += 1
-            return await loop.run_in_executor(None, self.encode_fn, [text])
+            self.items += 1
+            return (await loop.run_in_executor(None, self.process, [item]))[0]
         if self._worker is None or self._worker.done():
             self._queue = asyncio.Queue()
-            self._worker = loop.create_task(self._run())
+            self._worker = loop.create_task(self._run(self._queue))
         fut: asyncio.Future = loop.create_future()
-        await self._queue.put((text, fut))
+        self._queue.put_nowait((item, fut))
         return await fut
 
-    async def _run(self) -> None:
-        queue = self._queue
+    async def _run(self, queue: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await queue.get()]
-            deadline = loop.time() + self.window
-            while len(batch) < self.max_batch:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), remaining))
-                except asyncio.TimeoutError:
-                    break
+            try:
+                batch = [await asyncio.wait_for(queue.get(), IDLE_EXIT_SECONDS)]
+            except asyncio.TimeoutError:
+                if queue.empty():
+                    self._worker = None
+                    return
+                continue
+            if self.window > 0:
+                await asyncio.sleep(self.window)
             while len(batch) < self.max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
-            live = [(t, f) for t, f in batch if not f.done()]  # a client that went away cancelled its future
+            live = [(x, f) for x, f in batch if not f.done()]  # a client that went away cancelled its future
             if not live:
                 continue
             try:
-                vectors = await loop.run_in_executor(None, self.encode_fn, [t for t, _ in live])
+                results = await loop.run_in_executor(None, self.process, [x for x, _ in live])
             except Exception as e:  # noqa: BLE001 (the error belongs to the requests, not the worker)
                 for _, f in live:
                     if not f.done():
                         f.set_exception(e)
                 continue
             self.batches += 1
-            self.texts += len(live)
-            for i, (_, f) in enumerate(live):
+            self.items += len(live)
+            for (_, f), r in zip(live, results):
                 if not f.done():
-                    f.set_result(vectors[i : i + 1])
+                    f.set_result(r)
 
     async def close(self) -> None:
         if self._worker is not None:

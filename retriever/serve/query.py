@@ -10,7 +10,7 @@ import numpy as np
 
 from retriever.errors import UserError
 from retriever.search import SearchResult
-from retriever.serve.batching import TextBatcher
+from retriever.serve.batching import Batcher
 from retriever.serve.images import decode_upload
 from retriever.serve.state import ServedIndex
 
@@ -39,33 +39,37 @@ class Query:
 
 
 class Searcher:
-    """Encodes queries (texts through one batcher per model) and runs faiss off the event loop."""
+    """Encodes queries and runs faiss off the event loop; text queries go through one batcher per
+    (index, modality), so concurrent ones share an encoder pass and a faiss call."""
 
     def __init__(self, batching: bool = True, window_ms: float = 3.0, max_batch: int = 64):
         self.batching = batching
         self.window_ms = window_ms
         self.max_batch = max_batch
-        self.batchers: dict[int, TextBatcher] = {}
+        self.encoder_passes = 0  # text batches encoded (one pass each)
+        self.texts = 0
 
-    def batcher(self, served: ServedIndex) -> TextBatcher:
-        encoder = served.retriever.model
-        key = id(encoder)
-        if key not in self.batchers:
-            from retriever.models.encode import encode_texts
+    def batcher(self, served: ServedIndex, modality: str) -> Batcher:
+        """The batcher lives on the ServedIndex, so it goes away with an index a reload replaced."""
+        b = served.batchers.get(modality)
+        if b is None:
 
-            self.batchers[key] = TextBatcher(
-                lambda texts: encode_texts(encoder, list(texts)), self.window_ms, self.max_batch, self.batching
-            )
-        return self.batchers[key]
+            def process(items):
+                self.encoder_passes += 1
+                self.texts += len(items)
+                return _text_batch(served, modality, items)
+
+            b = served.batchers[modality] = Batcher(process, self.window_ms, self.max_batch, self.batching)
+        return b
 
     async def vectors(self, served: ServedIndex, q: Query) -> np.ndarray:
-        """The (1, d) query vector."""
+        """The (1, d) query vector of an image, id or vector query."""
         kind = q.kind
         loop = asyncio.get_running_loop()
         if kind == "text":
-            if not q.text.strip():
-                raise UserError("The text query is empty.")
-            return await self.batcher(served).encode(q.text)
+            from retriever.models.encode import encode_texts
+
+            return await loop.run_in_executor(None, encode_texts, served.retriever.model, [q.text])
         if kind == "image":
             return await loop.run_in_executor(None, _encode_image_bytes, served, q.image)
         if kind == "item_id":
@@ -87,17 +91,32 @@ class Searcher:
             raise UserError(
                 f"Index {served.name!r} has no {modality} index; it has {', '.join(served.retriever.modalities)}."
             )
-        vec = await self.vectors(served, q)
-        extra = 1 if q.item_id is not None else 0
-        loop = asyncio.get_running_loop()
-        hits = await loop.run_in_executor(None, _search_one, served, vec, k + extra, modality)
-        if q.item_id is not None:
-            hits = [h for h in hits if h.id != q.item_id][:k]
+        if q.kind == "text":
+            if not q.text.strip():
+                raise UserError("The text query is empty.")
+            hits = await self.batcher(served, modality).submit((q.text, k))
+        else:
+            vec = await self.vectors(served, q)
+            extra = 1 if q.item_id is not None else 0
+            loop = asyncio.get_running_loop()
+            hits = await loop.run_in_executor(None, _search_one, served, vec, k + extra, modality)
+            if q.item_id is not None:
+                hits = [h for h in hits if h.id != q.item_id][:k]
         if min_score is not None:
             hits = [h for h in hits if h.score >= min_score]
         for rank, h in enumerate(hits, 1):
             h.rank = rank
         return hits
+
+
+def _text_batch(served: ServedIndex, modality: str, items: list[tuple[str, int]]) -> list[list[SearchResult]]:
+    """One encoder pass and one faiss call for many (text, k) queries; each gets its own top k."""
+    from retriever.models.encode import encode_texts
+
+    vecs = encode_texts(served.retriever.model, [t for t, _ in items])
+    top = max(k for _, k in items)
+    per_query = served.retriever.search_vectors(vecs, top, modality)
+    return [hits[:k] for hits, (_, k) in zip(per_query, items)]
 
 
 def _search_one(served: ServedIndex, vec: np.ndarray, k: int, modality: str) -> list[SearchResult]:

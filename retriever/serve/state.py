@@ -45,6 +45,7 @@ class ServedIndex:
     _rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # row of each sorted id
     _item_modality: str = "image"
     roots: tuple[Path, ...] = ()  # resolved folders that recorded paths must stay inside
+    batchers: dict = field(default_factory=dict)  # modality -> Batcher of text queries (serve/query.py)
 
     @property
     def count(self) -> int:

@@ -31,6 +31,7 @@ def test_no_generated_request_gets_a_5xx(serve_index, tiny_model, one_torch_thre
     for op, mode in [(op, mode) for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE) for op in operations]:
         if time.monotonic() > deadline:
             break
+        label = f"{mode.value} {op.method.upper()} {op.path}"
 
         @settings(
             max_examples=EXAMPLES_PER_OPERATION,
@@ -40,7 +41,7 @@ def test_no_generated_request_gets_a_5xx(serve_index, tiny_model, one_torch_thre
             suppress_health_check=list(HealthCheck),
         )
         @given(case=op.as_strategy(generation_mode=mode))
-        def fuzz(case):
+        def fuzz(case, label=label):
             if time.monotonic() > deadline:
                 return
             params = case.path_parameters or {}
@@ -50,7 +51,7 @@ def test_no_generated_request_gets_a_5xx(serve_index, tiny_model, one_torch_thre
                     params["item_id"] = counter[0] % 70  # ids 0..63 exist
             counter[0] += 1
             response = case.call()
-            seen.setdefault(f"{mode.value} {op.method.upper()} {op.path}", set()).add(response.status_code)
+            seen.setdefault(label, set()).add(response.status_code)
             assert response.status_code < 500, (case.method, case.path, case.body, response.text[:300])
             if response.status_code >= 400:
                 assert "error" in response.json()

@@ -5,11 +5,12 @@
     python benchmarks/bench_serve.py --index IDX --soak-seconds 600
 
 Measured, side by side in one run:
-  1. in-process: N client threads calling `Retriever.search(text=...)` on one Retriever;
+  1. in-process: 8 client threads calling `Retriever.search(text=...)` on one Retriever;
   2. HTTP: the same texts POSTed to /v1/search of `retriever serve` (a child process, 127.0.0.1,
      its default dynamic batching) by N client threads with keep-alive connections;
      throughput ratio HTTP / in-process at 8 clients (goal >= 0.8), p50/p99 at 1, 8, 32 clients;
-  3. the same server with --no-batching at 32 clients: batching speed-up (goal >= 2x);
+  3. the same server with --no-batching at 8 clients (the HTTP cost alone, against 1.) and at
+     32 clients: batching speed-up (goal >= 2x);
   4. a soak (--soak-seconds, 0 skips it): 32 clients of mixed text / image / id queries:
      errors, and the server's RSS after warm-up and at the end (goal: growth < 5 %).
 Every phase is bounded by --seconds (or --soak-seconds); all traffic stays on 127.0.0.1.
@@ -167,6 +168,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--soak-seconds", type=float, default=0.0, help="Soak duration (0: skip).")
+    ap.add_argument("--soak-only", action="store_true", help="Run only the soak (phase 4).")
     ap.add_argument("--json", type=Path, help="Write the measurements here.")
     args = ap.parse_args()
 
@@ -182,13 +184,22 @@ def main() -> None:
     ids = [i for b in batches for i in b.column("id").to_pylist()]
     paths = [p for b in batches for p in b.column("path").to_pylist()]
     text_bodies = [json.dumps({"index": "bench", "text": t, "k": args.k}).encode() for t in texts]
-    results: dict = {"index": str(index), "model": retriever.identity.describe(), "seconds": args.seconds}
+    results: dict = {"index": str(index), "model": retriever.identity.describe(), "seconds": args.seconds,
+                     "loadavg_before": os.getloadavg()}  # fmt: skip
 
     def inproc(i: int):
         return lambda j: retriever.search(text=texts[(i * 7919 + j) % len(texts)], k=args.k)
 
     print(f"index {index}: {len(ids)} items, model {retriever.identity.describe()}")
     rows = []
+    if args.soak_only:
+        server = Server(index, batching=True)
+        try:
+            results["soak"] = soak(server, text_bodies, ids, paths, args)
+        finally:
+            server.stop()
+        report(results, rows, args)
+        return
     results["inprocess_8"] = run_clients(8, args.seconds, inproc)
     rows.append(("in-process Retriever.search", results["inprocess_8"]))
 
@@ -205,13 +216,22 @@ def main() -> None:
     server = Server(index, batching=False)
     try:
         run_clients(4, 2.0, lambda i: http_caller(server.port, text_bodies, i))
-        results["http_nobatch_32"] = run_clients(32, args.seconds, lambda i: http_caller(server.port, text_bodies, i))
-        rows.append(("HTTP /v1/search, batching off, 32 clients", results["http_nobatch_32"]))
+        for n in (8, 32):
+            r = run_clients(n, args.seconds, lambda i: http_caller(server.port, text_bodies, i))
+            results[f"http_nobatch_{n}"] = r
+            rows.append((f"HTTP /v1/search, batching off, {n} clients", r))
     finally:
         server.stop()
 
+    report(results, rows, args)
+    tmp.cleanup()
+
+
+def report(results: dict, rows: list, args) -> None:
     if "http_8" in results:
         results["ratio_http_vs_inprocess_8"] = results["http_8"]["qps"] / results["inprocess_8"]["qps"]
+    if "http_nobatch_8" in results:
+        results["ratio_http_nobatch_vs_inprocess_8"] = results["http_nobatch_8"]["qps"] / results["inprocess_8"]["qps"]
     if "http_32" in results:
         results["ratio_batching_32"] = results["http_32"]["qps"] / results["http_nobatch_32"]["qps"]
 
@@ -222,6 +242,8 @@ def main() -> None:
         )
     if "ratio_http_vs_inprocess_8" in results:
         print(f"\nHTTP / in-process throughput at 8 clients: {results['ratio_http_vs_inprocess_8']:.2f} (goal >= 0.8)")
+    if "ratio_http_nobatch_vs_inprocess_8" in results:
+        print(f"HTTP without batching / in-process at 8 clients: {results['ratio_http_nobatch_vs_inprocess_8']:.2f}")
     if "ratio_batching_32" in results:
         print(f"batching on / off throughput at 32 clients: {results['ratio_batching_32']:.2f} (goal >= 2)")
     if "soak" in results:
@@ -233,10 +255,11 @@ def main() -> None:
     for name, r in rows:
         if r["first_error"]:
             print(f"first error in {name}: {r['first_error']}")
+    results["loadavg_after"] = os.getloadavg()
+    print(f"load average before / after: {results['loadavg_before'][0]:.1f} / {results['loadavg_after'][0]:.1f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
-    tmp.cleanup()
 
 
 def soak(server: Server, text_bodies: list[bytes], ids: list[int], paths: list[str], args) -> dict:

@@ -412,3 +412,50 @@ def test_serve_command_options(tmp_path, serve_index):  # noqa: F811
     (tmp_path / "short").write_text("abc")
     with pytest.raises(UserError, match="shorter than 16"):
         read_api_key(tmp_path / "short")
+
+
+# ------------------------------------------------------------------ image URLs (SSRF)
+
+
+def test_image_urls_are_refused_unless_allowed_and_then_never_private(serve_index, tiny_model, rows, monkeypatch):  # noqa: F811
+    from live_server import live_server
+
+    from retriever.serve import fetch
+    from retriever.serve.app import ServeConfig, create_app
+
+    with make_client(serve_index, tiny_model, watch_seconds=0) as c:
+        r = c.post("/v1/search", json={"image_url": "http://example.com/a.png"})
+        assert r.status_code == 400 and "does not fetch image URLs" in r.json()["error"]
+    sizes = sorted(Path(h.path).stat().st_size for h in rows)
+    cap = sizes[len(sizes) // 2]
+    with make_client(serve_index, tiny_model, watch_seconds=0, allow_image_urls=True, max_upload=cap) as c:
+        for url in (
+            "http://127.0.0.1:8000/v1/indexes",
+            "http://localhost/x.png",
+            "http://10.1.2.3/x.png",
+            "http://192.168.0.1/x.png",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://[::1]/x.png",
+            "http://0.0.0.0/x.png",
+            "file:///etc/passwd",
+            "ftp://example.com/x.png",
+        ):
+            r = c.post("/v1/search", json={"image_url": url})
+            assert r.status_code == 400, url
+            assert "private or local" in r.json()["error"] or "Only http and https" in r.json()["error"], url
+        body = (
+            b'{"image_url": "http://127.0.0.1:1/x.png", "modality": "image", "num_images": 3, "indice_name": "emoji"}'
+        )
+        assert "private or local" in c.post("/knn-service", content=body).json()["error"]
+        # With the address check relaxed to reach a loopback test server: fetched, searched, size-capped.
+        monkeypatch.setattr(fetch, "is_public", lambda ip: True)
+        source = create_app(ServeConfig(indexes=[("emoji", serve_index)], model=tiny_model, watch_seconds=0))
+        with live_server(source) as url:
+            small = next(h for h in rows if Path(h.path).stat().st_size <= cap)
+            r = c.post("/v1/search", json={"image_url": f"{url}/v1/indexes/emoji/items/{small.id}/image", "k": 1})
+            assert r.status_code == 200 and r.json()["hits"][0]["id"] == small.id
+            big = next(h for h in rows if Path(h.path).stat().st_size > cap)
+            r = c.post("/v1/search", json={"image_url": f"{url}/v1/indexes/emoji/items/{big.id}/image"})
+            assert r.status_code == 400 and "larger than" in r.json()["error"]
+            r = c.post("/v1/search", json={"image_url": f"{url}/no-such-page"})
+            assert r.status_code == 400 and "HTTP 404" in r.json()["error"]

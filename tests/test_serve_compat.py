@@ -138,7 +138,7 @@ def test_unsupported_or_bad_requests_answer_one_sentence(client):
         "/knn-service",
         content=b'{"image_url": "http://169.254.169.254/latest", "modality": "image", "num_images": 3, "indice_name": "emoji"}',
     )
-    assert url.status_code == 400 and "does not fetch image URLs" in url.json()["error"]
+    assert url.status_code == 400 and "does not fetch image URLs" in url.json()["error"]  # no --allow-image-urls
     assert client.post("/knn-service", content=b"not json").status_code == 400
     assert client.post("/knn-service", content=b"[1, 2]").status_code == 400
     none = client.post("/knn-service", content=b'{"modality": "image", "num_images": 3, "indice_name": "emoji"}')

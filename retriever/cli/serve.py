@@ -25,6 +25,9 @@ def serve(
     max_upload: str = typer.Option("20M", help="Largest request body (K, M or G suffix); larger ones get 413."),
     batch_window_ms: float = typer.Option(3.0, help="How long a text query waits to share an encoder pass."),
     no_batching: bool = typer.Option(False, "--no-batching", help="Encode every text query on its own."),
+    allow_image_urls: bool = typer.Option(
+        False, "--allow-image-urls", help="Fetch image_url queries (public addresses only, 10 s, --max-upload cap)."
+    ),
     watch_seconds: float = typer.Option(2.0, help="How often to check index manifests for a reload (0: never)."),
     model: str | None = typer.Option(
         None, "--model", "-m", help="Model to encode queries (default: the one named in each index)."
@@ -58,6 +61,7 @@ def serve(
         batching=not no_batching,
         batch_window_ms=batch_window_ms,
         watch_seconds=watch_seconds,
+        allow_image_urls=allow_image_urls,
         model=encoder,
     )
     with err.status("Loading model and indexes…"):

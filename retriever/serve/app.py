@@ -50,6 +50,7 @@ class ServeConfig:
     max_upload: largest request body in bytes (413 above).
     batching / batch_window_ms: dynamic batching of text queries.
     watch_seconds: how often manifests are checked for a reload (0: only POST .../reload).
+    allow_image_urls: fetch `image_url` queries (public addresses only, timeout, size cap); off by default.
     """
 
     indexes: list[tuple[str, Path]]
@@ -59,6 +60,7 @@ class ServeConfig:
     batching: bool = True
     batch_window_ms: float = 3.0
     watch_seconds: float = 2.0
+    allow_image_urls: bool = False
     model: object | None = None  # an already loaded encoder to share (tests, benchmarks)
 
 
@@ -77,6 +79,9 @@ class SearchRequest(BaseModel):
     index: str | None = Field(None, description="Index name (default: the first served).")
     text: str | None = Field(None, max_length=10_000, description="Text query.")
     image: str | None = Field(None, description="Base64 image bytes (PNG, JPEG, WebP, GIF, BMP).")
+    image_url: str | None = Field(
+        None, max_length=2048, description="An image URL, fetched only by a server started with --allow-image-urls."
+    )
     id: int | None = Field(None, description="More like this: the id of an indexed item.")
     vector: list[float] | None = Field(None, max_length=65_536, description="A query vector of the index's dimension.")
     modality: Literal["image", "text"] = Field("image", description="What to retrieve: images or captions.")
@@ -371,6 +376,10 @@ def create_app(config: ServeConfig) -> FastAPI:
                 image = base64.b64decode(_strip_data_url(req.image), validate=True)
             except (binascii.Error, ValueError):
                 raise BadImage("The image field is not valid base64.") from None
+        if req.image_url is not None:
+            if image is not None:
+                raise UserError("Give exactly one query: text, image, id or vector.")
+            image = await fetch_if_allowed(config, req.image_url)
         q = Query(text=req.text, image=image, item_id=req.id, vector=req.vector)
         return await _run_search(registry.get(req.index), q, req.k, req.modality, req.min_score)
 
@@ -455,7 +464,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     from retriever.serve.compat import add_compat_routes
 
-    add_compat_routes(app, registry, searcher)
+    add_compat_routes(app, registry, searcher, config)
 
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -479,6 +488,15 @@ PAGE_HEADERS = {
 
 class KTooLarge(UserError):
     """k out of range (422, like the JSON API's validation)."""
+
+
+async def fetch_if_allowed(config: ServeConfig, url: str) -> bytes:
+    """The image at `url` when the operator allowed URL fetching; a 400 sentence otherwise."""
+    from retriever.serve.fetch import UrlRefused, fetch_image_url
+
+    if not config.allow_image_urls:
+        raise UrlRefused("This server does not fetch image URLs; send the image itself, base64-encoded, as image.")
+    return await asyncio.get_running_loop().run_in_executor(None, fetch_image_url, url, config.max_upload)
 
 
 def _served_file(served: ServedIndex, item_id: int) -> Path:

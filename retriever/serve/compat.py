@@ -5,7 +5,8 @@ Its clients send JSON with no Content-Type (`ClipClient`, via requests' `data=`)
 
 Field by field (request of POST /knn-service):
   text | image (base64) | embedding_input   the query; "" counts as absent, as in clip_back
-  image_url                                 400: this server never fetches URLs
+  image_url                                 fetched only with --allow-image-urls (public addresses,
+                                            timeout, size cap: serve/fetch.py); otherwise 400
   modality ("image" | "text"), indice_name  as clip_back (indice_name defaults to the first index)
   num_images, num_result_ids                as clip_back: num_result_ids hits are returned, the first
                                             num_images with metadata; both clamped to MAX_K
@@ -50,7 +51,7 @@ async def read_json_body(request: Request) -> dict:
     return data
 
 
-def add_compat_routes(app: FastAPI, registry: Registry, searcher: Searcher) -> None:
+def add_compat_routes(app: FastAPI, registry: Registry, searcher: Searcher, config) -> None:
     @app.get("/indices-list", include_in_schema=False)
     def indices_list() -> list[str]:
         return registry.names()
@@ -70,11 +71,17 @@ def add_compat_routes(app: FastAPI, registry: Registry, searcher: Searcher) -> N
         modality = body.get("modality", "image")
         if modality not in ("image", "text"):
             raise UserError("modality must be image or text.")
-        if body.get("image_url"):
-            raise UserError("This server does not fetch image URLs; send the image itself, base64-encoded, as image.")
         num_images = _count(body, "num_images", 40)
         num_result_ids = _count(body, "num_result_ids", num_images)
-        q = _query(body)
+        url = body.get("image_url")
+        if url and body.get("text") in (None, "") and body.get("image") in (None, ""):
+            from retriever.serve.app import fetch_if_allowed
+
+            if not isinstance(url, str):
+                raise UserError("image_url must be a string.")
+            q = Query(image=await fetch_if_allowed(config, url))
+        else:
+            q = _query(body)
         want = max(num_images, num_result_ids)
         hits = await searcher.search(served, q, want, modality)
         if body.get("deduplicate"):

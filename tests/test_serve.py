@@ -459,3 +459,29 @@ def test_image_urls_are_refused_unless_allowed_and_then_never_private(serve_inde
             assert r.status_code == 400 and "larger than" in r.json()["error"]
             r = c.post("/v1/search", json={"image_url": f"{url}/no-such-page"})
             assert r.status_code == 400 and "HTTP 404" in r.json()["error"]
+
+
+def test_index_add_is_served_without_a_restart(tmp_path, tiny_model, emoji_items):
+    import time
+
+    from retriever.data.sources import read_source
+    from retriever.embed import EmbedConfig, embed_items
+    from retriever.indexes import build_index
+    from retriever.indexes.add import add_to_index
+
+    for name, part in (("a", emoji_items[:20]), ("b", emoji_items[20:30])):
+        (tmp_path / name).mkdir()
+        for it in part:
+            shutil.copy(it.path, tmp_path / name / Path(it.path).name)
+        embed_items(read_source(tmp_path / name), tiny_model, tmp_path / f"{name}.shards", EmbedConfig(num_workers=0))
+    build_index(tmp_path / "a.shards", tmp_path / "idx")
+    with make_client(tmp_path / "idx", tiny_model, watch_seconds=0.05) as c:
+        assert c.get("/v1/indexes/emoji").json()["count"] == 20
+        add_to_index(tmp_path / "idx", tmp_path / "b.shards", renumber=True)
+        deadline = time.monotonic() + 20
+        while c.get("/v1/indexes/emoji").json()["count"] == 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.get("/v1/indexes/emoji").json()["count"] == 30
+        new = (tmp_path / "b" / Path(emoji_items[25].path).name).read_bytes()
+        hit = c.post("/v1/search", json={"image": base64.b64encode(new).decode(), "k": 1}).json()["hits"][0]
+        assert hit["score"] > 0.999 and c.get(hit["image_url"]).content == new

@@ -149,9 +149,10 @@ def test_errors_show_inline_in_one_sentence(page, server, tmp_path):
     big.write_bytes(b"\x89PNG" + b"\0" * 300_000)
     page.set_input_files("#file", str(big))
     expect(page.locator("#error")).to_contain_text("upload limit", timeout=20_000)
-    page.goto(f"{server}/?q=x&index=nope")  # an unknown index in a shared link falls back to the first
+    page.goto(f"{server}/?q=x&index=nope")  # an unknown index in a shared link: said, then the first one
     wait_for_results(page, n=24)
     assert page.input_value("#index") == "emoji"
+    expect(page.locator("#error")).to_have_text("This server has no index named nope; searching emoji instead.")
 
 
 def test_keyboard_only(page, server):

@@ -76,8 +76,14 @@ async function loadIndexes() {
     sel.append(opt);
   }
   $('k').max = String(data.max_k);
-  if (!data.indexes.some((ix) => ix.name === state.index)) state.index = data.indexes.length ? data.indexes[0].name : '';
+  let missing = '';
+  if (!data.indexes.some((ix) => ix.name === state.index)) {
+    const first = data.indexes.length ? data.indexes[0].name : '';
+    if (state.index) missing = `This server has no index named ${state.index}; searching ${first} instead.`;
+    state.index = first;
+  }
   sel.value = state.index;
+  return missing;
 }
 
 async function run(push) {
@@ -241,8 +247,9 @@ function wire() {
 }
 
 async function start() {
+  let missing = '';
   try {
-    await loadIndexes();
+    missing = await loadIndexes();
   } catch (e) {
     if (e.needsKey) { askForKey(null); return; }
     showError(e.message);
@@ -250,6 +257,7 @@ async function start() {
   }
   writeControls();
   await run(false);
+  if (missing && $('error').hidden) showError(missing);
 }
 
 fromUrl();

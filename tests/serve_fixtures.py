@@ -9,7 +9,7 @@ from retriever.embed import EmbedConfig, embed_items
 from retriever.indexes import build_index
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def serve_index(tmp_path_factory, tiny_model, emoji_folder):
     """A flat index (image + text) over the 64 conftest emoji, in a folder named `emoji`."""
     shards = tmp_path_factory.mktemp("serve-shards")

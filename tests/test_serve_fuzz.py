@@ -13,7 +13,7 @@ from serve_fixtures import make_client, serve_index  # noqa: F401 (fixture)
 schemathesis = pytest.importorskip("schemathesis")
 
 EXAMPLES_PER_OPERATION = int(os.environ.get("RETRIEVER_FUZZ_EXAMPLES", "8"))
-TIME_BUDGET_S = float(os.environ.get("RETRIEVER_FUZZ_SECONDS", "30"))  # stops by itself after this
+TIME_BUDGET_S = float(os.environ.get("RETRIEVER_FUZZ_SECONDS", "25"))  # stops by itself after this
 
 
 def test_no_generated_request_gets_a_5xx(serve_index, tiny_model, one_torch_thread):  # noqa: F811

@@ -28,11 +28,7 @@ def test_no_generated_request_gets_a_5xx(serve_index, tiny_model, one_torch_thre
     counter = [0]
     from schemathesis.generation.modes import GenerationMode
 
-    for op, mode in [(op, mode) for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE) for op in operations]:
-        if time.monotonic() > deadline:
-            break
-        label = f"{mode.value} {op.method.upper()} {op.path}"
-
+    def fuzzer(op, mode, label):
         @settings(
             max_examples=EXAMPLES_PER_OPERATION,
             deadline=None,
@@ -41,7 +37,7 @@ def test_no_generated_request_gets_a_5xx(serve_index, tiny_model, one_torch_thre
             suppress_health_check=list(HealthCheck),
         )
         @given(case=op.as_strategy(generation_mode=mode))
-        def fuzz(case, label=label):
+        def fuzz(case):
             if time.monotonic() > deadline:
                 return
             params = case.path_parameters or {}
@@ -56,8 +52,13 @@ def test_no_generated_request_gets_a_5xx(serve_index, tiny_model, one_torch_thre
             if response.status_code >= 400:
                 assert "error" in response.json()
 
+        return fuzz
+
+    for op, mode in [(op, mode) for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE) for op in operations]:
+        if time.monotonic() > deadline:
+            break
         try:
-            fuzz()
+            fuzzer(op, mode, f"{mode.value} {op.method.upper()} {op.path}")()
         except Unsatisfiable:  # nothing to make invalid (an operation without parameters)
             assert mode == GenerationMode.NEGATIVE
     print({op: sorted(codes) for op, codes in seen.items()})

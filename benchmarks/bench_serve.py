@@ -184,13 +184,13 @@ def main() -> None:
     ids = [i for b in batches for i in b.column("id").to_pylist()]
     paths = [p for b in batches for p in b.column("path").to_pylist()]
     text_bodies = [json.dumps({"index": "bench", "text": t, "k": args.k}).encode() for t in texts]
-    results: dict = {"index": str(index), "model": retriever.identity.describe(), "seconds": args.seconds,
+    results: dict = {"index": str(index), "model": retriever.identity.label(), "seconds": args.seconds,
                      "loadavg_before": os.getloadavg()}  # fmt: skip
 
     def inproc(i: int):
         return lambda j: retriever.search(text=texts[(i * 7919 + j) % len(texts)], k=args.k)
 
-    print(f"index {index}: {len(ids)} items, model {retriever.identity.describe()}")
+    print(f"index {index}: {len(ids)} items, model {retriever.identity.label()}")
     rows = []
     if args.soak_only:
         server = Server(index, batching=True)

@@ -15,8 +15,9 @@ from retriever.errors import UserError
 from retriever.identity import ModelIdentity
 from retriever.indexes import gpu, ondisk
 from retriever.indexes.build import set_search_params
-from retriever.indexes.manifest import IndexManifest, ModalityIndex, read_manifest
+from retriever.indexes.manifest import IndexManifest, ModalityIndex, read_index_manifest
 from retriever.indexes.rerank import VectorStore, search_index
+from retriever.indexes.settings import configure_faiss
 
 if TYPE_CHECKING:  # torch is imported only when a query has to be encoded
     from retriever.data.images import ImageInput
@@ -25,6 +26,8 @@ if TYPE_CHECKING:  # torch is imported only when a query has to be encoded
 
 @dataclass(slots=True)
 class SearchResult:
+    """One hit: its rank (1 = best), row id, cosine score, image path and caption."""
+
     rank: int
     id: int
     score: float  # cosine similarity (inner product of unit vectors)
@@ -51,8 +54,9 @@ class Retriever:
         device: str | None = None,
         use_gpu: bool | None = None,
     ):
+        configure_faiss()
         self.index_dir = Path(index_dir).expanduser()
-        self.manifest: IndexManifest = read_manifest(self.index_dir)
+        self.manifest: IndexManifest = read_index_manifest(self.index_dir)
         self.identity = ModelIdentity.from_dict(self.manifest.model)
         if model is not None:
             model.identity.check_same(self.identity, f"Index {self.index_dir}")
@@ -76,7 +80,7 @@ class Retriever:
                 encoder = load_model(self.identity.name, self.identity.pretrained, device=self._device)
             except UserError as e:
                 raise UserError(
-                    f"Could not load the index's model {self.identity.describe()} ({e}); pass it with --model."
+                    f"Could not load the index's model {self.identity.label()} ({e}); pass it with --model."
                 ) from e
             encoder.identity.check_same(self.identity, f"Index {self.index_dir}")
             self._model = encoder
@@ -100,6 +104,7 @@ class Retriever:
             except (OSError, ValueError) as e:
                 raise UserError(f"Could not read the query image: {e}") from e
         else:
+            assert text is not None  # exactly one of text/image, checked above
             q = encode_texts(self.model, [text])
         return self.search_vectors(q, k, modality)[0]
 
@@ -117,7 +122,7 @@ class Retriever:
         if q.ndim != 2 or q.shape[1] != index.d:
             raise UserError(f"Query vectors must have shape (n, {index.d}).")
         entry = self._entry(modality)
-        return search_index(index, q, k, entry.search_params, self._store(modality))
+        return search_index(index, q, k, entry.search_params, self._store(modality), max_k=gpu.max_k(index))
 
     def lookup(self, modality: str, rows: np.ndarray, scores: np.ndarray | None = None) -> list[SearchResult]:
         """Metadata for the given faiss rows only: a `take` on the memory-mapped rows file."""
@@ -151,9 +156,16 @@ class Retriever:
             path = self.index_dir / entry.file
             # On-disk inverted lists are memory-mapped from the .ivfdata file beside the index.
             index = ondisk.open_on_disk(path) if entry.ivfdata_file else faiss.read_index(str(path))
-            if self._use_gpu is not False and not entry.ivfdata_file and gpu.can_use_gpu(index):
-                index = gpu.to_gpu(index, index_bytes=int(entry.extra.get("estimated_memory_bytes", 0)))
-            set_search_params(index, entry.search_params)
+            set_search_params(index, entry.search_params)  # before moving: the GPU clone keeps them
+            if self._use_gpu is not False and not entry.ivfdata_file:
+                plan = gpu.gpu_plan(index, gpu.gpu_count(), gpu_free_bytes=gpu._gpu_free_bytes())
+                if self._use_gpu and not plan.ok:
+                    raise UserError(
+                        f"use_gpu was asked for, but the {modality} index cannot go to a GPU: {plan.reason}."
+                    )
+                if plan.ok:
+                    index = gpu.to_gpu(index, plan)
+                    set_search_params(index, entry.search_params)
             self._indexes[modality] = index
         return self._indexes[modality]
 

@@ -304,9 +304,9 @@ def test_reload_swaps_in_a_new_index_and_keeps_the_old_when_broken(tmp_path, ser
     with make_client(live, tiny_model, watch_seconds=0) as c:
         old = c.post("/v1/search", json={"text": "star", "k": 3}).json()["hits"]
         # A rebuilt folder with fewer rows swapped in place (what `index --add` does, in reverse).
-        from retriever.indexes.manifest import read_manifest
+        from retriever.indexes.manifest import read_index_manifest
 
-        m = read_manifest(live)
+        m = read_index_manifest(live)
         shutil.rmtree(live)
         shutil.copytree(serve_index, live)
         (live / "manifest.json").write_text((live / "manifest.json").read_text().replace(m.created, m.created + " "))

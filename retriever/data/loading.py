@@ -20,9 +20,9 @@ def default_workers() -> int:
     """Image-decoding worker processes that help rather than hurt.
 
     On a CPU-only machine every worker competes with torch's intra-op threads for the same cores:
-    on 2 cores, RN50 embedding ran at 0.82x the bare forward with 2 workers and 0.91x with none
-    (benchmarks/RESULTS.md). So leave two cores to torch there; with a GPU, decoding is all the
-    CPU has to do.
+    on 2 cores, embedding with 2 workers ran slower than with none (benchmarks/RESULTS.md, "Decode
+    workers compete on 2 cores"). So leave two cores to torch there; with a GPU, decoding is all
+    the CPU has to do.
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if torch.cuda.is_available():
@@ -35,6 +35,16 @@ class DecodedBatch:
     indices: list[int]  # positions (into the dataset's items) that decoded
     pixels: torch.Tensor | None  # (len(indices), 3, H, W)
     errors: list[tuple[int, str]]  # (position, reason) for those that did not
+
+    def pin_memory(self, device: str | torch.device | None = None) -> DecodedBatch:
+        """Page-locked pixels, so `.to(cuda, non_blocking=True)` really overlaps the copy.
+
+        torch's DataLoader (pin_memory=True) calls this on custom batch types; without it a
+        dataclass batch was passed through unpinned and every copy was synchronous.
+        """
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory() if device is None else self.pixels.pin_memory(device)
+        return self
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -20,12 +20,13 @@ import pyarrow as pa
 
 from retriever import __version__
 from retriever.atomic import atomic_dir, write_json_atomic
-from retriever.errors import UserError
+from retriever.errors import ConfigError, UserError
 from retriever.indexes import gpu, ondisk, tune
 from retriever.indexes import memory as select
 from retriever.indexes.choose import FLAT_MAX, IndexSpec, choose_index
 from retriever.indexes.manifest import MANIFEST, MODALITIES, IndexManifest, ModalityIndex
 from retriever.indexes.rerank import OWN_PARAMS, VectorStore, VectorWriter, search_index
+from retriever.indexes.settings import configure_faiss
 from retriever.shards import ShardSet
 
 ROWS_SCHEMA = pa.schema([("id", pa.int64()), ("path", pa.string()), ("caption", pa.string())])
@@ -36,6 +37,18 @@ BuildProgress = Callable[[str, int, int], None]
 
 @dataclass
 class BuildConfig:
+    """How `build_index` builds (each field's comment says what it does).
+
+    Attributes:
+        index_type: "auto" chooses by size and memory; or flat, hnsw, ivf, ivfpq, opq.
+        flat_max: "auto" stays exact (flat) up to this many vectors.
+        use_gpu: build on the GPU (None: when faiss has GPU support and sees one).
+        batch_size: vectors added per faiss call; seed: seed of training samples.
+        max_memory: bytes the index may use (None: no limit); on_disk: force on-disk inverted lists.
+        target_recall: tune search parameters to reach this recall@k (None: no tuning); k: that k.
+        tune_queries: queries drawn from the data for tuning.
+    """
+
     index_type: str = "auto"  # auto | flat | hnsw | ivf | ivfpq | opq
     flat_max: int = FLAT_MAX
     use_gpu: bool | None = None  # None: when faiss has GPU support and sees a GPU
@@ -47,6 +60,15 @@ class BuildConfig:
     k: int = 10
     tune_queries: int = 1000  # queries drawn from the data for tuning
 
+    def validate(self) -> None:
+        """Raise `ConfigError` (naming the parameter) for settings that cannot work."""
+        if self.target_recall is not None and not 0 < self.target_recall <= 1:
+            raise ConfigError("target_recall must be between 0 and 1, e.g. 0.95.", "target_recall")
+        if self.k < 1:
+            raise ConfigError("k must be at least 1.", "k")
+        if self.batch_size < 1 or self.tune_queries < 1:
+            raise ConfigError("batch_size and tune_queries must be at least 1.", "batch_size", "tune_queries")
+
 
 def build_index(
     shards: str | Path | ShardSet,
@@ -55,12 +77,21 @@ def build_index(
     modalities: Sequence[str] = MODALITIES,
     progress: BuildProgress | None = None,
 ) -> IndexManifest:
-    """Build an image index, and a text index where captions exist; write the folder atomically."""
+    """Build an image index, and a text index where captions exist; write the folder atomically.
+
+    Args:
+        shards: a shard folder (`embed_items`) or an open `ShardSet`.
+        out_dir: the index folder to write (replaced atomically).
+        config: index type, memory budget, recall target, GPU use (`BuildConfig`).
+        modalities: which indexes to build, of "image" and "text".
+        progress: called with (modality, rows done, rows to do).
+
+    Returns:
+        The `IndexManifest` written to `out_dir/manifest.json`.
+    """
+    configure_faiss()
     cfg = config or BuildConfig()
-    if cfg.target_recall is not None and not 0 < cfg.target_recall <= 1:
-        raise UserError("--target-recall must be between 0 and 1, e.g. 0.95.")
-    if cfg.k < 1:
-        raise UserError("--k must be at least 1.")
+    cfg.validate()
     ss = shards if isinstance(shards, ShardSet) else ShardSet(shards)
     out = Path(out_dir).expanduser()
     specs = {m: plan_index(ss.count(m), ss.dim, cfg) for m in modalities if ss.count(m)}
@@ -115,20 +146,57 @@ def set_search_params(index: faiss.Index, params: dict) -> None:
     params = {k: v for k, v in (params or {}).items() if k not in OWN_PARAMS}
     if not params:
         return
+    on_gpu = gpu.device_name(index) == "gpu"
+    if on_gpu:  # a CPU coarse quantizer's parameters were set before the index moved (gpu.py)
+        params = gpu.gpu_search_params(params)
+        if not params:
+            return
     desc = ",".join(f"{k}={v}" for k, v in params.items())
-    space = faiss.GpuParameterSpace() if gpu.device_name(index) == "gpu" else faiss.ParameterSpace()
+    space = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
     space.set_index_parameters(index, desc)
+
+
+def _place_for_build(spec: IndexSpec, dim: int, total: int, cfg: BuildConfig) -> tuple[faiss.Index, bool]:
+    """The new index, on one GPU when that helps and fits: (index, whether it is on a GPU).
+
+    Only IVF kinds gain from a GPU while building (k-means and assigning vectors to lists); a Flat
+    index is a copy of the vectors and is built where it is saved, in float32. One GPU, never
+    shards: the quantizer is trained once, and the full index is split across GPUs only when a
+    search opens it (gpu.to_gpu).
+    """
+    if cfg.use_gpu and spec.on_disk:
+        raise UserError("On-disk inverted lists are built and searched on the CPU; drop --gpu.")
+    n_gpus = gpu.gpu_count() if cfg.use_gpu is not False and not spec.on_disk else 0
+    if spec.kind == "flat" or n_gpus == 0:
+        if cfg.use_gpu and spec.kind != "flat":
+            raise UserError("--gpu was asked for, but faiss has no GPU support here (see README: GPU).")
+        return new_index(spec, dim), False
+    index = new_index(gpu_spec(spec), dim)
+    plan = gpu.gpu_plan(index, n_gpus, gpu.gpu_bytes(index, total), gpu._gpu_free_bytes(), allow_shard=False)
+    if not plan.ok:
+        if cfg.use_gpu:
+            raise UserError(f"--gpu was asked for, but this index cannot be built on the GPU: {plan.reason}.")
+        return new_index(spec, dim), False
+    index = gpu.to_gpu(index, plan)
+    return index, gpu.device_name(index) == "gpu"
+
+
+def gpu_spec(spec: IndexSpec) -> IndexSpec:
+    """The spec as built on a GPU: a flat coarse quantizer instead of HNSW (gpu.gpu_friendly_factory),
+    without the HNSW quantizer's search parameter."""
+    factory = gpu.gpu_friendly_factory(spec.factory)
+    if factory == spec.factory:
+        return spec
+    params = {k: v for k, v in spec.search_params.items() if not k.startswith("quantizer_")}
+    return replace(spec, factory=factory, search_params=params)
 
 
 def _build_one(ss: ShardSet, modality: str, spec: IndexSpec, out: Path, cfg: BuildConfig, progress) -> ModalityIndex:
     t0 = time.perf_counter()
     total = ss.count(modality)
-    index = new_index(spec, ss.dim)
-    on_gpu = (cfg.use_gpu is not False) and not spec.on_disk and gpu.can_use_gpu(index)
-    if cfg.use_gpu and not on_gpu:
-        raise UserError("--gpu was asked for, but faiss has no GPU support here or the index type cannot run on a GPU.")
+    index, on_gpu = _place_for_build(spec, ss.dim, total, cfg)
     if on_gpu:
-        index = gpu.to_gpu(index, index_bytes=spec.memory_bytes)  # sharded if one GPU is too small
+        spec = gpu_spec(spec)
     if spec.train_size:
         sample = ss.sample_vectors(modality, spec.train_size, cfg.seed)
         index.train(sample)
@@ -286,7 +354,7 @@ def tune_index(index: faiss.Index, entry: ModalityIndex, folder: Path, ss: Shard
             queries,
             truth,
             k,
-            cfg.target_recall,
+            cfg.target_recall or 0.0,  # only called when a target is set
             tune.grid(entry.factory, entry.count, k, entry.rerank),
             exclude,
         )

@@ -30,6 +30,7 @@ import torch
 
 from retriever.errors import ModelLoadError, UserError
 from retriever.identity import ModelIdentity
+from retriever.models.folder import recorded_weights_sha256, state_sha256
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
@@ -41,9 +42,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoadedModel:
-    """An open_clip model ready to encode, with its transforms, tokenizer and identity."""
+    """An open_clip model ready to encode, with its transforms, tokenizer and identity.
 
-    model: torch.nn.Module
+    Attributes:
+        model: the open_clip CLIP-like module (eval mode, on `device`).
+        preprocess: eval transform, PIL RGB image -> tensor; preprocess_train: open_clip's
+            augmenting train transform.
+        tokenizer: strings -> token tensor.
+        identity: what the vectors are comparable with (`ModelIdentity`).
+        device, precision: where and how it runs ("fp32" on the CPU; "fp16"/"bf16" autocast on a GPU).
+        config: the open_clip config, {"model_cfg": ..., "preprocess_cfg": ...}.
+    """
+
+    model: Any  # an open_clip CLIP-like nn.Module; Any because open_clip is untyped (encode_image etc.)
     preprocess: Callable  # eval transform: PIL RGB image -> tensor
     preprocess_train: Callable  # open_clip's augmenting train transform
     tokenizer: Callable
@@ -65,7 +76,9 @@ class LoadedModel:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """CUDA when available, else CPU; an explicit choice wins."""
+    """CUDA when available, else CPU; an explicit choice wins, then $RETRIEVER_DEVICE (e.g. cpu)."""
+    if device is None or str(device) == "auto":
+        device = os.environ.get("RETRIEVER_DEVICE") or None
     if device is not None and str(device) != "auto":
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -75,8 +88,12 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """The precision to run at: fp32 on the CPU; on a GPU bf16 where it has bf16 tensor cores
+    (Ampere, Hopper and later: fp32's range, so no loss scaling and no fp16 overflow), else fp16."""
     if precision is None:
-        return "fp16" if device.type == "cuda" else "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if precision not in PRECISIONS:
         raise UserError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
     if device.type == "cpu" and precision != "fp32":
@@ -86,15 +103,7 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
 
 def state_dict_sha256(model: torch.nn.Module) -> str:
     """Hash parameter and buffer contents (fp32, sorted by name), independent of file format."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        if t.dtype in (torch.float16, torch.bfloat16):
-            t = t.float()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
+    return state_sha256(model.state_dict())
 
 
 def load_model(
@@ -109,6 +118,12 @@ def load_model(
     `pretrained` is a tag (`laion2b_s34b_b79k`), a local weights file, or `"random"`. With the
     default hub model and no `pretrained`, the default tag is used; a config JSON without
     `pretrained` is randomly (but reproducibly, seed 0) initialised, which is what tests use.
+
+    Args:
+        model: open_clip hub name, model-config JSON path, or `local-dir:FOLDER` (open_clip files).
+        pretrained: see above; must be None for a `local-dir:` folder (it holds the weights).
+        device: "cuda" or "cpu"; default: cuda when torch sees a GPU.
+        precision: "fp32" (CPU), "fp16" or "bf16" (GPU autocast; default fp16 there).
     """
     import open_clip
 
@@ -147,11 +162,39 @@ def load_model(
     identity = ModelIdentity(
         name=name,
         pretrained=None if random_init and pretrained is None else pretrained,
-        weights_sha256=state_dict_sha256(net),
+        weights_sha256=_weights_sha256(name, net),
         embed_dim=_embed_dim(net, config),
     )
     net.to(dev)
+    if dev.type == "cuda":
+        enable_tf32()
     return LoadedModel(net, pre_val, pre_train, tokenizer, identity, dev, prec, config)
+
+
+def _weights_sha256(name: str, net: torch.nn.Module) -> str:
+    """The recorded hash of a retriever-written folder whose weights file is unchanged, else a full hash."""
+    if name.startswith("local-dir:"):
+        recorded = recorded_weights_sha256(name.removeprefix("local-dir:"))
+        if recorded is not None:
+            return recorded
+    return state_dict_sha256(net)
+
+
+def enable_tf32() -> None:
+    """Let float32 matmuls and convolutions on CUDA use TF32 tensor cores (Ampere and later).
+
+    Process-wide, called when a model is loaded onto a GPU: the fp32 parts of a mixed-precision
+    run (and --precision fp32) then run ~8x faster on tensor cores, with float32 range and a
+    10-bit mantissa in the products, which embeddings and training tolerate. Weights and the
+    identity hash are unchanged.
+    """
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):  # torch ≥ 2.9
+        matmul.fp32_precision = "tf32"
+        conv.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def model_config_of(model: str) -> dict[str, Any]:
@@ -284,7 +327,7 @@ def _register_config(model_cfg: dict[str, Any]) -> str:
     return name
 
 
-def _embed_dim(net: torch.nn.Module, config: dict[str, Any]) -> int:
+def _embed_dim(net: Any, config: dict[str, Any]) -> int:
     dim = config.get("model_cfg", {}).get("embed_dim")
     if dim is None:
         dim = getattr(net, "embed_dim", None) or net.text_projection.shape[-1]

@@ -173,9 +173,9 @@ class ModelCache:
             self._models[_key(preloaded.identity.to_dict())] = preloaded
 
     def get(self, index_dir: Path):
-        from retriever.indexes.manifest import read_manifest
+        from retriever.indexes.manifest import read_index_manifest
 
-        return self._models.get(_key(read_manifest(index_dir).model))
+        return self._models.get(_key(read_index_manifest(index_dir).model))
 
     def put(self, retriever: Retriever) -> None:
         with self._lock:

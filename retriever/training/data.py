@@ -75,7 +75,8 @@ def rank_batches(n_items: int, batch_size: int, rank: int, world: int, start_ste
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """(pixels, caption) for the samples of one epoch; undecodable images become None."""
+    """(pixels, caption, error) for the samples of one epoch; an undecodable image gives
+    (None, caption, (path, reason))."""
 
     def __init__(self, items: Sequence[SourceItem], samples: Sequence[Sample], transform: Callable, augment: bool):
         self.items, self.samples, self.transform, self.augment = items, samples, transform, augment
@@ -90,7 +91,7 @@ class PairDataset(torch.utils.data.Dataset):
         try:
             img = load_image(item.path)
         except Exception as e:  # a bad file is data: dropped from its batch and reported
-            return None, caption, f"{item.path}: {type(e).__name__}: {e}"
+            return None, caption, (item.path, f"{type(e).__name__}: {e}")
         if self.augment:
             # The sample's own seed, so the crop does not depend on which worker runs it.
             with torch.random.fork_rng(devices=[]):
@@ -123,6 +124,7 @@ def epoch_loader(
     augment: bool,
     tokenizer: Callable,
     workers: int,
+    pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     samples = epoch_samples(items, epoch, seed)
     return torch.utils.data.DataLoader(
@@ -131,6 +133,7 @@ def epoch_loader(
         num_workers=workers,
         collate_fn=make_collate(tokenizer),
         persistent_workers=False,
+        pin_memory=pin_memory,  # the (pixels, tokens, errors) tuple is pinned element by element
         # Its own generator: otherwise each new loader draws its workers' base seed from the global
         # RNG, shifting the dropout stream by one draw per loader, and a resumed run would differ.
         generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),

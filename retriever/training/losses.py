@@ -11,10 +11,12 @@ come out exact).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from retriever.training.config import LOSSES
 from retriever.training.distributed import gather_with_grad
 
 # CLIP's initial temperature 0.07 and its cap of 100 on the logit scale (Radford et al. 2021).
@@ -24,8 +26,6 @@ MAX_LOGIT_SCALE = math.log(100)
 SIGLIP_INIT_LOGIT_SCALE = math.log(10)
 SIGLIP_INIT_LOGIT_BIAS = -10.0
 
-LOSSES = ("infonce", "siglip")
-
 
 def infonce_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE: mean of image→text and text→image cross-entropy, pair i's match is i.
@@ -33,6 +33,8 @@ def infonce_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Ten
     `logit_scale` is the *log* scale (the parameter); its exp multiplies the cosine similarities.
     """
     image, text = gather_with_grad(image), gather_with_grad(text)
+    if image.shape[0] == 0:  # every rank's batch failed to decode: zero loss, zero gradients
+        return logit_scale * 0.0
     logits = logit_scale.exp() * image @ text.T
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -46,12 +48,14 @@ def siglip_loss(
     Normalised by the number of images, as in the paper and open_clip's SigLipLoss.
     """
     image, text = gather_with_grad(image), gather_with_grad(text)
+    if image.shape[0] == 0:  # every rank's batch failed to decode: zero loss, zero gradients
+        return logit_scale * 0.0 + logit_bias * 0.0
     logits = logit_scale.exp() * image @ text.T + logit_bias
     labels = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
     return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
 
 
-def contrastive_loss(kind: str, image: torch.Tensor, text: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+def contrastive_loss(kind: str, image: torch.Tensor, text: torch.Tensor, model: Any) -> torch.Tensor:
     """The loss named `kind`, with the loss parameters taken from `model`."""
     if kind == "infonce":
         return infonce_loss(image, text, model.logit_scale)
@@ -67,7 +71,7 @@ def loss_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in (getattr(model, "logit_scale", None), getattr(model, "logit_bias", None)) if p is not None]
 
 
-def ensure_logit_bias(model: torch.nn.Module, config: dict, init: float = SIGLIP_INIT_LOGIT_BIAS) -> None:
+def ensure_logit_bias(model: Any, config: dict, init: float = SIGLIP_INIT_LOGIT_BIAS) -> None:
     """Give an open_clip CLIP a learnable SigLIP bias and record it in its config.
 
     open_clip creates `logit_bias` only when the config has `init_logit_bias`; setting both keeps the

@@ -18,7 +18,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi import Query as QueryParam
@@ -112,7 +112,7 @@ class ErrorBody(BaseModel):
     error: str
 
 
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "Bad request (one sentence)"},
     401: {"model": ErrorBody},
     404: {"model": ErrorBody},
@@ -215,7 +215,7 @@ class Guard:
         if auth[:7].lower() == b"bearer " and hmac.compare_digest(auth[7:].strip(), self.key):
             return True
         cookie = _cookie(headers.get(b"cookie", b""), SESSION_COOKIE)
-        return cookie is not None and hmac.compare_digest(cookie.encode(), self.session.encode())
+        return cookie is not None and self.session is not None and hmac.compare_digest(cookie, self.session)
 
     def _too_large(self) -> str:
         return f"The request is larger than this server's upload limit of {_human(self.max_upload)}."
@@ -238,7 +238,8 @@ def _cookie(raw: bytes, name: str) -> str | None:
     return None
 
 
-def _human(n: int) -> str:
+def _human(size: int) -> str:
+    n = float(size)
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:g} {unit}" if unit == "B" else f"{n:.3g} {unit}"
@@ -428,7 +429,8 @@ def create_app(config: ServeConfig) -> FastAPI:
         if modality not in ("image", "text"):
             raise UserError("modality must be image or text.")
         min_score = _form_float(form.get("min_score"), "min_score")
-        served = registry.get(form.get("index") or None)
+        index = form.get("index")
+        served = registry.get(index if isinstance(index, str) and index else None)
         return await _run_search(served, Query(image=data), k, modality, min_score)
 
     async def _run_search(served: ServedIndex, q: Query, k: int, modality: str, min_score: float | None) -> dict:

@@ -49,6 +49,7 @@ class Batcher:
             self._queue = asyncio.Queue()
             self._worker = loop.create_task(self._run(self._queue))
         fut: asyncio.Future = loop.create_future()
+        assert self._queue is not None
         self._queue.put_nowait((item, fut))
         return await fut
 

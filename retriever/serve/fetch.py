@@ -38,7 +38,7 @@ def fetch_image_url(url: str, max_bytes: int, timeout: float = TIMEOUT_S) -> byt
         infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
         raise UrlRefused(f"The image URL's host {parts.hostname!r} does not resolve.") from None
-    addresses = sorted({info[4][0] for info in infos})
+    addresses = sorted({str(info[4][0]) for info in infos})
     if not addresses or not all(is_public(a) for a in addresses):
         raise UrlRefused("The image URL points to a private or local address; this server does not fetch those.")
     conn = _connection(parts.scheme, parts.hostname, addresses[0], port, timeout)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -36,7 +38,7 @@ class Metrics:
             self._sum[route] += seconds
             self._count[route] += 1
 
-    def render(self, gauges: dict[str, tuple[str, dict[tuple[tuple[str, str], ...], float]]]) -> str:
+    def render(self, gauges: dict[str, tuple[str, Mapping[Any, float]]]) -> str:
         """The exposition text; `gauges` maps name -> (help, {labels: value}) computed by the caller."""
         lines = [
             "# HELP retriever_requests_total HTTP requests by method, route and status.",

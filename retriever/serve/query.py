@@ -66,14 +66,15 @@ class Searcher:
         """The (1, d) query vector of an image, id or vector query."""
         kind = q.kind
         loop = asyncio.get_running_loop()
-        if kind == "text":
+        if q.text is not None:
             from retriever.models.encode import encode_texts
 
             return await loop.run_in_executor(None, encode_texts, served.retriever.model, [q.text])
-        if kind == "image":
+        if q.image is not None:
             return await loop.run_in_executor(None, _encode_image_bytes, served, q.image)
-        if kind == "item_id":
+        if q.item_id is not None:
             return await loop.run_in_executor(None, _item_query_vector, served, q.item_id)
+        assert kind == "vector"
         vec = np.asarray(q.vector, np.float32)
         dim = next(iter(served.retriever.manifest.indexes.values())).dim
         if vec.ndim != 1 or vec.shape[0] != dim:
@@ -91,7 +92,7 @@ class Searcher:
             raise UserError(
                 f"Index {served.name!r} has no {modality} index; it has {', '.join(served.retriever.modalities)}."
             )
-        if q.kind == "text":
+        if q.kind == "text" and q.text is not None:
             if not q.text.strip():
                 raise UserError("The text query is empty.")
             hits = await self.batcher(served, modality).submit((q.text, k))

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from retriever.cli import demo, embed, evaluate, index, info, search, serve, train
+from retriever.cli import demo, embed, evaluate, export, import_, index, info, search, serve, train
 from retriever.cli.common import quiet_library_logs
 
 app = typer.Typer(
@@ -35,6 +35,8 @@ app.command(name="info")(info.info)
 app.command(name="train")(train.train)
 app.command(name="eval")(evaluate.eval_cmd)
 app.command(name="demo")(demo.demo)
+app.command(name="import")(import_.import_cmd)
+app.command(name="export")(export.export)
 app.command(name="serve")(serve.serve)
 
 

@@ -40,6 +40,12 @@ def info(
             "errors_file",
         ):
             table.add_row(key, str(d[key]))
+        if d.get("parts"):
+            st = d["parts"]
+            row = f"{len(st['complete'])} of {st['num_parts']} complete"
+            row += "".join(f"; part {p}: {s}" for p, s in st["partial"].items())
+            row += "".join(f"; part {p}: not started" for p in st["not_started"])
+            table.add_row("parts", row)
     else:
         table.add_row("bytes", str(d["bytes"]))
         table.add_row(

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retriever.data.images import IMAGE_EXTENSIONS
+from retriever.data.images import IMAGE_EXTENSIONS, image_extensions
 from retriever.errors import UserError
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -43,25 +43,50 @@ class SourceItem:
         return self.captions[0] if self.captions else None
 
 
+class SourceList(list):
+    """Items, plus what reading skipped: `skipped` lists {"path", "reason"} (the format of _errors.jsonl) per bad tar/member/file."""
+
+    skipped: list[dict] = []
+
+
+# Folders that hold no samples: NAS thumbnails (Synology @eaDir), macOS resource forks, VCS data.
+SKIPPED_FOLDERS = frozenset({"@eaDir", "__MACOSX", "#recycle", "$RECYCLE.BIN", "Thumbs.db"})
+
+
+def is_hidden(rel_parts: tuple[str, ...]) -> bool:
+    """Hidden files and folders (.DS_Store, ._x.jpg, .git) and NAS/OS metadata folders are not samples."""
+    return any(part.startswith(".") or part in SKIPPED_FOLDERS for part in rel_parts)
+
+
 def read_source(
     source: str | Path,
     *,
     image_column: str | None = None,
     caption_column: str | None = None,
-) -> list[SourceItem]:
-    """Read a folder (recursive) or a CSV/TSV/JSONL/Parquet manifest into ordered items.
+) -> Sequence[SourceItem]:
+    """Read a folder (recursive), a manifest, webdataset tar shards or image Parquet into ordered items.
 
     Args:
-        source: a folder (every image below it; a same-name .txt file is its caption) or a manifest
-            file with one row per image–caption pair (rows naming one image merge their captions).
+        source: a folder (every image below it; a same-name .txt file is its caption); a
+            CSV/TSV/JSONL/Parquet manifest with one row per image–caption pair (rows naming one
+            image merge their captions); webdataset tar shards (a .tar, a glob, a brace expansion
+            `shards/{00000..00099}.tar` or a folder of tars); or image Parquet (img2dataset binary
+            columns, Hugging Face struct<bytes, path> cells).
         image_column, caption_column: the manifest's columns; guessed from common names when None.
 
     Returns:
-        `SourceItem`s in a stable order; `item.index` is the row id shards and indexes use.
+        `SourceItem`s in a stable order; `item.index` is the row id shards and indexes use. For tar
+        and image-Parquet sources a `SourceList` whose `skipped` lists bad tars/members.
     """
+    from retriever.data.formats import read_container_source
+
+    contained = read_container_source(source, image_column=image_column, caption_column=caption_column)
+    if contained is not None:
+        return contained
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"Source {path} does not exist.")
+    items: Sequence[SourceItem]
     if path.is_dir():
         items = read_folder(path)
     elif path.suffix.lower() in MANIFEST_SUFFIXES:
@@ -76,8 +101,13 @@ def read_source(
 def read_folder(root: Path) -> list[SourceItem]:
     """Every image below `root`, sorted by relative path; captions from same-name `.txt` files."""
     root = root.resolve()
+    exts = image_extensions()
     files = sorted(
-        (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+        (
+            p
+            for p in root.rglob("*")
+            if p.suffix.lower() in exts and not is_hidden(p.relative_to(root).parts) and p.is_file()
+        ),
         key=lambda p: p.relative_to(root).as_posix(),
     )
     items = []
@@ -90,8 +120,23 @@ def read_folder(root: Path) -> list[SourceItem]:
 
 def read_source_manifest(
     path: Path, *, image_column: str | None = None, caption_column: str | None = None
-) -> list[SourceItem]:
-    """Rows of a manifest; rows naming the same image merge, keeping every caption in order."""
+) -> Sequence[SourceItem]:
+    """Rows of a manifest; rows naming the same image merge, keeping every caption in order.
+
+    CSV/TSV/Parquet stream into Arrow columns (manifests.py); JSONL is read line by line.
+    """
+    kind = MANIFEST_SUFFIXES[path.suffix.lower()]
+    if kind != "jsonl":
+        from retriever.data.manifests import read_manifest_streaming
+
+        return read_manifest_streaming(
+            path,
+            kind,
+            lambda cols, wanted: _pick_column(cols, wanted, IMAGE_COLUMN_GUESSES, "image", path),
+            lambda cols, wanted: _pick_column(cols, wanted, CAPTION_COLUMN_GUESSES, "caption", path, required=False),
+            image_column,
+            caption_column,
+        )
     rows = _read_rows(path)
     if not rows:
         return []
@@ -101,17 +146,19 @@ def read_source_manifest(
     cap_col = _pick_column(columns, caption_column, CAPTION_COLUMN_GUESSES, "caption", path, required=False)
     base = path.resolve().parent
     by_path: dict[str, list[str]] = {}
+    metadata: dict[str, dict[str, Any]] = {}
     for row in rows:
         raw = row.get(img_col)
         if raw is None or str(raw).strip() == "":
             continue
         p = Path(str(raw).strip()).expanduser()
         key = str(p if p.is_absolute() else (base / p).resolve())
+        metadata.setdefault(key, {k: v for k, v in row.items() if k not in (img_col, cap_col)})
         caps = by_path.setdefault(key, [])
         for c in _captions_of(row.get(cap_col) if cap_col else None):
             if c not in caps:
                 caps.append(c)
-    return [SourceItem(i, p, tuple(c)) for i, (p, c) in enumerate(by_path.items())]
+    return [SourceItem(i, p, tuple(c), metadata[p]) for i, (p, c) in enumerate(by_path.items())]
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from retriever.indexes.choose import FLAT_MAX, IndexSpec, choose_index
 from retriever.indexes.manifest import MANIFEST, MODALITIES, IndexManifest, ModalityIndex
 from retriever.indexes.rerank import OWN_PARAMS, VectorStore, VectorWriter, search_index
 from retriever.indexes.settings import configure_faiss
+from retriever.parts import missing_parts
 from retriever.shards import ShardSet
 
 ROWS_SCHEMA = pa.schema([("id", pa.int64()), ("path", pa.string()), ("caption", pa.string())])
@@ -93,6 +94,7 @@ def build_index(
     cfg = config or BuildConfig()
     cfg.validate()
     ss = shards if isinstance(shards, ShardSet) else ShardSet(shards)
+    missing_parts(ss.folder)
     out = Path(out_dir).expanduser()
     specs = {m: plan_index(ss.count(m), ss.dim, cfg) for m in modalities if ss.count(m)}
     if not specs:

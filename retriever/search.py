@@ -107,6 +107,11 @@ class Retriever:
                 )
         return self._query_encoder
 
+    @query_encoder.setter
+    def query_encoder(self, encoder) -> None:
+        """Use an encoder already opened for the same model (a server shares one between indexes)."""
+        self._query_encoder = encoder
+
     def search(
         self,
         text: str | None = None,

@@ -99,6 +99,7 @@ def embed_items(
     wait: bool = False,
     on_message: Callable[[str], None] | None = None,
     skipped: Sequence[dict] = (),
+    onnx=None,
 ) -> EmbedResult:
     """Embed every item into shards under `out_dir`, resuming whatever a previous run finished.
 
@@ -117,6 +118,8 @@ def embed_items(
         skipped: entries the source reader left out ({"path", "reason"}: a bad tar, a key without
             an image, a caption that is not text; see `SourceList.skipped`); they are listed in the
             errors file with the images that failed to decode.
+        onnx: an OnnxEncoder (retriever.onnx.runtime) of the same model to run the forward passes
+            on onnxruntime; decoding and preprocessing stay the torch path's, so shards are interchangeable.
 
     Returns:
         An `EmbedResult`; undecodable images are skipped and listed in `out_dir/_errors.jsonl`
@@ -124,6 +127,8 @@ def embed_items(
     """
     cfg = config or EmbedConfig()
     cfg.validate()
+    if onnx is not None:
+        encoder.identity.check_same(onnx.identity, f"The ONNX export in {onnx.folder}")
     if not items:
         raise UserError("Nothing to embed: the source is empty.")
     out = Path(out_dir).expanduser()
@@ -141,11 +146,11 @@ def embed_items(
     out.mkdir(parents=True, exist_ok=True)
     lock_tag = parts.tag(cfg.part, cfg.num_parts)  # "" for a one-process run: the folder's lock
     with folder_lock(out, inside=True, tag=lock_tag, wait=wait, on_wait=on_message, what="embedding into"):
-        return _embed_locked(items, encoder, out, cfg, schema, job, progress, on_message, skipped)
+        return _embed_locked(items, encoder, out, cfg, schema, job, progress, on_message, skipped, onnx)
 
 
 def _embed_locked(
-    items, encoder, out: Path, cfg: EmbedConfig, schema, job, progress, on_message, skipped
+    items, encoder, out: Path, cfg: EmbedConfig, schema, job, progress, on_message, skipped, onnx
 ) -> EmbedResult:
     if cfg.num_parts > 1:
         job.update(num_parts=cfg.num_parts, part=cfg.part)
@@ -180,7 +185,11 @@ def _embed_locked(
                 it = chunk[pos]
                 shard_errors.append(skipped_entry(it.path, reason, id=it.index, shard=k))
             if batch.pixels is not None:
-                vecs.append(encode_image_tensors(encoder, batch.pixels))
+                vecs.append(
+                    encode_image_tensors(encoder, batch.pixels)
+                    if onnx is None
+                    else onnx.encode_pixels(batch.pixels.numpy())
+                )
                 for pos in batch.indices:
                     ids.append(chunk[pos].index)
                     paths.append(chunk[pos].path)
@@ -193,7 +202,11 @@ def _embed_locked(
         txt = np.zeros_like(img)
         if has_text.any():
             texts = [c for c in captions if c is not None]
-            txt[has_text] = encode_texts(encoder, texts, cfg.text_batch_size)
+            txt[has_text] = (
+                encode_texts(encoder, texts, cfg.text_batch_size)
+                if onnx is None
+                else onnx.encode_texts(texts, cfg.text_batch_size)
+            )
             truncated += count_truncated(encoder.tokenizer, texts)
         # Errors first: if we die between the two writes, the rerun redoes this shard and rewrites them.
         errors.extend(shard_errors)

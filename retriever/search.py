@@ -42,9 +42,11 @@ class SearchResult:
 class Retriever:
     """An opened index folder plus the model its vectors came from.
 
-    The model is loaded lazily, on the first query that needs encoding, from the identity in the
-    manifest; pass `model=` to reuse one already loaded. A model whose weights differ from the
-    index's is refused: its vectors would not be comparable.
+    The query encoder is opened lazily, on the first query that needs encoding: an ONNX export of
+    the index's model when one matches (INDEX/onnx/, the model folder's onnx/, the export cache),
+    which needs no torch, else the torch model loaded from the identity in the manifest (`backend=`
+    "auto", "onnx" or "torch"); pass `model=` to reuse one already loaded. A model whose weights
+    differ from the index's is refused: its vectors would not be comparable.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class Retriever:
         *,
         device: str | None = None,
         use_gpu: bool | None = None,
+        backend: str = "auto",
     ):
         configure_faiss()
         self.index_dir = Path(index_dir).expanduser()
@@ -64,6 +67,8 @@ class Retriever:
         self._model = model
         self._device = device
         self._use_gpu = use_gpu
+        self._backend = backend
+        self._query_encoder = None
         self._indexes: dict[str, faiss.Index] = {}
         self._rows: dict[str, tuple[list[pa.RecordBatch], np.ndarray]] = {}
         self._stores: dict[str, VectorStore | None] = {}
@@ -87,6 +92,27 @@ class Retriever:
             self._model = encoder
         return self._model
 
+    @property
+    def query_encoder(self):
+        """What encodes queries: the index's ONNX export when a usable one exists (no torch import),
+        else the torch model; the one place a Retriever obtains its query encoder (retriever.onnx.choose).
+        A model passed in is used as is unless backend="onnx"."""
+        if self._query_encoder is None:
+            from retriever.onnx.choose import QueryEncoder, open_query_encoder
+
+            if self._model is not None and self._backend != "onnx":
+                self._query_encoder = QueryEncoder(None, lambda: self.model)
+            else:
+                self._query_encoder = open_query_encoder(
+                    self.index_dir, self.identity, lambda: self.model, self._backend
+                )
+        return self._query_encoder
+
+    @query_encoder.setter
+    def query_encoder(self, encoder) -> None:
+        """Use an encoder already opened for the same model (a server shares one between indexes)."""
+        self._query_encoder = encoder
+
     def search(
         self,
         text: str | None = None,
@@ -97,20 +123,18 @@ class Retriever:
         """Top-k rows of the `modality` index ("image" or "text") for one text or image query."""
         if (text is None) == (image is None):
             raise UserError("Give exactly one query: a text or an image.")
-        from retriever.models.encode import encode_images, encode_texts
-
         if image is not None:
             from PIL import Image
 
             try:
-                q = encode_images(self.model, [image])
+                q = self.query_encoder.encode_images([image])
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 raise UserError(f"Could not read the query image: {e}") from None
         else:
             assert text is not None  # exactly one of text/image, checked above
             if not text.strip():
                 raise UserError("The text query is empty; give some words to search for.")
-            q = encode_texts(self.model, [text])
+            q = self.query_encoder.encode_texts([text])
         return self.search_vectors(q, k, modality)[0]
 
     def search_vectors(self, queries: np.ndarray, k: int = 10, modality: str = "image") -> list[list[SearchResult]]:
@@ -195,14 +219,12 @@ class Retriever:
         groups, first = np.unique(which[order], return_index=True)
         bounds = [*first.tolist(), len(order)]
         parts = [
-            batches[b].take(pa.array(rows[order[lo:hi]] - starts[b], pa.int64()))
+            batches[b].take(_int64_array(rows[order[lo:hi]] - starts[b]))
             for b, lo, hi in zip(groups.tolist(), bounds, bounds[1:])
         ]
         if not parts:
             return [], [], []
-        table = (
-            pa.Table.from_batches(parts).combine_chunks().take(pa.array(np.argsort(order, kind="stable"), pa.int64()))
-        )
+        table = pa.Table.from_batches(parts).combine_chunks().take(_int64_array(np.argsort(order, kind="stable")))
         return table.column("id").to_pylist(), table.column("path").to_pylist(), table.column("caption").to_pylist()
 
     def _rows_batches(self, modality: str) -> tuple[list[pa.RecordBatch], np.ndarray]:
@@ -216,6 +238,13 @@ class Retriever:
         return self._rows[modality]
 
 
+def _int64_array(a: np.ndarray) -> pa.Array:
+    """A zero-copy Arrow view of int64 numbers. Not pa.array(numpy): that imports pandas (0.3-0.7 s of
+    a cold query) to check whether its argument is a pandas object."""
+    a = np.ascontiguousarray(a, np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(a), [None, pa.py_buffer(a)])
+
+
 def _ranks(keep: np.ndarray) -> list[int]:
     """1-based rank of each kept hit, row by row (hits of a row are kept in rank order)."""
     return (np.cumsum(keep, axis=1)[keep]).tolist()
@@ -223,6 +252,4 @@ def _ranks(keep: np.ndarray) -> list[int]:
 
 def search_many(retriever: Retriever, texts: Sequence[str], k: int = 10, modality: str = "image"):
     """Batch text search: one encoder pass, one faiss call."""
-    from retriever.models.encode import encode_texts
-
-    return retriever.search_vectors(encode_texts(retriever.model, list(texts)), k, modality)
+    return retriever.search_vectors(retriever.query_encoder.encode_texts(list(texts)), k, modality)

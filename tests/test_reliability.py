@@ -103,6 +103,13 @@ def test_index_out_replaces_an_index_and_an_empty_folder(shards, index, tmp_path
     assert (tmp_path / "trap" / "holiday.jpg").exists()
 
 
+def test_index_out_replaces_an_index_holding_its_onnx_export(shards, index):
+    (index / "onnx").mkdir(exist_ok=True)  # what `index --onnx` (the default) adds to an index
+    (index / "onnx" / "x.onnx").write_bytes(b"x")
+    run("index", shards / "all", "--out", index, "--no-onnx")
+    assert (index / "manifest.json").is_file() and not (index / "onnx").exists()
+
+
 def test_embed_out_refuses_a_folder_of_other_files(emoji_folder, tmp_path):
     user = tmp_path / "docs"
     user.mkdir()

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from retriever.cli import demo, embed, evaluate, export, import_, index, info, search, train
+from retriever.cli import demo, embed, evaluate, export, export_onnx, import_, index, info, search, serve, train
 from retriever.cli.common import quiet_library_logs
 
 app = typer.Typer(
@@ -37,6 +37,8 @@ app.command(name="eval")(evaluate.eval_cmd)
 app.command(name="demo")(demo.demo)
 app.command(name="import")(import_.import_cmd)
 app.command(name="export")(export.export)
+app.command(name="export-onnx")(export_onnx.export_onnx)
+app.command(name="serve")(serve.serve)
 
 
 def main() -> None:  # pragma: no cover - console-script entry

@@ -59,6 +59,11 @@ def embed(
     ),
     part: int = typer.Option(0, "--part", help="Which part (0-based) this run writes; under torchrun: the rank."),
     as_json: bool = JsonOpt,
+    backend: str = typer.Option(
+        "auto",
+        "--backend",
+        help="Forward passes on onnx (onnxruntime, CPU fp32), torch, or auto (the faster, measured on one batch).",
+    ),
 ):
     """Embed a collection into Parquet shards (resumes an interrupted run)."""
     from retriever.data.images import DEFAULT_MAX_PIXELS
@@ -79,6 +84,12 @@ def embed(
         num_parts=num_parts,
         part=part,
     )
+    from retriever.onnx.backend import choose_embed_backend
+
+    with err.status("Choosing the embedding backend…"):
+        onnx, why = choose_embed_backend(encoder, backend, batch_size, len(items))
+    if why:
+        err.print(why, highlight=False)
     with progress_bar() as bar:
         task = bar.add_task("Embedding", total=None)
         result = embed_items(
@@ -90,6 +101,7 @@ def embed(
             wait=wait,
             on_message=note,
             skipped=getattr(items, "skipped", ()),
+            onnx=onnx,
         )
     from retriever.embed_parallel import finish_parts
 

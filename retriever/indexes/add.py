@@ -133,6 +133,8 @@ def _add_locked(index_dir: Path, new_shards, renumber: bool, batch_size: int, pr
         )
         manifest.shards["rows"] = int(manifest.shards.get("rows", 0)) + ss.num_rows
         write_json_atomic(tmp / MANIFEST, manifest.to_dict())
+        if (index_dir / "onnx").is_dir():  # the model's ONNX export (retriever.onnx): same model, still valid
+            shutil.copytree(index_dir / "onnx", tmp / "onnx", copy_function=lambda s, d: _link(Path(s), Path(d)))
     return manifest
 
 

@@ -92,7 +92,7 @@ def read_index_manifest(index_dir: str | Path) -> IndexManifest:
 # Names an index folder holds (see the module docstring); anything else means the folder is not ours.
 _INDEX_FILE = re.compile(
     r"^(manifest\.json|[a-z]+(\.trained)?\.faiss|[a-z]+\.rows\.arrow|[a-z]+\.ivfdata"
-    r"|[a-z]+\.vectors(\.\d+)?\.npy|\.block-\d+\.faiss|\..*\.tmp)$"
+    r"|[a-z]+\.vectors(\.\d+)?\.npy|\.block-\d+\.faiss|\..*\.tmp|onnx)$"  # onnx/: the model's export (retriever.onnx)
 )
 
 

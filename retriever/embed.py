@@ -26,7 +26,16 @@ from retriever.data.sources import SourceItem
 from retriever.errors import UserError
 from retriever.models.encode import encode_image_tensors, encode_texts
 from retriever.models.load import LoadedModel
-from retriever.shards import ERRORS_FILE, SHARD_GLOB, shard_name, shard_number, shard_schema, write_shard
+from retriever.shards import (
+    ERRORS_FILE,
+    SHARD_GLOB,
+    metadata_fields,
+    metadata_key,
+    shard_name,
+    shard_number,
+    shard_schema,
+    write_shard,
+)
 
 JOB_FILE = "_embed_job.json"
 
@@ -73,7 +82,8 @@ def embed_items(
     if not items:
         raise UserError("Nothing to embed: the source is empty.")
     out = Path(out_dir).expanduser()
-    schema = shard_schema(encoder.identity, cfg.dtype)
+    fields = metadata_fields(it.metadata for it in items)
+    schema = shard_schema(encoder.identity, cfg.dtype, fields)
     job = {
         "retriever_version": __version__,
         "source_sha256": _source_digest(items),
@@ -82,6 +92,8 @@ def embed_items(
         "dtype": cfg.dtype,
         "model": encoder.identity.to_dict(),
     }
+    if fields:  # absent without metadata, so folders embedded before metadata columns still resume
+        job["metadata_columns"] = {f.name: str(f.type) for f in fields}
     _prepare_out_dir(out, job, cfg.overwrite)
 
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
@@ -94,7 +106,7 @@ def embed_items(
     n_seen = 0
     for k, batches in _decoded_shards(items, todo, encoder, cfg):
         chunk = _shard_items(items, k, cfg.shard_size)
-        ids, paths, captions, vecs, shard_errors = [], [], [], [], []
+        ids, paths, captions, vecs, shard_errors, metas = [], [], [], [], [], []
         for batch in batches:
             for pos, reason in batch.errors:
                 it = chunk[pos]
@@ -105,6 +117,7 @@ def embed_items(
                     ids.append(chunk[pos].index)
                     paths.append(chunk[pos].path)
                     captions.append(chunk[pos].caption)
+                    metas.append({metadata_key(key): v for key, v in chunk[pos].metadata.items()})
             n_seen += len(batch.indices) + len(batch.errors)
             if progress:
                 progress(n_seen, n_todo)
@@ -116,7 +129,7 @@ def embed_items(
         # Errors first: if we die between the two writes, the rerun redoes this shard and rewrites them.
         errors.extend(shard_errors)
         _write_errors(out, errors)
-        write_shard(out / shard_name(k), schema, ids, paths, captions, img, txt, has_text)
+        write_shard(out / shard_name(k), schema, ids, paths, captions, img, txt, has_text, metas)
 
     seconds = time.perf_counter() - t0
     rows = _count_rows(out)

@@ -44,9 +44,12 @@ def test_manifest_records_model_counts_and_rows(index_dir, shards, tiny_model):
 def test_image_to_image_finds_itself_with_score_one(index_dir, tiny_model, emoji_folder):
     r = Retriever(index_dir, tiny_model)
     for item in read_source(emoji_folder)[::9]:
-        hit = r.search(image=item.path, k=3)[0]
+        hit = r.search(image=item.path, k=3, keep_query=True)[0]
         assert hit.id == item.index and hit.path == item.path
         assert hit.score == pytest.approx(1.0, abs=1e-4)
+        left_out = r.search(image=item.path, k=3)  # by default a query image is not its own hit
+        assert item.index not in [h.id for h in left_out] and len(left_out) == 3
+        assert left_out.report.excluded_query_items == 1
 
 
 def test_caption_text_search_finds_its_row_first_in_text_index(index_dir, tiny_model, emoji_folder):
@@ -66,7 +69,7 @@ def test_image_to_text_and_k_larger_than_index(index_dir, tiny_model, emoji_fold
 def test_retriever_loads_the_model_named_in_the_manifest(index_dir, emoji_folder):
     r = Retriever(index_dir)  # no model given: rebuilt from the manifest's identity
     item = read_source(emoji_folder)[5]
-    assert r.search(image=item.path, k=1)[0].id == item.index
+    assert r.search(image=item.path, k=1, keep_query=True)[0].id == item.index
 
 
 def test_mismatched_model_is_refused(index_dir, tmp_path):

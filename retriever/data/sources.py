@@ -7,6 +7,7 @@ the row's `id`, which is what makes ids stable when an interrupted `embed` resum
 from __future__ import annotations
 
 import csv
+import datetime as _dt
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -66,8 +67,20 @@ def read_folder(root: Path) -> list[SourceItem]:
     for i, p in enumerate(files):
         txt = p.with_suffix(".txt")
         caption = _clean(txt.read_text(encoding="utf-8", errors="replace")) if txt.is_file() else None
-        items.append(SourceItem(i, str(p), (caption,) if caption else ()))
+        items.append(SourceItem(i, str(p), (caption,) if caption else (), file_facts(root, p)))
     return items
+
+
+def file_facts(root: Path, p: Path) -> dict[str, Any]:
+    """The metadata columns of a folder's image: its folder relative to the root ("" at the top),
+    size in bytes and modification time (UTC)."""
+    st = p.stat()
+    rel = p.relative_to(root).parent.as_posix()
+    return {
+        "dir": "" if rel == "." else rel,
+        "bytes": st.st_size,
+        "mtime": _dt.datetime.fromtimestamp(st.st_mtime, _dt.timezone.utc).replace(microsecond=0),
+    }
 
 
 def read_manifest(
@@ -82,6 +95,10 @@ def read_manifest(
     cap_col = _pick_column(columns, caption_column, CAPTION_COLUMN_GUESSES, "caption", path, required=False)
     base = path.resolve().parent
     by_path: dict[str, list[str]] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    extra = [c for c in columns if c not in (img_col, cap_col)]
+    if MANIFEST_SUFFIXES[path.suffix.lower()] in ("csv", "tsv"):
+        rows = _typed(rows, extra)
     for row in rows:
         raw = row.get(img_col)
         if raw is None or str(raw).strip() == "":
@@ -89,10 +106,11 @@ def read_manifest(
         p = Path(str(raw).strip()).expanduser()
         key = str(p if p.is_absolute() else (base / p).resolve())
         caps = by_path.setdefault(key, [])
+        meta.setdefault(key, {c: row.get(c) for c in extra})  # rows naming one image: the first row's values
         for c in _captions_of(row.get(cap_col) if cap_col else None):
             if c not in caps:
                 caps.append(c)
-    return [SourceItem(i, p, tuple(c)) for i, (p, c) in enumerate(by_path.items())]
+    return [SourceItem(i, p, tuple(c), meta[p]) for i, (p, c) in enumerate(by_path.items())]
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -108,6 +126,32 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
             return list(csv.DictReader(f, delimiter="\t" if kind == "tsv" else ","))
     except (OSError, ValueError) as e:
         raise UserError(f"Could not read manifest {path}: {e}") from e
+
+
+def _typed(rows: list[dict[str, Any]], columns: list[str]) -> list[dict[str, Any]]:
+    """CSV cells are text; give each column the narrowest type all its non-empty cells fit
+    (integer, number, true/false), empty cells becoming nulls, so metadata filters compare numbers."""
+    for col in columns:
+        cells = [r.get(col) for r in rows]
+        filled = [c.strip() for c in cells if isinstance(c, str) and c.strip()]
+        for convert in (int, float, _boolean):
+            try:
+                converted = {c: convert(c) for c in set(filled)}
+            except ValueError:
+                continue
+            if filled:
+                for r in rows:
+                    v = r.get(col)
+                    r[col] = converted[v.strip()] if isinstance(v, str) and v.strip() else None
+            break
+    return rows
+
+
+def _boolean(text: str) -> bool:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    raise ValueError(text)
 
 
 def _pick_column(columns, wanted, guesses, what, path, required=True) -> str | None:

@@ -64,6 +64,14 @@ class Hits(list):
         return d
 
 
+class QueryError(UserError):
+    """A UserError about one query of a batch; `position` is its 0-based place in the batch."""
+
+    def __init__(self, position: int, error: UserError):
+        super().__init__(str(error))
+        self.position = position
+
+
 # Called with (queries_done, total).
 BatchProgress = Callable[[int, int], None]
 MASK_CACHE = 8  # filters remembered per Retriever (a batch usually repeats one)
@@ -191,12 +199,17 @@ class Retriever:
         queries: `Query` values, plain texts, or JSONL-style dicts (see `Query.from_dict`);
         defaults: options for texts and dicts that do not set them (k, modality, where, …).
         """
-        qs = [_as_query(q, defaults) for q in queries]
+        qs = []
+        for i, q in enumerate(queries):
+            try:
+                qs.append(_as_query(q, defaults))
+            except UserError as e:
+                raise QueryError(i, e) from None
         out: list[Hits | None] = [None] * len(qs)
         done = 0
         for lo in range(0, len(qs), batch_size):
             chunk = qs[lo : lo + batch_size]
-            vecs, own_rows = self._query_vectors(chunk)
+            vecs, own_rows = self._query_vectors(chunk, first=lo)
             groups: dict[tuple, list[int]] = {}
             for i, q in enumerate(chunk):
                 groups.setdefault((q.modality, q.k, q.where, q.min_score, q.dedup), []).append(i)
@@ -270,12 +283,17 @@ class Retriever:
         return self._masks[key]
 
     # --- Internals --------------------------------------------------------------------------------
-    def _query_vectors(self, queries: Sequence[Query]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _query_vectors(self, queries: Sequence[Query], first: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
         """One unit vector per query, and the rows of each query's own images/items (to leave out)."""
         texts = sorted({t.value for q in queries for t in q.terms if t.kind == "text"})
         text_vec = dict(zip(texts, self.encode_texts(texts))) if texts else {}
-        images = [t.value for q in queries for t in q.terms if t.kind == "image"]
-        image_vec = self._encode_image_terms(images)
+        for qi, q in enumerate(queries):
+            for t in q.terms:
+                if t.kind == "image" and isinstance(t.value, (str, Path)) and not Path(t.value).expanduser().is_file():
+                    err = UserError(f"The query image {t.value} does not exist (text terms go in --and / --not).")
+                    raise QueryError(first + qi, err)
+        images = [(qi, t.value) for qi, q in enumerate(queries) for t in q.terms if t.kind == "image"]
+        image_vec = self._encode_image_terms(images, first)
         out = np.zeros((len(queries), self._dim()), np.float32)
         own: list[np.ndarray] = []
         img_i = 0
@@ -291,26 +309,35 @@ class Retriever:
                     if q.modality == "image" and isinstance(t.value, (str, Path)):
                         own_rows.append(oi.rows.rows_where("path", [str(Path(t.value).expanduser().resolve())]))
                 else:
-                    v, rows = self._item_vector(int(t.value), q.modality)
+                    try:
+                        v, rows = self._item_vector(int(t.value), q.modality)
+                    except UserError as e:
+                        raise QueryError(first + qi, e) from None
                     own_rows.append(rows)
                 out[qi] += (-t.weight if t.negative else t.weight) * v
             norm = float(np.linalg.norm(out[qi]))
             if not np.isfinite(norm) or norm < 1e-6:
-                raise UserError("The query's terms cancel out (their weighted sum is zero); change a weight or a term.")
+                err = UserError("The query's terms cancel out (their weighted sum is zero); change a weight or a term.")
+                raise QueryError(first + qi, err)
             out[qi] /= norm
             own.append(np.zeros(0, np.int64) if q.keep_query or not own_rows else np.unique(np.concatenate(own_rows)))
         return out, own
 
-    def _encode_image_terms(self, images: list) -> np.ndarray:
+    def _encode_image_terms(self, images: list[tuple[int, Any]], first: int) -> np.ndarray:
+        """Vectors of (query position, image) pairs; an unreadable image is named with its query."""
         if not images:
             return np.zeros((0, self._dim()), np.float32)
-        for img in images:
-            if isinstance(img, (str, Path)) and not Path(img).expanduser().is_file():
-                raise UserError(f"The query image {img} does not exist (write text terms with --and / --not).")
+        values = [Path(i).expanduser() if isinstance(i, str) else i for _, i in images]
         try:
-            return self.encode_images([Path(i).expanduser() if isinstance(i, str) else i for i in images])
-        except (OSError, ValueError) as e:
-            raise UserError(f"Could not read a query image: {e}") from e
+            return self.encode_images(values)
+        except (OSError, ValueError):
+            for (qi, raw), value in zip(images, values):  # find the culprit
+                try:
+                    self.encode_images([value])
+                except (OSError, ValueError) as e:
+                    msg = f"The query image {raw} is not a readable image ({e})."
+                    raise QueryError(first + qi, UserError(msg)) from None
+            raise
 
     def _item_vector(self, item_id: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
         """The stored vector of indexed item `item_id` (from the searched modality, else the image

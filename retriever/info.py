@@ -8,6 +8,7 @@ from typing import Any
 
 from retriever.errors import UserError
 from retriever.indexes.manifest import MANIFEST, read_manifest
+from retriever.indexes.rows import file_schema
 from retriever.shards import ERRORS_FILE, ShardSet
 
 
@@ -18,7 +19,10 @@ def describe(path: str | Path) -> dict[str, Any]:
     if (p / MANIFEST).is_file():
         m = read_manifest(p)
         size = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
-        return {"kind": "index", "path": str(p.resolve()), "bytes": size, **m.to_dict()}
+        d = {"kind": "index", "path": str(p.resolve()), "bytes": size, **m.to_dict()}
+        for name, entry in m.indexes.items():  # what --where can filter on and hits carry
+            d["indexes"][name]["columns"] = {f.name: str(f.type) for f in file_schema(p / entry.rows_file)}
+        return d
     ss = ShardSet(p)
     errors = p / ERRORS_FILE
     n_errors = sum(1 for line in errors.read_text().splitlines() if line.strip()) if errors.is_file() else 0
@@ -31,6 +35,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "bytes": sum(s.path.stat().st_size for s in ss.shards),
         "skipped_images": n_errors,
         "errors_file": str(errors) if n_errors else None,
+        "metadata_columns": {f.name: str(f.type) for f in ss.metadata_fields},
         **{k: v for k, v in ss.meta.items()},
     }
 

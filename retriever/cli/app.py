@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from retriever.cli import demo, embed, evaluate, index, info, search, train
+from retriever.cli import dedup, demo, embed, evaluate, index, info, search, train
 
 # transformers' load reports and hub progress bars are noise on our console; users can override.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -27,6 +27,7 @@ app.command(name="info")(info.info)
 app.command(name="train")(train.train)
 app.command(name="eval")(evaluate.eval_cmd)
 app.command(name="demo")(demo.demo)
+app.command(name="dedup")(dedup.dedup)
 
 
 def main() -> None:  # pragma: no cover - console-script entry

@@ -165,8 +165,9 @@ class Retriever:
     ) -> Hits:
         """Top-k rows of the `modality` index ("image" or "text") for one query.
 
-        query: a `Query` (its own options apply), or a text; text / image: today's shortcuts for
-        a one-term query; where: SQL condition over the rows' columns; min_score: drop hits below
+        query: a `Query` (its own options apply), or a term written as on the command line
+        ("a dog", "2:snow", "id:7", "image:q.jpg"); text / image: a literal text / an image (path,
+        bytes or PIL image); where: SQL condition over the rows' columns; min_score: drop hits below
         this cosine; dedup: fold hits within this cosine of a better hit; keep_query: keep the
         query's own images/items in the results (left out by default).
         """
@@ -177,12 +178,11 @@ class Retriever:
         else:
             if query is not None and text is not None:
                 raise UserError("Give the text once: as the query or as text=.")
-            text = query if query is not None else text
-            if text is None and image is None:
+            if query is None and text is None and image is None:
                 raise UserError("Give a query: a text, an image or id:N.")
-            terms = ([Term("text", text)] if text is not None else []) + (
-                [Term("image", image)] if image is not None else []
-            )
+            terms = [Term.parse(query, "text")] if query is not None else []  # "2:snow", "id:7" are terms
+            terms += [Term("text", text)] if text is not None else []  # text= is always literal text
+            terms += [Term("image", image)] if image is not None else []
             q = Query(tuple(terms), modality, k, where, min_score, dedup, keep_query)
         return self.search_batch([q])[0]
 

@@ -86,9 +86,15 @@ def search(
             not_images=not_image,
             **options,
         )
+    _check_images(parsed if queries is not None else [(None, one)], queries)
     encoder = load_encoder(model, pretrained, device) if model else None
     with Retriever(index_dir, encoder, device=device) as r:
-        if encoder is None:
+        needs_model = (
+            any(t.kind != "id" for _, q in parsed for t in q.terms)
+            if queries
+            else any(t.kind != "id" for t in one.terms)
+        )
+        if encoder is None and needs_model:  # id:N terms use stored vectors: no model needed
             with err.status("Loading model…"):
                 r.model  # noqa: B018 (loads the model inside the spinner)
         if queries is not None:
@@ -159,6 +165,15 @@ def read_queries(path: Path, options: dict) -> list:
     if not parsed:
         raise UserError(f"Queries file {path} has no queries.")
     return list(zip(lines, parsed))
+
+
+def _check_images(parsed: list, queries: Path | None) -> None:
+    """Missing image files are named before any model is loaded."""
+    for n, q in parsed:
+        for t in q.terms:
+            if t.kind == "image" and not Path(str(t.value)).expanduser().is_file():
+                where = f"{queries} line {n}: " if n is not None else ""
+                raise UserError(f"{where}The query image {t.value} does not exist (text terms go in --and / --not).")
 
 
 def _check_out(out_file: Path | None) -> None:

@@ -144,6 +144,10 @@ def _typed(rows: list[dict[str, Any]], columns: list[str]) -> list[dict[str, Any
                     v = r.get(col)
                     r[col] = converted[v.strip()] if isinstance(v, str) and v.strip() else None
             break
+        else:  # text: an empty cell is a missing value
+            for r in rows:
+                if isinstance(r.get(col), str) and not r[col].strip():
+                    r[col] = None
     return rows
 
 

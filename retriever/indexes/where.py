@@ -59,6 +59,8 @@ def explain(e: Exception, where: str, rows: RowsFile) -> str:
     if missing:
         return f"The --where filter names column {missing.group(1)!r}, which this index does not have; its columns are {columns}."
     mentioned = [f for f in rows.schema if re.search(rf"\b{re.escape(f.name)}\b", where)]
+    if "Permission" in type(e).__name__:
+        return f"The --where filter {where!r} could not be evaluated: it may only read the index's rows."
     if "Parser" in type(e).__name__:
         return f"The --where filter {where!r} is not a valid SQL condition ({message.rstrip('.')})."
     if mentioned:

@@ -400,13 +400,23 @@ class Retriever:
                     finished.append(j)
             todo = np.delete(todo, finished)
             fetch = min(oi.ntotal, fetch * 2)
-        return [self._to_hits(modality, *res) for res in results]  # type: ignore[misc]
+        return self._to_hits(modality, results)  # type: ignore[arg-type]
 
-    def _to_hits(self, modality, scores, rows, absorbed, report) -> Hits:
-        hits = self.lookup(modality, rows, scores)
-        for h, a in zip(hits, absorbed.tolist()):
-            h.absorbed = a
-        return Hits(hits, report)
+    def _to_hits(self, modality: str, results: list[tuple[np.ndarray, np.ndarray, np.ndarray, QueryReport]]):
+        """Hits for every query from one `take` on the rows file (per-query takes cost more than
+        the search for fast indexes)."""
+        width = max((len(r) for _, r, _, _ in results), default=0)
+        rows = np.full((len(results), width), -1, np.int64)
+        scores = np.zeros((len(results), width), np.float32)
+        for i, (s, r, _, _) in enumerate(results):
+            rows[i, : len(r)] = r
+            scores[i, : len(s)] = s
+        out = []
+        for hits, (_, _, absorbed, report) in zip(self.lookup_many(modality, rows, scores), results):
+            for h, a in zip(hits, absorbed.tolist()):
+                h.absorbed = a
+            out.append(Hits(hits, report))
+        return out
 
     def _check_vectors(self, queries: np.ndarray, oi: OpenIndex) -> np.ndarray:
         q = np.ascontiguousarray(queries, dtype=np.float32)

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 import faiss
@@ -133,3 +134,16 @@ def test_index_and_vector_search_do_not_import_torch():
     code = "import sys, retriever.indexes, retriever.indexes.add, retriever.search, retriever.info; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_folder_facts_flow_from_source_through_shards_into_hits(index_dir, shards, tiny_model, emoji_folder):
+    from retriever.shards import ShardSet
+
+    item = read_source(emoji_folder)[4]
+    assert {f.name for f in ShardSet(shards).metadata_fields} == {"dir", "bytes", "mtime"}
+    with Retriever(index_dir, tiny_model) as r:
+        hit = r.search(image=item.path, k=1, keep_query=True)[0]
+        assert hit.metadata["dir"] == item.metadata["dir"] and hit.metadata["bytes"] == os.path.getsize(item.path)
+        assert hit.to_dict()["metadata"]["mtime"].endswith("+00:00")
+        only = r.search(image=item.path, k=5, where=f"dir = '{item.metadata['dir']}'")
+        assert len(only) == 5 and {h.metadata["dir"] for h in only} == {item.metadata["dir"]}

@@ -90,6 +90,19 @@ def check_weight(weight: Any, what: Any = "") -> None:
         raise UserError(f"The weight {weight!r} of query term {what!r} is not a number.")
 
 
+def check_options(modality: str, k: int, where: str | None, min_score: float | None, dedup: float | None) -> None:
+    """A query's options, each wrong one explained in a sentence."""
+    if modality not in MODALITIES:
+        raise UserError(f"Unknown modality {modality!r}; choose image or text.")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise UserError(f"k must be a whole number of at least 1, not {k!r}.")
+    for flag, v in (("--min-score", min_score), ("--dedup", dedup)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not -1 <= v <= 1):
+            raise UserError(f"{flag} must be a cosine similarity between -1 and 1, not {v!r}.")
+    if where is not None and (not isinstance(where, str) or not where.strip()):
+        raise UserError('The --where filter is empty; give a condition such as "year >= 2020".')
+
+
 @dataclass(frozen=True)
 class Query:
     """What `Retriever.search` answers: terms, where to look and how to trim the hits.
@@ -115,19 +128,7 @@ class Query:
             raise UserError("The query is empty; give a text, an image or id:N.")
         if all(t.negative for t in self.terms):
             raise UserError("The query has only negative terms; give at least one thing to search for.")
-        if self.modality not in MODALITIES:
-            raise UserError(f"Unknown modality {self.modality!r}; choose image or text.")
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise UserError(f"k must be a whole number of at least 1, not {self.k!r}.")
-        for name in ("min_score", "dedup"):
-            v = getattr(self, name)
-            if v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -1 <= v <= 1:
-                flag = "--min-score" if name == "min_score" else "--dedup"
-                raise UserError(f"{flag} must be a cosine similarity between -1 and 1, not {v!r}.")
-        if self.where is not None and not str(self.where).strip():
-            raise UserError('The --where filter is empty; give a condition such as "year >= 2020".')
+        check_options(self.modality, self.k, self.where, self.min_score, self.dedup)
 
     @classmethod
     def of(

@@ -20,7 +20,7 @@ from retriever.indexes.manifest import IndexManifest, ModalityIndex, read_manife
 from retriever.indexes.open import OpenIndex
 from retriever.indexes.rows import json_value
 from retriever.indexes.where import where_mask
-from retriever.query import Query, QueryReport, Term
+from retriever.query import Query, QueryReport, Term, check_options
 
 if TYPE_CHECKING:  # torch is imported only when a query has to be encoded
     from retriever.data.images import ImageInput
@@ -235,7 +235,7 @@ class Retriever:
     ) -> list[Hits]:
         """Top-k results for each row of `queries` (unit vectors from this index's model)."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        Query((Term("id", 0),), modality, k, where, min_score, dedup)  # validates the options
+        check_options(modality, k, where, min_score, dedup)
         return self._search_vectors(q, modality, k, where, min_score, dedup, [np.zeros(0, np.int64)] * len(q))
 
     def search_raw(self, queries: np.ndarray, k: int, modality: str) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ import numpy as np
 from retriever.errors import UserError
 from retriever.identity import ModelIdentity
 from retriever.indexes.manifest import IndexManifest, ModalityIndex, read_manifest
-from retriever.indexes.open import OpenIndex
+from retriever.indexes.open import OpenIndex, RowFilter
 from retriever.indexes.rows import json_value
 from retriever.indexes.where import where_mask
 from retriever.query import Query, QueryReport, Term, check_options
@@ -103,7 +103,7 @@ class Retriever:
         self._device = device
         self._use_gpu = use_gpu
         self._open: dict[str, OpenIndex] = {}
-        self._masks: dict[tuple[str, str], np.ndarray] = {}
+        self._masks: dict[tuple[str, str], RowFilter] = {}
 
     def __enter__(self) -> Retriever:
         return self
@@ -274,12 +274,16 @@ class Retriever:
         return {f.name: str(f.type) for f in self._index(modality).rows.schema}
 
     def filter_mask(self, modality: str, where: str) -> np.ndarray:
-        """Rows of the `modality` index matching `where` (cached: batches repeat filters)."""
+        """Boolean mask of the `modality` index's rows matching `where`."""
+        return self.row_filter(modality, where).mask
+
+    def row_filter(self, modality: str, where: str) -> RowFilter:
+        """The rows matching `where` (cached with their gathered vectors: batches repeat filters)."""
         key = (modality, where)
         if key not in self._masks:
             if len(self._masks) >= MASK_CACHE:
                 self._masks.pop(next(iter(self._masks)))
-            self._masks[key] = where_mask(self._index(modality).rows, where)
+            self._masks[key] = RowFilter(where_mask(self._index(modality).rows, where))
         return self._masks[key]
 
     # --- Internals --------------------------------------------------------------------------------
@@ -365,14 +369,14 @@ class Retriever:
     ) -> list[Hits]:
         oi = self._index(modality)
         q = self._check_vectors(q, oi)
-        mask = self.filter_mask(modality, where) if where else None
-        matching = int(mask.sum()) if mask is not None else None
+        flt = self.row_filter(modality, where) if where else None
+        matching = flt.matching if flt is not None else None
         results: list[tuple[np.ndarray, np.ndarray, np.ndarray, QueryReport] | None] = [None] * len(q)
         todo = np.arange(len(q))
         extra = max((len(r) for r in own_rows), default=0)
         fetch = (3 * k if dedup is not None else k) + extra
         while len(todo):
-            cand = oi.candidates(q[todo], fetch, mask)
+            cand = oi.candidates(q[todo], fetch, flt)
             exhausted = cand.exhausted or fetch >= oi.ntotal
             finished = []
             for j, qi in enumerate(todo.tolist()):

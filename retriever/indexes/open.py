@@ -37,6 +37,7 @@ PREFILTER_BELOW = 0.02
 GATHER_BELOW = 0.10
 GATHER_BYTES = 64 << 20
 OVERFETCH = 2.0  # post-filter asks for OVERFETCH·k/selectivity candidates, then doubles
+POSTFILTER_EFFORT_MAX = 4.0  # at most 4× the tuned nprobe / efSearch for post-filtering
 
 
 @dataclass
@@ -104,8 +105,10 @@ class OpenIndex:
     def d(self) -> int:
         return int(self.index.d)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return search_index(self.index, queries, k, self.entry.search_params, self.store)
+    def search(self, queries: np.ndarray, k: int, effort: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """Unfiltered search; `effort` > 1 scales nprobe / efSearch for this call only."""
+        params = more_effort(self.index, effort) if effort > 1 else None
+        return search_index(self.index, queries, k, self.entry.search_params, self.store, params)
 
     def candidates(self, queries: np.ndarray, k: int, flt: RowFilter | None = None) -> Candidates:
         """The k best rows per query, among the filter's rows if a filter is given.
@@ -175,8 +178,11 @@ class OpenIndex:
         out_r = np.full((nq, k), -1, np.int64)
         todo = np.arange(nq)
         fetch = min(self.ntotal, int(np.ceil(OVERFETCH * k * self.ntotal / matching)))
+        # The k best matches sit up to k/selectivity deep in the unfiltered ranking, where an
+        # approximate index's recall is lower than at k: search harder in proportion.
+        effort = min(POSTFILTER_EFFORT_MAX, self.ntotal / matching)
         while len(todo):
-            s, r = self.search(queries[todo], fetch)
+            s, r = self.search(queries[todo], fetch, effort)
             ok = (r >= 0) & mask[np.maximum(r, 0)]
             done = []
             for j, qi in enumerate(todo.tolist()):
@@ -229,4 +235,38 @@ def exact_storage(index: faiss.Index) -> faiss.IndexFlat | None:
     if isinstance(inner, faiss.IndexHNSW):
         storage = faiss.downcast_index(inner.storage)
         return storage if isinstance(storage, faiss.IndexFlat) else None
+    return None
+
+
+def more_effort(index: faiss.Index, factor: float) -> faiss.SearchParameters | None:
+    """Per-call faiss parameters with nprobe / efSearch `factor` times the index's current ones
+    (None where the index has neither, or lives on a GPU)."""
+    if gpu.device_name(index) == "gpu":
+        return None
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, (faiss.IndexRefine, faiss.IndexRefineFlat)):
+        base = more_effort(inner.base_index, factor)
+        if base is None:
+            return None
+        p = faiss.IndexRefineSearchParameters(k_factor=inner.k_factor, base_index_params=base)
+        p.base = base  # keep the Python object alive as long as p
+        return p
+    if isinstance(inner, faiss.IndexPreTransform):
+        sub = more_effort(inner.index, factor)
+        if sub is None:
+            return None
+        p = faiss.SearchParametersPreTransform(index_params=sub)
+        p.sub = sub
+        return p
+    if isinstance(inner, faiss.IndexIVF):
+        nprobe = min(inner.nlist, int(np.ceil(inner.nprobe * factor)))
+        quantizer = faiss.downcast_index(inner.quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW):
+            qp = faiss.SearchParametersHNSW(efSearch=max(quantizer.hnsw.efSearch, nprobe))
+            p = faiss.SearchParametersIVF(nprobe=nprobe, quantizer_params=qp)
+            p.qp = qp
+            return p
+        return faiss.SearchParametersIVF(nprobe=nprobe)
+    if isinstance(inner, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(efSearch=int(np.ceil(inner.hnsw.efSearch * factor)))
     return None

@@ -136,20 +136,26 @@ def rerank(store: VectorStore, queries: np.ndarray, candidates: np.ndarray, k: i
 
 
 def search_index(
-    index: faiss.Index, queries: np.ndarray, k: int, params: dict | None = None, store: VectorStore | None = None
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    params: dict | None = None,
+    store: VectorStore | None = None,
+    faiss_params: faiss.SearchParameters | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """faiss search, then exact re-ranking when the index keeps its vectors in a VectorStore."""
+    """faiss search (with per-call `faiss_params` if given), then exact re-ranking when the index
+    keeps its vectors in a VectorStore."""
     k = min(k, index.ntotal)
     factor = int((params or {}).get("rerank_k_factor", 0))
     if store is None or factor < 1:
-        return index.search(queries, k)
+        return index.search(queries, k, params=faiss_params) if faiss_params is not None else index.search(queries, k)
     kk = min(index.ntotal, k * max(1, factor))
     # Re-rank in chunks: the gathered candidates cost nq·kk·d·4 bytes.
     chunk = max(1, (64 << 20) // max(1, kk * store.d * 4))
     out_s, out_r = [], []
     for lo in range(0, len(queries), chunk):
         q = queries[lo : lo + chunk]
-        _, cand = index.search(q, kk)
+        _, cand = index.search(q, kk, params=faiss_params) if faiss_params is not None else index.search(q, kk)
         s, r = rerank(store, q, cand, k)
         out_s.append(s)
         out_r.append(r)

@@ -4,7 +4,7 @@ ID selector, post-filtered with adaptive over-fetch).
 
 Filtered search returns the k best matching rows whenever at least k match:
 
-- gathered pre-filter: when few rows match (< 10% and < 64 MiB of vectors), their vectors are
+- gathered pre-filter: when few rows match (≤ 20k, or < 2%, and < 64 MiB of vectors), their vectors are
   gathered once per filter into an exact flat index, searched at matches·d per query;
 - pre-filter: a faiss `IDSelectorBitmap` restricts an exhaustive scan to the matching rows, on the
   index's exact vectors where it has them (Flat, HNSW storage, RFlat refine index) or over every
@@ -32,9 +32,10 @@ from retriever.indexes.rows import RowsFile
 # over-fetching k/selectivity candidates from the approximate index (see benchmarks/RESULTS.md).
 PREFILTER_BELOW = 0.02
 # The matching rows' vectors are gathered once per filter into an exact flat index when they are
-# few (under GATHER_BELOW of the rows) and small (GATHER_BYTES): a query then costs matches·d,
-# not a pass over every row's selector bit (82 ms at 0.1% of 1M on IVF, against 2 ms unfiltered).
-GATHER_BELOW = 0.10
+# few (GATHER_ROWS, or any selective filter) and small (GATHER_BYTES): a query then costs
+# matches·d, not a pass over every row's selector bit (82 ms at 0.1% of 1M on IVF, against 2 ms
+# unfiltered). 50k gathered rows (5% of 1M) cost more than post-filtering (RESULTS.md).
+GATHER_ROWS = 20_000
 GATHER_BYTES = 64 << 20
 OVERFETCH = 2.0  # post-filter asks for OVERFETCH·k/selectivity candidates, then doubles
 POSTFILTER_EFFORT_MAX = 4.0  # at most 4× the tuned nprobe / efSearch for post-filtering
@@ -126,7 +127,8 @@ class OpenIndex:
             return Candidates(empty.astype(np.float32), empty.astype(np.int64), "prefilter", True)
         kk = min(k, matching)
         share = matching / self.ntotal
-        if share < GATHER_BELOW and matching * self.d * 4 <= GATHER_BYTES:
+        small = matching * self.d * 4 <= GATHER_BYTES
+        if small and (matching <= GATHER_ROWS or share < PREFILTER_BELOW):
             s, r = self.gathered(queries, kk, flt)
             return Candidates(s, r, "prefilter-gathered", k >= matching)
         if share < PREFILTER_BELOW or kind(self.index) == "flat":

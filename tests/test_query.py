@@ -351,3 +351,29 @@ def test_cli_malformed_queries_line_is_named(handmade, tmp_path):
     qfile.write_text('{"terms": [{"text": "dog", "weight": "heavy"}]}\n')
     res = run("search", handmade / "index", "--queries", qfile, code=1)
     assert "line 1" in res.output and "not a number" in res.output
+
+
+def test_added_rows_without_metadata_get_nulls(handmade, tmp_path):
+    import shutil
+
+    from retriever.indexes.add import add_to_index
+
+    idx = tmp_path / "index"
+    shutil.copytree(handmade / "index", idx)
+    schema = shard_schema(ModelIdentity("hand-made", None, "0" * 64, D))  # no metadata columns
+    v = np.stack([unit((6, 1)), unit((7, 1))])
+    write_shard(
+        tmp_path / "new" / shard_name(0),
+        schema,
+        [100, 101],
+        ["/img/a.jpg", "/img/b.jpg"],
+        [None, None],
+        v,
+        np.zeros_like(v),
+        np.zeros(2, bool),
+    )
+    add_to_index(idx, tmp_path / "new")
+    with Retriever(idx) as r:
+        hit = r.search_vectors(v[:1], 1)[0][0]
+        assert hit.id == 100 and hit.metadata == {"year": None, "camera": None, "mixed": None}
+        assert len(r.search("id:100", where="year IS NULL", k=5)) == 1  # 101 (100 is the query)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from retriever.cli.common import (
@@ -118,7 +119,7 @@ def _print_hits(hits, title: str) -> None:
         row = [str(x.rank), f"{x.score:.4f}", str(x.id), x.caption or "", x.path]
         row += [str(x.absorbed)] if show_absorbed else []
         row += ["" if x.metadata.get(c) is None else str(json_value(x.metadata.get(c))) for c in meta_cols]
-        table.add_row(*row)
+        table.add_row(*(escape(c) for c in row))  # captions and metadata may hold [brackets]
     out.print(table)
     rep = hits.report
     notes = []

@@ -1,11 +1,31 @@
 """retriever: contrastive cross-modal retrieval (fine-tune, embed to Parquet, index with FAISS, search).
 
 from retriever import load_model, read_source, embed_items, build_index, Retriever
+from retriever import train, TrainConfig, evaluate, add_to_index
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load on first use below
+    from retriever.data.images import load_image
+    from retriever.data.sources import SourceItem, read_source
+    from retriever.dedup import find_duplicates
+    from retriever.embed import EmbedConfig, EmbedResult, embed_items
+    from retriever.errors import ConfigError, UserError
+    from retriever.evaluation import EvalResult, evaluate
+    from retriever.identity import ModelIdentity
+    from retriever.indexes import BuildConfig, build_index
+    from retriever.indexes.add import add_to_index
+    from retriever.models.encode import encode_images, encode_texts
+    from retriever.models.load import LoadedModel, load_model
+    from retriever.query import Query, Term
+    from retriever.search import Hits, Retriever, SearchResult
+    from retriever.shards import ShardSet
+    from retriever.training.config import OptimConfig, TrainConfig
+    from retriever.training.loop import TrainResult, train
 
 __version__ = "0.1.0"
 
@@ -25,12 +45,55 @@ _EXPORTS = {
     "ShardSet": "shards",
     "build_index": "indexes",
     "BuildConfig": "indexes",
+    "add_to_index": "indexes.add",
     "Retriever": "search",
     "SearchResult": "search",
+    "Hits": "search",
+    "Query": "query",
+    "Term": "query",
+    "find_duplicates": "dedup",
     "UserError": "errors",
+    "ConfigError": "errors",
+    "evaluate": "evaluation",
+    "EvalResult": "evaluation",
+    "train": "training.loop",
+    "TrainConfig": "training.config",
+    "OptimConfig": "training.config",
+    "TrainResult": "training.loop",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [
+    "BuildConfig",
+    "ConfigError",
+    "EmbedConfig",
+    "EmbedResult",
+    "EvalResult",
+    "Hits",
+    "LoadedModel",
+    "ModelIdentity",
+    "OptimConfig",
+    "Query",
+    "Retriever",
+    "SearchResult",
+    "ShardSet",
+    "SourceItem",
+    "Term",
+    "TrainConfig",
+    "TrainResult",
+    "UserError",
+    "add_to_index",
+    "build_index",
+    "embed_items",
+    "encode_images",
+    "encode_texts",
+    "evaluate",
+    "find_duplicates",
+    "load_image",
+    "load_model",
+    "read_source",
+    "train",
+    "__version__",
+]
 
 
 def __getattr__(name: str):

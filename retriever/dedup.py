@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from retriever.atomic import atomic_path
 from retriever.errors import UserError
+from retriever.indexes.settings import configure_faiss
 from retriever.shards import ShardSet
 
 EXACT_MAX = 50_000  # below this, an exact flat index (4·d bytes a row) is small and fast enough
@@ -67,6 +68,7 @@ def find_duplicates(
         raise UserError(f"--threshold must be a cosine similarity between -1 and 1, not {threshold}.")
     if nprobe < 1:
         raise UserError("--nprobe must be at least 1.")
+    configure_faiss()
     t0 = time.perf_counter()
     ss = shards if isinstance(shards, ShardSet) else ShardSet(shards)
     n = ss.count(modality)

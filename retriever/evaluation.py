@@ -14,15 +14,18 @@ from retriever.errors import UserError
 from retriever.metrics import RetrievalMetrics, retrieval_metrics
 from retriever.models.encode import encode_image_tensors, encode_texts
 from retriever.models.load import LoadedModel
+from retriever.skipped import SkippedImages, skipped_entry
 
 
 @dataclass
 class EvalResult:
+    """Recall@1/5/10 and ranks both ways (`metrics`) and the images that could not be decoded."""
+
     metrics: RetrievalMetrics
-    skipped: list[str] = field(default_factory=list)  # images that could not be decoded
+    skipped: SkippedImages = field(default_factory=SkippedImages)  # images that could not be decoded
 
     def to_dict(self) -> dict:
-        return {**self.metrics.to_dict(), "skipped_images": self.skipped}
+        return {**self.metrics.to_dict(), "skipped_images": self.skipped.entries}
 
 
 @dataclass
@@ -32,7 +35,7 @@ class EvalSet:
     image_emb: np.ndarray
     text_emb: np.ndarray
     text_image: list[int]
-    skipped: list[str]
+    skipped: list[dict]  # skipped_entry(path, reason) per undecodable image
 
 
 def embed_eval_set(
@@ -48,9 +51,9 @@ def embed_eval_set(
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_decoded)
     keep: list[int] = []
     feats: list[np.ndarray] = []
-    skipped: list[str] = []
+    skipped: list[dict] = []
     for batch in loader:
-        skipped += [f"{items[i].path}: {reason}" for i, reason in batch.errors]
+        skipped += [skipped_entry(items[i].path, reason) for i, reason in batch.errors]
         if batch.pixels is not None:
             feats.append(encode_image_tensors(encoder, batch.pixels))
             keep += batch.indices
@@ -76,7 +79,14 @@ def evaluate(
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
-    """Recall@1/5/10 and ranks in both directions of `encoder` on `items`."""
+    """Recall@1/5/10 and ranks in both directions of `encoder` on `items`.
+
+    Args:
+        encoder: the model to evaluate (`load_model`).
+        items: image–caption pairs (`read_source`); every caption of an image counts as a match.
+        batch_size: images per forward pass; workers: image-decoding processes (0: in this one).
+        progress: called with (images done, images in all).
+    """
     es = embed_eval_set(encoder, items, batch_size=batch_size, workers=workers, progress=progress)
     metrics = retrieval_metrics(torch.from_numpy(es.image_emb), torch.from_numpy(es.text_emb), es.text_image)
-    return EvalResult(metrics, es.skipped)
+    return EvalResult(metrics, SkippedImages(es.skipped))

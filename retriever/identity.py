@@ -14,7 +14,14 @@ from retriever.errors import ModelMismatchError
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What produced a set of vectors. Stored with shards and indexes."""
+    """What produced a set of vectors. Stored with shards and indexes.
+
+    Attributes:
+        name: how to rebuild the architecture: hub name, `local-dir:PATH` or config-JSON path.
+        pretrained: tag, weights-file path, or None (local-dir / random init).
+        weights_sha256: content hash of the fp32 state dict: the real identity.
+        embed_dim: the vectors' dimension.
+    """
 
     name: str  # how to rebuild the architecture: hub name, `local-dir:PATH` or config-JSON path
     pretrained: str | None  # tag, weights-file path, or None (local-dir / random init)
@@ -28,7 +35,7 @@ class ModelIdentity:
     def from_dict(cls, d: dict[str, Any]) -> ModelIdentity:
         return cls(d["name"], d.get("pretrained"), d["weights_sha256"], int(d["embed_dim"]))
 
-    def describe(self) -> str:
+    def label(self) -> str:
         w = self.pretrained or ("its folder's weights" if self.name.startswith("local-dir:") else "random init")
         return f"{self.name} ({w}, sha256 {self.weights_sha256[:12]}, dim {self.embed_dim})"
 
@@ -36,6 +43,6 @@ class ModelIdentity:
         """Refuse to mix vectors of two different models."""
         if self.weights_sha256 != other.weights_sha256 or self.embed_dim != other.embed_dim:
             raise ModelMismatchError(
-                f"{what} was made with model {other.describe()}, "
-                f"but the model in use is {self.describe()}; use the same model for both."
+                f"{what} was made with model {other.label()}, "
+                f"but the model in use is {self.label()}; use the same model for both."
             )

@@ -1,4 +1,4 @@
-"""Describe a shard folder or an index folder (what `retriever info` prints)."""
+"""What a shard folder or an index folder holds (what `retriever info` prints): `folder_info(path)`."""
 
 from __future__ import annotations
 
@@ -7,25 +7,25 @@ from pathlib import Path
 from typing import Any
 
 from retriever.errors import UserError
-from retriever.indexes.manifest import MANIFEST, read_manifest
+from retriever.indexes.manifest import MANIFEST, read_index_manifest
 from retriever.indexes.rows import file_schema
-from retriever.shards import ERRORS_FILE, ShardSet
+from retriever.shards import ShardSet
+from retriever.skipped import ERRORS_FILE, read_skipped
 
 
-def describe(path: str | Path) -> dict[str, Any]:
+def folder_info(path: str | Path) -> dict[str, Any]:
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"{p} does not exist.")
     if (p / MANIFEST).is_file():
-        m = read_manifest(p)
+        m = read_index_manifest(p)
         size = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
         d = {"kind": "index", "path": str(p.resolve()), "bytes": size, **m.to_dict()}
         for name, entry in m.indexes.items():  # what --where can filter on and hits carry
             d["indexes"][name]["columns"] = {f.name: str(f.type) for f in file_schema(p / entry.rows_file)}
         return d
     ss = ShardSet(p)
-    errors = p / ERRORS_FILE
-    n_errors = sum(1 for line in errors.read_text().splitlines() if line.strip()) if errors.is_file() else 0
+    n_errors = len(read_skipped(p))
     return {
         "kind": "shards",
         "path": str(ss.folder),
@@ -34,7 +34,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "shards": len(ss.shards),
         "bytes": sum(s.path.stat().st_size for s in ss.shards),
         "skipped_images": n_errors,
-        "errors_file": str(errors) if n_errors else None,
+        "errors_file": str(p / ERRORS_FILE) if n_errors else None,
         "metadata_columns": {f.name: str(f.type) for f in ss.metadata_fields},
         **{k: v for k, v in ss.meta.items()},
     }

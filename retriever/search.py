@@ -16,9 +16,10 @@ import numpy as np
 
 from retriever.errors import UserError
 from retriever.identity import ModelIdentity
-from retriever.indexes.manifest import IndexManifest, ModalityIndex, read_manifest
+from retriever.indexes.manifest import IndexManifest, ModalityIndex, read_index_manifest
 from retriever.indexes.open import OpenIndex, RowFilter
 from retriever.indexes.rows import json_value
+from retriever.indexes.settings import configure_faiss
 from retriever.indexes.where import where_mask
 from retriever.query import Query, QueryReport, Term, check_options
 
@@ -29,6 +30,9 @@ if TYPE_CHECKING:  # torch is imported only when a query has to be encoded
 
 @dataclass(slots=True)
 class SearchResult:
+    """One hit: its rank (1 = best), row id, cosine score, image path, caption, metadata columns,
+    and how many near-duplicates it absorbed (--dedup)."""
+
     rank: int
     id: int
     score: float  # cosine similarity (inner product of unit vectors)
@@ -94,8 +98,9 @@ class Retriever:
         device: str | None = None,
         use_gpu: bool | None = None,
     ):
+        configure_faiss()
         self.index_dir = Path(index_dir).expanduser()
-        self.manifest: IndexManifest = read_manifest(self.index_dir)
+        self.manifest: IndexManifest = read_index_manifest(self.index_dir)
         self.identity = ModelIdentity.from_dict(self.manifest.model)
         if model is not None:
             model.identity.check_same(self.identity, f"Index {self.index_dir}")
@@ -133,7 +138,7 @@ class Retriever:
                 encoder = load_model(self.identity.name, self.identity.pretrained, device=self._device)
             except UserError as e:
                 raise UserError(
-                    f"Could not load the index's model {self.identity.describe()} ({e}); pass it with --model."
+                    f"Could not load the index's model {self.identity.label()} ({e}); pass it with --model."
                 ) from e
             encoder.identity.check_same(self.identity, f"Index {self.index_dir}")
             self._model = encoder

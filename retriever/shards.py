@@ -35,7 +35,6 @@ from retriever.identity import ModelIdentity
 
 METADATA_KEY = b"retriever"
 SHARD_GLOB = "part-*.parquet"
-ERRORS_FILE = "_errors.jsonl"  # images a run skipped (path, reason); `_` keeps Parquet readers off it
 _SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 EMBEDDING_COLUMNS = {"image": "image_embedding", "text": "text_embedding"}

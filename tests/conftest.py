@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -9,14 +10,47 @@ import pytest
 import torch
 
 ASSETS = Path(__file__).parent / "assets"
+# Tests take the `tiny` fixture below; this name stays importable only so that branches written
+# before the fixture existed still merge (do not import conftest in new tests).
 TINY_CONFIG = str(ASSETS / "tiny-clip.json")
 
 
-@pytest.fixture(scope="session")
-def tiny_model():
-    from retriever.models.load import load_model
+class TinyClip:
+    """The one way tests make the tiny random-init CLIP (tests/assets/tiny-clip.json).
 
-    return load_model(TINY_CONFIG)
+    `config` is the model-config path that retriever's `--model`/`TrainConfig.model` take,
+    `model_cfg` its parsed content, `build()` a bare open_clip CLIP, `load()` a LoadedModel.
+    """
+
+    config = TINY_CONFIG
+
+    @property
+    def model_cfg(self) -> dict:
+        return json.loads(Path(self.config).read_text())
+
+    def build(self, seed: int = 0, **overrides):
+        """A fresh open_clip CLIP in train mode, its weights drawn with `seed`."""
+        from open_clip.model import CLIP
+
+        torch.manual_seed(seed)
+        return CLIP(**{**self.model_cfg, **overrides}).train()
+
+    def load(self, pretrained: str | None = None, **kwargs):
+        """`retriever.models.load.load_model` on the tiny config (random init unless `pretrained`)."""
+        from retriever.models.load import load_model
+
+        return load_model(self.config, pretrained, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny() -> TinyClip:
+    return TinyClip()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny):
+    """The tiny model loaded once per session (read-only: tests that change weights build their own)."""
+    return tiny.load()
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,8 @@ from retriever.cli.app import app
 from retriever.demo.run import DemoConfig, run_demo
 from retriever.search import Retriever
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def demo_ws(tmp_path_factory):

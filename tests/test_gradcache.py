@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,18 +9,7 @@ import torch.nn.functional as F
 from retriever.training.gradcache import contrastive_backward
 from retriever.training.losses import infonce_loss, siglip_loss
 
-ASSETS = Path(__file__).parent / "assets"
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _tiny_clip(seed=0, bias=False):
-    from open_clip.model import CLIP
-
-    cfg = json.loads((ASSETS / "tiny-clip.json").read_text())
-    torch.manual_seed(seed)
-    return CLIP(**cfg, init_logit_bias=-10.0 if bias else None).train()
 
 
 def _batch(n=16, seed=1):
@@ -56,8 +42,8 @@ def _assert_same_grads(a, b, tol=1e-5):
 
 
 @pytest.mark.parametrize("micro_batch", [4, 5, 1])
-def test_gradcache_equals_full_batch_step_infonce(micro_batch):
-    model = _tiny_clip()
+def test_gradcache_equals_full_batch_step_infonce(tiny, micro_batch):
+    model = tiny.build()
     images, texts = _batch(16)
     loss_fn = lambda i, t: infonce_loss(i, t, model.logit_scale)  # noqa: E731
     full_loss, full = _run(model, images, texts, loss_fn, None)
@@ -67,8 +53,8 @@ def test_gradcache_equals_full_batch_step_infonce(micro_batch):
     assert "logit_scale" in gc and full["logit_scale"].abs() > 0
 
 
-def test_gradcache_equals_full_batch_step_siglip():
-    model = _tiny_clip(bias=True)
+def test_gradcache_equals_full_batch_step_siglip(tiny):
+    model = tiny.build(init_logit_bias=-10.0)
     images, texts = _batch(12)
     loss_fn = lambda i, t: siglip_loss(i, t, model.logit_scale, model.logit_bias)  # noqa: E731
     _, full = _run(model, images, texts, loss_fn, None)
@@ -77,9 +63,9 @@ def test_gradcache_equals_full_batch_step_siglip():
     assert "logit_bias" in gc
 
 
-def test_loss_parameters_get_their_gradient_once_not_k_times():
+def test_loss_parameters_get_their_gradient_once_not_k_times(tiny):
     """open_clip's --accum-freq recomputes the full loss per chunk: logit_scale's grad comes out k·g."""
-    model = _tiny_clip()
+    model = tiny.build()
     images, texts = _batch(16)
     loss_fn = lambda i, t: infonce_loss(i, t, model.logit_scale)  # noqa: E731
     _, full = _run(model, images, texts, loss_fn, None)
@@ -144,9 +130,9 @@ def test_dropout_masks_are_replayed_in_the_second_forward():
     assert torch.rand(1) == after_ref
 
 
-def test_gradient_checkpointing_changes_memory_not_gradients():
+def test_gradient_checkpointing_changes_memory_not_gradients(tiny):
     images, texts = _batch(8)
-    plain, ckpt = _tiny_clip(), _tiny_clip()
+    plain, ckpt = tiny.build(), tiny.build()
     ckpt.set_grad_checkpointing(True)
     _, g_plain = _run(plain, images, texts, lambda i, t: infonce_loss(i, t, plain.logit_scale), 4)
     _, g_ckpt = _run(ckpt, images, texts, lambda i, t: infonce_loss(i, t, ckpt.logit_scale), 4)

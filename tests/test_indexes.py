@@ -5,12 +5,11 @@ import shutil
 import faiss
 import numpy as np
 import pytest
-from conftest import TINY_CONFIG
 
 from retriever.data.sources import read_source
 from retriever.embed import EmbedConfig, embed_items
 from retriever.errors import ModelMismatchError, UserError
-from retriever.indexes import BuildConfig, build_index, choose_index, read_manifest
+from retriever.indexes import BuildConfig, build_index, choose_index, read_index_manifest
 from retriever.indexes.choose import ivf_nlist
 from retriever.models.load import load_model
 from retriever.search import Retriever
@@ -32,7 +31,7 @@ def index_dir(tmp_path_factory, shards):
 
 
 def test_manifest_records_model_counts_and_rows(index_dir, shards, tiny_model):
-    m = read_manifest(index_dir)
+    m = read_index_manifest(index_dir)
     assert m.model == tiny_model.identity.to_dict()
     assert set(m.indexes) == {"image", "text"}
     for entry in m.indexes.values():
@@ -73,11 +72,11 @@ def test_retriever_loads_the_model_named_in_the_manifest(index_dir, emoji_folder
     assert r.search(image=item.path, k=1, keep_query=True)[0].id == item.index
 
 
-def test_mismatched_model_is_refused(index_dir, tmp_path):
+def test_mismatched_model_is_refused(tiny, index_dir, tmp_path):
     other = load_model("RN50", "random")  # other architecture, other weights
     with pytest.raises(ModelMismatchError, match="use the same model"):
         Retriever(index_dir, other)
-    cfg = json.loads(open(TINY_CONFIG).read())
+    cfg = tiny.model_cfg
     cfg["text_cfg"]["layers"] = 1
     (tmp_path / "other.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelMismatchError):
@@ -107,7 +106,7 @@ def test_no_captions_means_no_text_index_and_a_clear_error(tmp_path, tiny_model,
 @pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
 def test_approximate_index_types_find_exact_copies(tmp_path, shards, tiny_model, index_type):
     build_index(shards, tmp_path / "i", BuildConfig(index_type=index_type))
-    m = read_manifest(tmp_path / "i")
+    m = read_index_manifest(tmp_path / "i")
     assert m.indexes["image"].factory.lower().startswith(index_type)
     r = Retriever(tmp_path / "i", tiny_model)
     vecs = np.concatenate([v for v, _ in ShardSet(shards).iter_vectors("image")])
@@ -126,13 +125,22 @@ def test_default_choice_by_size():
         choose_index(10, 8, "bogus")
 
 
-def test_index_and_vector_search_do_not_import_torch():
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import retriever.indexes, retriever.indexes.add, retriever.search, retriever.info",
+        "from retriever import read_source, SourceItem, build_index, BuildConfig, Retriever, ShardSet",
+        "import retriever.data, retriever.data.sources, retriever.data.images",
+        "import retriever.cli.app",
+    ],
+)
+def test_light_imports_do_not_import_torch(code):
     """Index-only work stays light: torch alone is ~1 GB of RSS and seconds of start-up."""
     import subprocess
     import sys
 
-    code = "import sys, retriever.indexes, retriever.indexes.add, retriever.search, retriever.info; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    probe = f"import sys\n{code}\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
 
@@ -147,3 +155,17 @@ def test_folder_facts_flow_from_source_through_shards_into_hits(index_dir, shard
         assert hit.to_dict()["metadata"]["mtime"].endswith("+00:00")
         only = r.search(image=item.path, k=5, where=f"dir = '{item.metadata['dir']}'")
         assert len(only) == 5 and {h.metadata["dir"] for h in only} == {item.metadata["dir"]}
+
+
+def test_vector_search_does_not_import_torch(index_dir):
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, numpy as np\nfrom retriever import Retriever\n"
+        f"r = Retriever({str(index_dir)!r})\n"
+        "hits = r.search_vectors(np.ones((1, r.identity.embed_dim), np.float32), 3)\n"
+        "print(len(hits[0]), 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["3", "False"]

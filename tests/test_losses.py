@@ -57,8 +57,8 @@ def test_loss_parameter_gradients_flow():
     assert scale.grad != 0 and bias.grad != 0
 
 
-def test_init_and_clamp_of_temperature(tiny_clip_model):
-    model = tiny_clip_model
+def test_init_and_clamp_of_temperature(tiny):
+    model = tiny.build()
     assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07), rel=1e-6)
     with torch.no_grad():
         model.logit_scale.fill_(7.0)
@@ -66,13 +66,13 @@ def test_init_and_clamp_of_temperature(tiny_clip_model):
     assert model.logit_scale.item() == pytest.approx(math.log(100), rel=1e-6)
 
 
-def test_ensure_logit_bias_makes_a_saveable_siglip_model(tiny_clip_model, tmp_path):
+def test_ensure_logit_bias_makes_a_saveable_siglip_model(tiny, tmp_path):
     import open_clip
 
     from retriever.training.checkpoint import save_checkpoint
 
-    model = tiny_clip_model
-    config = {"model_cfg": dict(model._tiny_cfg)}
+    model = tiny.build()
+    config = {"model_cfg": tiny.model_cfg}
     losses.ensure_logit_bias(model, config)
     assert model.logit_bias.item() == losses.SIGLIP_INIT_LOGIT_BIAS and model.logit_bias.requires_grad
     with torch.no_grad():
@@ -80,19 +80,3 @@ def test_ensure_logit_bias_makes_a_saveable_siglip_model(tiny_clip_model, tmp_pa
     save_checkpoint(tmp_path / "m", model, config)
     again, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'm'}")
     assert again.logit_bias.item() == -3.5
-
-
-@pytest.fixture
-def tiny_clip_model():
-    import json
-    from pathlib import Path
-
-    import open_clip
-    from open_clip.model import CLIP
-
-    cfg = json.loads((Path(__file__).parent / "assets" / "tiny-clip.json").read_text())
-    torch.manual_seed(0)
-    m = CLIP(**cfg)
-    m._tiny_cfg = cfg
-    assert open_clip  # imported for its side effects in other tests
-    return m

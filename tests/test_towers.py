@@ -334,8 +334,12 @@ def test_round_trip_through_plain_open_clip_local_dir(model, composed, tmp_path,
     assert list(norm.mean) == [0.5, 0.5, 0.5] and list(norm.std) == [0.5, 0.5, 0.5]
 
 
-def test_save_composed_model_includes_tokenizer(model, composed, tmp_path, offline):
-    out = towers.save_composed_model(model, composed[1], tmp_path / "saved")
+def test_model_folder_of_a_composed_model_includes_tokenizer(model, composed, tmp_path, offline):
+    from retriever.models.folder import write_model_files
+
+    out = tmp_path / "saved"
+    out.mkdir()
+    write_model_files(out, model, composed[1])
     assert json.loads((out / "open_clip_config.json").read_text()) == json.loads(json.dumps(composed[1]))
     assert (out / "open_clip_model.safetensors").is_file()
     tok = open_clip.get_tokenizer(f"local-dir:{out}")

@@ -14,9 +14,6 @@ from retriever.errors import UserError
 from retriever.training.loop import TrainConfig, train
 from retriever.training.optim import OptimConfig
 
-TINY = str(Path(__file__).parent / "assets" / "tiny-clip.json")
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -46,13 +43,13 @@ def small_manifest(emoji_split, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tuned(emoji_split, tmp_path_factory):
+def tuned(tiny, emoji_split, tmp_path_factory):
     train_m, val_m, _ = emoji_split
     cfg = TrainConfig(
         source=str(train_m),
         val=str(val_m),
         out=str(tmp_path_factory.mktemp("runs") / "tiny"),
-        model=TINY,
+        model=tiny.config,
         epochs=10,
         batch_size=128,
         augment=False,
@@ -63,6 +60,7 @@ def tuned(emoji_split, tmp_path_factory):
     return cfg, train(cfg)
 
 
+@pytest.mark.e2e
 def test_fine_tuning_raises_held_out_recall(tuned):
     """The numbers section: seeded tiny model, real fixture, val R@5 rises well above its start."""
     _, result = tuned
@@ -78,7 +76,8 @@ def test_fine_tuning_raises_held_out_recall(tuned):
     assert result.best_epoch >= 5 and not result.stopped_early
 
 
-def test_best_checkpoint_loads_in_retriever_and_plain_open_clip(tuned):
+@pytest.mark.e2e
+def test_best_checkpoint_loads_in_retriever_and_plain_open_clip(tiny, tuned):
     import open_clip
 
     from retriever.data.sources import read_source
@@ -101,7 +100,7 @@ def test_best_checkpoint_loads_in_retriever_and_plain_open_clip(tuned):
     with torch.no_grad():
         torch.testing.assert_close(plain.encode_text(tok), encoder.model.encode_text(tok), rtol=0, atol=0)
     # The tuned weights are not the start: training moved them.
-    start = load_model(TINY)
+    start = tiny.load()
     assert encoder.identity.weights_sha256 != start.identity.weights_sha256
 
 
@@ -109,10 +108,11 @@ def _weights(folder):
     return load_file(str(Path(folder) / "open_clip_model.safetensors"))
 
 
-def test_resume_continues_the_same_run_exactly(small_manifest, tmp_path):
+@pytest.mark.e2e
+def test_resume_continues_the_same_run_exactly(tiny, small_manifest, tmp_path):
     """Stop mid-epoch (augmentation and patch dropout on), resume with another worker count: the
     same weights as a straight run, so data order, crops and the dropout RNG all resumed."""
-    cfg = json.loads(Path(TINY).read_text())
+    cfg = tiny.model_cfg
     cfg["vision_cfg"]["patch_dropout"] = 0.25  # a model whose forward draws from torch's RNG
     model = tmp_path / "tiny-dropout.json"
     model.write_text(json.dumps(cfg))
@@ -141,9 +141,9 @@ def test_resume_continues_the_same_run_exactly(small_manifest, tmp_path):
     assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"], rel=1e-6)
 
 
-def test_resume_refuses_changed_settings_and_new_run_refuses_used_folder(small_manifest, tmp_path):
+def test_resume_refuses_changed_settings_and_new_run_refuses_used_folder(tiny, small_manifest, tmp_path):
     common = dict(
-        source=str(small_manifest), model=TINY, epochs=1, batch_size=32, augment=False, workers=0, max_steps=1
+        source=str(small_manifest), model=tiny.config, epochs=1, batch_size=32, augment=False, workers=0, max_steps=1
     )
     train(TrainConfig(out=str(tmp_path / "r"), **common))
     with pytest.raises(UserError, match="batch_size"):
@@ -158,23 +158,28 @@ def test_resume_refuses_changed_settings_and_new_run_refuses_used_folder(small_m
         (dict(batch_size=1000), "larger than"),
         (dict(cache_features=True, lock_image=True, lock_text=True), "composed from towers"),
         (dict(cache_features=True), "fully locked"),
-        (dict(image_tower="timm:resnet18"), "both --image-tower"),
-        (dict(unlock_text_last=1), "only makes sense with --lock-text"),
+        (dict(image_tower="timm:resnet18"), "both image_tower"),
+        (dict(unlock_text_last=1), "only makes sense with lock_text"),
     ],
 )
-def test_user_errors(small_manifest, tmp_path, bad, match):
+def test_user_errors(tiny, small_manifest, tmp_path, bad, match):
     cfg = dict(
-        source=str(small_manifest), out=str(tmp_path / "x"), model=TINY, epochs=1, batch_size=32, workers=0, max_steps=1
+        source=str(small_manifest),
+        out=str(tmp_path / "x"),
+        model=tiny.config,
+        epochs=1,
+        batch_size=32,
+        workers=0,
+        max_steps=1,
     )
     with pytest.raises(UserError, match=match):
         train(TrainConfig(**{**cfg, **bad}))
 
 
-def test_lock_with_unlocked_last_blocks():
-    from retriever.models.load import load_model
+def test_lock_with_unlocked_last_blocks(tiny):
     from retriever.training.start import configure_trainable
 
-    model = load_model(TINY).model
+    model = tiny.load().model
     # open_clip's grouping: for its native towers the projection is the last group, so 2 = last block + projection.
     cfg = TrainConfig(source="-", out="-", lock_image=True, unlock_image_last=2, lock_text=True, unlock_text_last=2)
     configure_trainable(model, cfg)
@@ -186,7 +191,7 @@ def test_lock_with_unlocked_last_blocks():
     assert not any(n.startswith("transformer.resblocks.0.") or n == "token_embedding.weight" for n in trainable)
 
 
-def test_cli_train_eval_embed_index_search(small_manifest, tmp_path):
+def test_cli_train_eval_embed_index_search(tiny, small_manifest, tmp_path):
     """A fine-tuned checkpoint goes straight into embed → index → search."""
     from typer.testing import CliRunner
 
@@ -202,7 +207,7 @@ def test_cli_train_eval_embed_index_search(small_manifest, tmp_path):
             "--out",
             str(run),
             "--model",
-            TINY,
+            tiny.config,
             "--epochs",
             "2",
             "--batch-size",
@@ -238,10 +243,11 @@ def test_cli_train_eval_embed_index_search(small_manifest, tmp_path):
     hits = json.loads(r.output)["hits"]
     assert len(hits) == 3 and all(h["path"].endswith(".png") for h in hits)
 
-    r = runner.invoke(app, ["train", str(small_manifest), "--out", str(run), "--model", TINY])
+    r = runner.invoke(app, ["train", str(small_manifest), "--out", str(run), "--model", tiny.config])
     assert r.exit_code == 1 and "already holds a run" in r.output
 
 
+@pytest.mark.e2e
 def test_cached_features_train_heads_only_and_match_the_saved_model(emoji_split, tmp_path):
     """Default towers locked + --cache-features: only heads/temperature move, and the cached-path
     validation equals evaluating the saved checkpoint through the full model."""
@@ -289,13 +295,13 @@ def test_cached_features_train_heads_only_and_match_the_saved_model(emoji_split,
     assert np.isfinite(result.best_score)
 
 
-def test_siglip_gradcache_and_checkpointing_run_and_reload(small_manifest, tmp_path):
+def test_siglip_gradcache_and_checkpointing_run_and_reload(tiny, small_manifest, tmp_path):
     import open_clip
 
     cfg = TrainConfig(
         source=str(small_manifest),
         out=str(tmp_path / "s"),
-        model=TINY,
+        model=tiny.config,
         epochs=1,
         batch_size=32,
         micro_batch=8,
@@ -311,3 +317,31 @@ def test_siglip_gradcache_and_checkpointing_run_and_reload(small_manifest, tmp_p
     plain, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     saved = _weights(folder)["logit_bias"]
     assert plain.logit_bias.item() == saved.item() != -10.0  # the bias trained and survived the reload
+
+
+def test_skipped_training_images_are_reported_once_like_embed(tiny, emoji_split, tmp_path):
+    """A broken image: one entry in RUN_DIR/_errors.jsonl (embed's format) and in the result, however many epochs."""
+    import dataclasses
+
+    from retriever.demo.emoji import write_manifest
+    from retriever.skipped import ERRORS_FILE, read_skipped
+
+    items = list(emoji_split[2][:40])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    items[3] = dataclasses.replace(items[3], path=str(broken))
+    manifest = write_manifest(items, tmp_path / "pairs.jsonl")
+    cfg = TrainConfig(
+        source=str(manifest),
+        out=str(tmp_path / "run"),
+        model=tiny.config,
+        epochs=2,
+        batch_size=16,
+        val_fraction=0.0,
+        augment=False,
+        workers=0,
+    )
+    result = train(cfg)
+    assert result.skipped.count == 1 and result.skipped.file == str(tmp_path / "run" / ERRORS_FILE)
+    (entry,) = read_skipped(tmp_path / "run")
+    assert entry["path"] == str(broken) and entry["reason"]

@@ -8,11 +8,7 @@ import sys
 import typer
 
 from retriever.cli import dedup, demo, embed, evaluate, index, info, search, train
-
-# transformers' load reports and hub progress bars are noise on our console; users can override.
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
+from retriever.cli.common import quiet_library_logs
 
 app = typer.Typer(
     help="Contrastive cross-modal retrieval: embed image collections, index them, search by text or image.",
@@ -20,6 +16,18 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+
+
+@app.callback()
+def quiet_libraries() -> None:
+    """Contrastive cross-modal retrieval: embed image collections, index them, search by text or image."""
+    # Runs before every command, not at import: importing retriever.cli changes nothing global.
+    # transformers' load reports and hub progress bars are noise on our console; users can override.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    quiet_library_logs()
+
+
 app.command(name="embed")(embed.embed)
 app.command(name="index")(index.index)
 app.command(name="search")(search.search)

@@ -12,7 +12,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from retriever.errors import UserError
+from retriever.errors import ConfigError, UserError
+from retriever.skipped import SkippedImages
 
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
@@ -32,16 +33,42 @@ class IndexType(str, Enum):
     opq = "opq"
 
 
+# Library parameters whose flag is not simply the parameter name with dashes.
+_FLAGS = {"num_workers": "--workers", "use_gpu": "--gpu", "out": "--out"}
+
+
+class _DropOpenClipChatter(logging.Filter):
+    """open_clip logs its load reports (and harmless warnings) on the root logger itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or f"{os.sep}open_clip{os.sep}" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+    """Silence open_clip's and timm's chatter below ERROR, and only theirs: retriever's own
+    warnings (e.g. a skipped training image) still reach the console."""
+    root = logging.getLogger()
+    if not any(isinstance(f, _DropOpenClipChatter) for f in root.filters):
+        root.addFilter(_DropOpenClipChatter())
+    for name in ("open_clip", "timm"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def flag_name(param: str) -> str:
+    """The command-line flag of a library parameter: its keyword argument, dashed (few exceptions)."""
+    return _FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
 def user_errors(fn):
     """Turn a UserError into one red sentence and exit status 1, not a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        logging.getLogger().setLevel(logging.ERROR)  # open_clip logs chatty warnings on the root logger
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            err.print(f"[red]Error:[/red] {e}", highlight=False, soft_wrap=True)
+            message = e.renamed(flag_name) if isinstance(e, ConfigError) else str(e)
+            err.print(f"[red]Error:[/red] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("Interrupted; rerun the same command to resume.")
@@ -106,6 +133,15 @@ def load_encoder(model: str | None, pretrained: str | None, device=None, precisi
 class Loss(str, Enum):
     infonce = "infonce"
     siglip = "siglip"
+
+
+def print_skipped(skipped: SkippedImages, samples: int = 5) -> None:
+    """The one way a command reports skipped images: the count, where the list is, the first few."""
+    if not skipped:
+        return
+    err.print(f"[yellow]{skipped.summary()}[/yellow]", highlight=False)
+    for e in skipped.entries[:samples]:
+        err.print(f"  {e['path']}: {e['reason']}", highlight=False)
 
 
 def path_str(p: Path | None) -> str | None:

@@ -14,9 +14,9 @@ from retriever.cli.common import (
     PrecisionOpt,
     PretrainedOpt,
     WorkersOpt,
-    err,
     load_encoder,
     out,
+    print_skipped,
     progress_bar,
     user_errors,
     workers_or_default,
@@ -63,14 +63,11 @@ def embed(
             items, encoder, out_dir, cfg, progress=lambda n, total: bar.update(task, completed=n, total=total)
         )
     if as_json:
-        out.print_json(json.dumps(result.__dict__))
+        out.print_json(json.dumps({**result.__dict__, "skipped": result.skipped.to_dict()}))
         return
     out.print(
         f"{result.rows} rows in {result.shards} shards at {result.out_dir} "
         f"({result.shards_written} written, {result.shards_resumed} kept from an earlier run; "
         f"{result.images_per_second:.1f} images/s)."
     )
-    if result.errors:
-        err.print(f"[yellow]Skipped {result.errors} unreadable image(s)[/yellow]; details in {result.errors_file}:")
-        for e in result.error_samples:
-            err.print(f"  {e['path']}: {e['reason']}", highlight=False)
+    print_skipped(result.skipped)

@@ -13,9 +13,9 @@ from retriever.cli.common import (
     PrecisionOpt,
     PretrainedOpt,
     WorkersOpt,
-    err,
     load_encoder,
     out,
+    print_skipped,
     progress_bar,
     user_errors,
     workers_or_default,
@@ -54,9 +54,5 @@ def eval_cmd(
     if as_json:
         out.print_json(json.dumps({"model": encoder.identity.to_dict(), **result.to_dict()}))
         return
-    out.print(recall_table(result.metrics, f"{encoder.identity.describe()} on {source}"))
-    if result.skipped:
-        err.print(
-            f"[yellow]Skipped {len(result.skipped)} unreadable image(s)[/yellow], e.g. {result.skipped[0]}",
-            highlight=False,
-        )
+    out.print(recall_table(result.metrics, f"{encoder.identity.label()} on {source}"))
+    print_skipped(result.skipped)

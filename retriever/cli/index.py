@@ -66,6 +66,7 @@ def index(
             bar.update(tasks[modality], completed=n)
 
         if add:
+            assert target is not None  # checked above
             manifest = add_to_index(target, ss, renumber=renumber, progress=progress)
             out_dir = target
         else:
@@ -77,6 +78,7 @@ def index(
                 target_recall=target_recall,
                 k=k,
             )
+            assert out_dir is not None  # checked above
             manifest = build_index(ss, out_dir, cfg, progress=progress)
     if as_json:
         out.print_json(json.dumps(manifest.to_dict()))

@@ -1,4 +1,4 @@
-"""`retriever info`: describe a shard folder or an index."""
+"""`retriever info`: what a shard folder or an index holds."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ def info(
     as_json: bool = JsonOpt,
 ):
     """Describe shards or an index: model, counts, index types and search parameters."""
-    from retriever.info import describe, to_json
+    from retriever.info import folder_info, to_json
 
-    d = describe(path)
+    d = folder_info(path)
     if as_json:
         out.print_json(to_json(d))
         return

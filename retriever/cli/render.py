@@ -6,7 +6,15 @@ Kept out of train.py so the library loop only emits StepInfo/EpochInfo callbacks
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from retriever.metrics import RetrievalMetrics
@@ -25,8 +33,8 @@ class TrainDisplay:
             console=console,
             disable=not enabled,
         )
-        self.task = None
-        self.epoch = None
+        self.task: TaskID | None = None
+        self.epoch: str | int | None = None
 
     def __enter__(self):
         self.progress.__enter__()

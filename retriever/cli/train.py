@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
@@ -19,9 +20,15 @@ from retriever.cli.common import (
     err,
     out,
     path_str,
+    print_skipped,
     user_errors,
     workers_or_default,
 )
+from retriever.training.config import TrainConfig
+
+# Option defaults are the library's: one source of truth (training/config.py is torch-free).
+TRAIN = TrainConfig(source="", out="")
+OPTIM = TRAIN.optim
 
 
 @user_errors
@@ -35,12 +42,12 @@ def train(
     val: Path | None = typer.Option(None, help="Validation source (default: a seeded --val-fraction of SOURCE)."),
     test: Path | None = typer.Option(None, help="Test source, evaluated once with the best model at the end."),
     val_fraction: float = typer.Option(
-        0.1, help="Share of SOURCE's images held out for validation when --val is not given."
+        TRAIN.val_fraction, help="Share of SOURCE's images held out for validation when --val is not given."
     ),
     test_fraction: float = typer.Option(
-        0.0, help="Share of SOURCE's images held out for the final test when --test is not given."
+        TRAIN.test_fraction, help="Share of SOURCE's images held out for the final test when --test is not given."
     ),
-    split_seed: int = typer.Option(0, help="Seed of the train/val/test split."),
+    split_seed: int = typer.Option(TRAIN.split_seed, help="Seed of the train/val/test split."),
     model: str | None = ModelOpt,
     pretrained: str | None = PretrainedOpt,
     image_tower: str | None = typer.Option(
@@ -49,47 +56,63 @@ def train(
     ),
     text_tower: str | None = typer.Option(None, help="Compose a model: hf:FOLDER, a local transformers text model."),
     image_weights: Path | None = typer.Option(None, help="Local weights file for the timm image tower."),
-    embed_dim: int = typer.Option(512, help="Shared embedding size of a composed model's projection heads."),
+    embed_dim: int = typer.Option(
+        TRAIN.embed_dim, help="Shared embedding size of a composed model's projection heads."
+    ),
     image_column: str | None = typer.Option(None, help="Manifest column with image paths."),
     caption_column: str | None = typer.Option(
         None, help="Manifest column with captions (a list column gives several)."
     ),
-    epochs: int = typer.Option(10, help="Passes over the training images (one caption drawn per image each time)."),
-    batch_size: int = typer.Option(64, help="Pairs per contrastive batch (over all processes): each pair's negatives."),
+    epochs: int = typer.Option(
+        TRAIN.epochs, help="Passes over the training images (one caption drawn per image each time)."
+    ),
+    batch_size: int = typer.Option(
+        TRAIN.batch_size, help="Pairs per contrastive batch (over all processes): each pair's negatives."
+    ),
     micro_batch: int | None = typer.Option(
         None, help="GradCache chunk (per process): the exact --batch-size loss with one chunk's activations in memory."
     ),
-    lr: float = typer.Option(5e-5, help="Peak learning rate (AdamW)."),
-    weight_decay: float = typer.Option(0.1, help="AdamW weight decay (not applied to gains, biases, temperature)."),
+    lr: float = typer.Option(OPTIM.lr, help="Peak learning rate (AdamW)."),
+    weight_decay: float = typer.Option(
+        OPTIM.weight_decay, help="AdamW weight decay (not applied to gains, biases, temperature)."
+    ),
     warmup: float = typer.Option(
-        0.05, help="Linear warm-up: a fraction of all steps (< 1) or a number of steps; then cosine."
+        OPTIM.warmup, help="Linear warm-up: a fraction of all steps (< 1) or a number of steps; then cosine."
     ),
-    grad_clip: float = typer.Option(1.0, help="Clip the global gradient norm (0: off)."),
+    grad_clip: float = typer.Option(OPTIM.grad_clip, help="Clip the global gradient norm (0: off)."),
     loss: Loss = typer.Option(
-        Loss.infonce, help="infonce (CLIP's symmetric softmax) or siglip (sigmoid, learnable bias)."
+        Loss(TRAIN.loss), metavar="NAME", help="infonce (CLIP's symmetric softmax) or siglip (sigmoid, learnable bias)."
     ),
-    augment: bool = typer.Option(True, "--augment/--no-augment", help="open_clip's random-crop train transform."),
-    lock_image: bool = typer.Option(False, help="Freeze the image tower."),
+    no_augment: bool = typer.Option(
+        not TRAIN.augment, "--no-augment", help="Turn off open_clip's random-crop train transform."
+    ),
+    lock_image: bool = typer.Option(TRAIN.lock_image, "--lock-image", help="Freeze the image tower."),
     unlock_image_last: int = typer.Option(
-        0,
+        TRAIN.unlock_image_last,
         help="With --lock-image: keep the last N layer groups trainable (open_clip groups; in a native ViT the projection is the last group).",
     ),
-    lock_text: bool = typer.Option(False, help="Freeze the text tower."),
+    lock_text: bool = typer.Option(TRAIN.lock_text, "--lock-text", help="Freeze the text tower."),
     unlock_text_last: int = typer.Option(
-        0,
+        TRAIN.unlock_text_last,
         help="With --lock-text: keep the last N layers trainable (in a native text tower the projection counts as one).",
     ),
     cache_features: bool = typer.Option(
-        False, help="Both towers locked: compute tower outputs once, train heads + temperature on the cache."
+        TRAIN.cache_features,
+        "--cache-features",
+        help="Both towers locked: compute tower outputs once, train heads + temperature on the cache.",
     ),
-    grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward: less memory, ~30% slower."),
+    grad_checkpointing: bool = typer.Option(
+        TRAIN.grad_checkpointing,
+        "--grad-checkpointing",
+        help="Recompute activations in backward: less memory, ~30% slower.",
+    ),
     device: str | None = DeviceOpt,
     precision: str | None = PrecisionOpt,
-    seed: int = typer.Option(0, help="Seed of shuffling, caption choice, augmentation and dropout."),
+    seed: int = typer.Option(TRAIN.seed, help="Seed of shuffling, caption choice, augmentation and dropout."),
     workers: int | None = WorkersOpt,
     logdir: Path | None = typer.Option(None, help="Write TensorBoard logs here."),
-    resume: bool = typer.Option(False, help="Continue the run in --out exactly where it stopped."),
-    save_every: int = typer.Option(0, help="Also checkpoint last/ every N steps (0: at epoch ends)."),
+    resume: bool = typer.Option(TRAIN.resume, "--resume", help="Continue the run in --out exactly where it stopped."),
+    save_every: int = typer.Option(TRAIN.save_every, help="Also checkpoint last/ every N steps (0: at epoch ends)."),
     max_steps: int | None = typer.Option(None, help="Stop after N steps in total (resumable)."),
     as_json: bool = JsonOpt,
 ):
@@ -118,7 +141,7 @@ def train(
         batch_size=batch_size,
         micro_batch=micro_batch,
         loss=loss.value,
-        augment=augment,
+        augment=not no_augment,
         lock_image=lock_image,
         unlock_image_last=unlock_image_last,
         lock_text=lock_text,
@@ -146,9 +169,10 @@ def train(
         )
         raise typer.Exit(130) from None
     if as_json:
-        out.print_json(json.dumps(result.__dict__))
+        out.print_json(json.dumps(asdict(result)))
         return
     out.print(TrainDisplay.history_table(result))
+    print_skipped(result.skipped)
     out.print(
         f"Best model (epoch {result.best_epoch}): {result.best_dir}  — use it as --model local-dir:{result.best_dir}"
     )

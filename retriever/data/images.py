@@ -25,6 +25,10 @@ _WHITE = (255, 255, 255)
 def load_image(source: ImageInput) -> Image.Image:
     """Open a path, raw bytes or PIL image and return a fully decoded RGB image.
 
+    Args:
+        source: a file path, the file's bytes, or a PIL image. EXIF orientation is applied and
+            transparency composited onto white.
+
     Raises OSError / ValueError / Image.DecompressionBombError for undecodable input; callers that
     process batches catch these and report the file rather than stopping.
     """

@@ -20,9 +20,9 @@ def default_workers() -> int:
     """Image-decoding worker processes that help rather than hurt.
 
     On a CPU-only machine every worker competes with torch's intra-op threads for the same cores:
-    on 2 cores, RN50 embedding ran at 0.82x the bare forward with 2 workers and 0.91x with none
-    (benchmarks/RESULTS.md). So leave two cores to torch there; with a GPU, decoding is all the
-    CPU has to do.
+    on 2 cores, embedding with 2 workers ran slower than with none (benchmarks/RESULTS.md, "Decode
+    workers compete on 2 cores"). So leave two cores to torch there; with a GPU, decoding is all
+    the CPU has to do.
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if torch.cuda.is_available():

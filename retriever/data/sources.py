@@ -24,6 +24,15 @@ CAPTION_COLUMN_GUESSES = ("caption", "text", "captions", "title", "description")
 
 @dataclass(frozen=True)
 class SourceItem:
+    """One image of a source.
+
+    Attributes:
+        index: position in the source: the row id in shards.
+        path: absolute path of the image file.
+        captions: every caption known for the image (training samples one per epoch).
+        metadata: extra per-item columns that shards keep beside the vectors.
+    """
+
     index: int  # position in the source: the row id in shards
     path: str  # absolute path of the image file
     captions: tuple[str, ...] = ()  # every caption known for the image (training samples one)
@@ -41,14 +50,23 @@ def read_source(
     image_column: str | None = None,
     caption_column: str | None = None,
 ) -> list[SourceItem]:
-    """Read a folder (recursive) or a CSV/TSV/JSONL/Parquet manifest into ordered items."""
+    """Read a folder (recursive) or a CSV/TSV/JSONL/Parquet manifest into ordered items.
+
+    Args:
+        source: a folder (every image below it; a same-name .txt file is its caption) or a manifest
+            file with one row per image–caption pair (rows naming one image merge their captions).
+        image_column, caption_column: the manifest's columns; guessed from common names when None.
+
+    Returns:
+        `SourceItem`s in a stable order; `item.index` is the row id shards and indexes use.
+    """
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"Source {path} does not exist.")
     if path.is_dir():
         items = read_folder(path)
     elif path.suffix.lower() in MANIFEST_SUFFIXES:
-        items = read_manifest(path, image_column=image_column, caption_column=caption_column)
+        items = read_source_manifest(path, image_column=image_column, caption_column=caption_column)
     else:
         raise UserError(f"Source {path} is neither a folder nor a manifest ({', '.join(sorted(MANIFEST_SUFFIXES))}).")
     if not items:
@@ -83,7 +101,7 @@ def file_facts(root: Path, p: Path) -> dict[str, Any]:
     }
 
 
-def read_manifest(
+def read_source_manifest(
     path: Path, *, image_column: str | None = None, caption_column: str | None = None
 ) -> list[SourceItem]:
     """Rows of a manifest; rows naming the same image merge, keeping every caption in order."""
@@ -92,6 +110,7 @@ def read_manifest(
         return []
     columns = list(rows[0].keys())
     img_col = _pick_column(columns, image_column, IMAGE_COLUMN_GUESSES, "image", path)
+    assert img_col is not None  # required=True raises instead of returning None
     cap_col = _pick_column(columns, caption_column, CAPTION_COLUMN_GUESSES, "caption", path, required=False)
     base = path.resolve().parent
     by_path: dict[str, list[str]] = {}

@@ -131,8 +131,8 @@ def run_demo(
             + (f", the last {cfg.unlock_image_last} EfficientNet block(s)" if cfg.unlock_image_last else "")
         )
         say("Resuming the fine-tuning run" if tcfg.resume else f"Fine-tuning {what} with InfoNCE")
-        result = train(tcfg, train_callbacks)
-        history = result.history
+        trained = train(tcfg, train_callbacks)
+        history = trained.history
     seconds["train"] = time.perf_counter() - t
     before = history[0]["val"]
     best = max((h for h in history if h["best"]), key=lambda h: h["epoch"])

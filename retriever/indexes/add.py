@@ -29,8 +29,9 @@ from retriever.errors import UserError
 from retriever.identity import ModelIdentity
 from retriever.indexes import ondisk
 from retriever.indexes.build import BuildProgress, add_batches
-from retriever.indexes.manifest import MANIFEST, IndexManifest, read_manifest
+from retriever.indexes.manifest import MANIFEST, IndexManifest, read_index_manifest
 from retriever.indexes.rows import file_schema
+from retriever.indexes.settings import configure_faiss
 from retriever.shards import ShardSet
 
 
@@ -42,8 +43,21 @@ def add_to_index(
     batch_size: int = 16_384,
     progress: BuildProgress | None = None,
 ) -> IndexManifest:
+    """Append the rows of `new_shards` to an existing index folder without retraining it.
+
+    Args:
+        index_dir: the index folder (`build_index`); rewritten atomically.
+        new_shards: a shard folder (or `ShardSet`) made with the index's model.
+        renumber: shift the new row ids past the index's largest id instead of refusing clashing ids.
+        batch_size: vectors added per faiss call.
+        progress: called with (modality, rows done, rows to do).
+
+    Returns:
+        The new `IndexManifest`.
+    """
+    configure_faiss()
     index_dir = Path(index_dir).expanduser()
-    manifest = read_manifest(index_dir)
+    manifest = read_index_manifest(index_dir)
     ss = new_shards if isinstance(new_shards, ShardSet) else ShardSet(new_shards)
     ModelIdentity.from_dict(manifest.model).check_same(ss.identity, f"Shard folder {ss.folder}")
     if ss.count("text") and "text" not in manifest.indexes:

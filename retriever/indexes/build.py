@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from retriever import __version__
 from retriever.atomic import atomic_dir, write_json_atomic
-from retriever.errors import UserError
+from retriever.errors import ConfigError, UserError
 from retriever.indexes import gpu, ondisk, tune
 from retriever.indexes import memory as select
 from retriever.indexes.choose import FLAT_MAX, IndexSpec, choose_index
@@ -28,6 +28,7 @@ from retriever.indexes.manifest import MANIFEST, MODALITIES, IndexManifest, Moda
 from retriever.indexes.open import set_search_params
 from retriever.indexes.rerank import VectorStore, VectorWriter, search_index
 from retriever.indexes.rows import conform, iter_file_batches, rows_schema
+from retriever.indexes.settings import configure_faiss
 from retriever.shards import ShardSet
 
 # Called with (modality, vectors_added, total).
@@ -36,6 +37,18 @@ BuildProgress = Callable[[str, int, int], None]
 
 @dataclass
 class BuildConfig:
+    """How `build_index` builds (each field's comment says what it does).
+
+    Attributes:
+        index_type: "auto" chooses by size and memory; or flat, hnsw, ivf, ivfpq, opq.
+        flat_max: "auto" stays exact (flat) up to this many vectors.
+        use_gpu: build on the GPU (None: when faiss has GPU support and sees one).
+        batch_size: vectors added per faiss call; seed: seed of training samples.
+        max_memory: bytes the index may use (None: no limit); on_disk: force on-disk inverted lists.
+        target_recall: tune search parameters to reach this recall@k (None: no tuning); k: that k.
+        tune_queries: queries drawn from the data for tuning.
+    """
+
     index_type: str = "auto"  # auto | flat | hnsw | ivf | ivfpq | opq
     flat_max: int = FLAT_MAX
     use_gpu: bool | None = None  # None: when faiss has GPU support and sees a GPU
@@ -47,6 +60,15 @@ class BuildConfig:
     k: int = 10
     tune_queries: int = 1000  # queries drawn from the data for tuning
 
+    def validate(self) -> None:
+        """Raise `ConfigError` (naming the parameter) for settings that cannot work."""
+        if self.target_recall is not None and not 0 < self.target_recall <= 1:
+            raise ConfigError("target_recall must be between 0 and 1, e.g. 0.95.", "target_recall")
+        if self.k < 1:
+            raise ConfigError("k must be at least 1.", "k")
+        if self.batch_size < 1 or self.tune_queries < 1:
+            raise ConfigError("batch_size and tune_queries must be at least 1.", "batch_size", "tune_queries")
+
 
 def build_index(
     shards: str | Path | ShardSet,
@@ -55,12 +77,21 @@ def build_index(
     modalities: Sequence[str] = MODALITIES,
     progress: BuildProgress | None = None,
 ) -> IndexManifest:
-    """Build an image index, and a text index where captions exist; write the folder atomically."""
+    """Build an image index, and a text index where captions exist; write the folder atomically.
+
+    Args:
+        shards: a shard folder (`embed_items`) or an open `ShardSet`.
+        out_dir: the index folder to write (replaced atomically).
+        config: index type, memory budget, recall target, GPU use (`BuildConfig`).
+        modalities: which indexes to build, of "image" and "text".
+        progress: called with (modality, rows done, rows to do).
+
+    Returns:
+        The `IndexManifest` written to `out_dir/manifest.json`.
+    """
+    configure_faiss()
     cfg = config or BuildConfig()
-    if cfg.target_recall is not None and not 0 < cfg.target_recall <= 1:
-        raise UserError("--target-recall must be between 0 and 1, e.g. 0.95.")
-    if cfg.k < 1:
-        raise UserError("--k must be at least 1.")
+    cfg.validate()
     ss = shards if isinstance(shards, ShardSet) else ShardSet(shards)
     out = Path(out_dir).expanduser()
     specs = {m: plan_index(ss.count(m), ss.dim, cfg) for m in modalities if ss.count(m)}
@@ -275,7 +306,7 @@ def tune_index(index: faiss.Index, entry: ModalityIndex, folder: Path, ss: Shard
             queries,
             truth,
             k,
-            cfg.target_recall,
+            cfg.target_recall or 0.0,  # only called when a target is set
             tune.grid(entry.factory, entry.count, k, entry.rerank),
             exclude,
         )

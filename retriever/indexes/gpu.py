@@ -16,11 +16,6 @@ from dataclasses import dataclass
 
 import faiss
 
-# faiss switches from its sequential kernel to BLAS only when nq·d >= 128000 (faiss 1.15): a batch
-# of 64 queries at d=512 then ran 7x slower on a 2-core CPU (0.32 s vs 0.044 s over 100k vectors).
-# BLAS is as fast as the sequential kernel even for one query, so always use it.
-faiss.cvar.distance_compute_blas_threshold = 1
-
 # Index types faiss can move to the GPU; HNSW stays on the CPU.
 _GPU_CAPABLE = (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer)
 # GpuIndexIVFPQ: bytes per code it has kernels for, and the most sub-quantizers whose lookup

@@ -71,7 +71,7 @@ class IndexManifest:
         return cls(d["model"], d["shards"], idx, d["format"], d.get("retriever_version", ""), d.get("created", ""))
 
 
-def read_manifest(index_dir: str | Path) -> IndexManifest:
+def read_index_manifest(index_dir: str | Path) -> IndexManifest:
     path = Path(index_dir).expanduser() / MANIFEST
     if not path.is_file():
         raise UserError(

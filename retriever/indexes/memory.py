@@ -42,7 +42,7 @@ def format_bytes(n: float) -> str:
 
 def _ivf_parts(spec: IndexSpec, n: int, d: int) -> tuple[int, int, int]:
     """(nlist, bytes per stored code, fixed bytes of quantizer/codebooks/rotation)."""
-    nlist = int(re.search(r"IVF(\d+)", spec.factory).group(1))
+    nlist = int(re.findall(r"IVF(\d+)", spec.factory)[0])
     fixed = 4 * nlist * d + 48 * nlist  # centroids + per-list vector headers
     if "_HNSW" in spec.factory:
         fixed += nlist * 8 * 32 * 2  # the quantizer's graph (2·M links on level 0)
@@ -82,8 +82,8 @@ def estimate_build_bytes(spec: IndexSpec, n: int, d: int, batch_rows: int = BATC
         if spec.kind in ("ivfpq", "opq"):
             train += spec.train_size * 4 * d  # IVF-PQ trains its PQ on a copy of residuals
     # faiss grows its code arrays by doubling (std::vector): a Flat or HNSW store briefly holds
-    # old and new buffers (measured: Flat 1M×512, 2 GB of vectors, peaked 3.9 GB); IVF lists
-    # grow one list at a time but keep up to 2× capacity, ~1.5× on average.
+    # old and new buffers (benchmarks/RESULTS.md, "Figures behind comments"); IVF lists grow one
+    # list at a time but keep up to 2× capacity, ~1.5× on average.
     final = estimate_bytes(spec, n, d)
     growth = 2.0 if spec.kind in ("flat", "hnsw") else 1.5
     lists = 0 if spec.on_disk else n * (_ivf_parts(spec, n, d)[1] + 8) if spec.kind not in ("flat", "hnsw") else final
@@ -140,7 +140,7 @@ def choose_for_budget(
     if max_memory is None:
         spec = cands[0]
         return replace(spec, memory_bytes=estimate_bytes(spec, n, d))
-    best_need = None
+    best_need: tuple[int, IndexSpec] | None = None
     for spec in cands:
         spec = _fit_training(spec, n, d, max_memory)
         need = max(estimate_bytes(spec, n, d), estimate_build_bytes(spec, n, d))
@@ -148,11 +148,12 @@ def choose_for_budget(
             return replace(spec, memory_bytes=estimate_bytes(spec, n, d))
         if best_need is None or need < best_need[0]:
             best_need = (need, spec)
+    assert best_need is not None  # candidates() is never empty
     need, spec = best_need
     what = "any index" if index_type == "auto" else f"{'an' if index_type[0] in 'aeiou' else 'a'} {index_type} index"
     raise UserError(
         f"{format_bytes(max_memory)} is too little for {what} over {n:,} vectors of dim {d}: the smallest "
-        f"({describe(spec)}) needs about {format_bytes(need)}; raise --max-memory."
+        f"({spec_label(spec)}) needs about {format_bytes(need)}; raise --max-memory."
     )
 
 
@@ -167,7 +168,7 @@ def _fit_training(spec: IndexSpec, n: int, d: int, budget: int) -> IndexSpec:
     return replace(spec, train_size=int(max(minimum, min(spec.train_size, affordable))))
 
 
-def describe(spec: IndexSpec) -> str:
+def spec_label(spec: IndexSpec) -> str:
     extra = []
     if spec.rerank == "mmap":
         extra.append("re-ranked from vectors on disk")
@@ -180,7 +181,7 @@ __all__ = [
     "block_rows",
     "candidates",
     "choose_for_budget",
-    "describe",
+    "spec_label",
     "estimate_build_bytes",
     "estimate_bytes",
     "format_bytes",

@@ -65,7 +65,7 @@ class VectorStore:
         """Vectors of `rows` (any shape of int64); rows < 0 give zero vectors."""
         flat = np.asarray(rows, np.int64).ravel()
         out = np.zeros((len(flat), self.d), np.float32)
-        buf = memoryview(out).cast("B")
+        buf = out.data.cast("B")
         row_bytes = 4 * self.d
         positions = np.flatnonzero(flat >= 0)
         positions = positions[np.argsort(flat[positions], kind="stable")]  # sorted reads walk the file forwards

@@ -58,7 +58,7 @@ def grid(factory: str, ntotal: int, k: int, rerank: str = "") -> list[list[dict]
         return [[{}]]
     if factory.startswith("HNSW"):
         return [[{"efSearch": e} for e in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024) if e >= k]]
-    nlist = int(re.search(r"IVF(\d+)", factory).group(1))
+    nlist = int(re.findall(r"IVF(\d+)", factory)[0])
     probes = [
         p for p in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048) if p <= nlist
     ]
@@ -92,9 +92,9 @@ def _retime(search: SearchFn, queries: np.ndarray, k: int, settings: list[dict],
     """Time the settings that reached the target again, interleaved, keeping each one's best.
 
     The walk times each setting once, in order, so the first setting that touches new data pays
-    for reading it: at 10M with vectors re-ranked from disk, the first setting of each re-rank
-    factor ran 3-10x slower than its neighbours on a cold page cache. The choice among the
-    candidates must not depend on which of them ran first.
+    for reading it (at 10M with vectors re-ranked from disk, several times slower than its
+    neighbours on a cold page cache: benchmarks/RESULTS.md, "Figures behind comments"). The choice
+    among the candidates must not depend on which of them ran first.
     """
     if len(settings) < 2:
         return

@@ -23,7 +23,7 @@ Typical use::
     model, config = build_composed_model(DEFAULT_IMAGE_TOWER, f"hf:{text_dir}", image_weights=image_pth)
     model.lock_image_tower()                    # NOT freeze_bn_stats=True, see set_locked_towers_eval
     model.lock_text_tower(unlocked_layers=2)
-    save_composed_model(model, config, "out/")  # later: open_clip.create_model_and_transforms("local-dir:out/")
+    write_model_files(Path("out"), model, config)  # retriever.models.folder; then "local-dir:out"
 
 CPU note: EfficientNet-Lite0 runs markedly faster on CPU in channels_last memory format
 (``model.visual.to(memory_format=torch.channels_last)`` and the same for the input batch).
@@ -40,6 +40,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -87,8 +88,8 @@ def _timm_preprocess(model_name: str, image_size: int) -> dict:
     if not timm.is_model(model_name):
         raise ValueError(f"timm has no model named {model_name!r}.")
     pcfg = timm.get_pretrained_cfg(model_name)
-    pcfg = pcfg.to_dict() if pcfg is not None else {"input_size": (3, image_size, image_size)}
-    data_cfg = resolve_data_config(pretrained_cfg=pcfg)
+    pcfg_dict = pcfg.to_dict() if pcfg is not None else {"input_size": (3, image_size, image_size)}
+    data_cfg = resolve_data_config(pretrained_cfg=pcfg_dict)
     return {
         "size": image_size,
         "mode": "RGB",
@@ -180,7 +181,7 @@ def _hf_offline() -> Iterator[None]:
     for k, v in saved_env.items():
         if v is None:
             os.environ[k] = "1"
-    hub_constants = None
+    hub_constants: Any = None
     saved_flag = None
     if saved_env["HF_HUB_OFFLINE"] is None and saved_env["TRANSFORMERS_OFFLINE"] is None:
         try:
@@ -232,7 +233,7 @@ def build_composed_model(
     `load_timm_trunk_weights` (None leaves the trunk randomly initialised). Projections and
     ``logit_scale`` are fresh. Hub access is disabled while building, so a missing local file
     fails instead of downloading. Returns ``(model, config)`` where ``config`` is
-    `compose_model_config`'s dict: save both with `save_composed_model` to reload with plain
+    `compose_model_config`'s dict: save both with `retriever.models.folder.write_model_files` to reload with plain
     ``open_clip.create_model_and_transforms("local-dir:FOLDER")``.
 
     The model is returned in train mode (open_clip's default); call ``.eval()`` for inference.
@@ -253,29 +254,6 @@ def build_composed_model(
     # create_model attaches the preprocess cfg the same way; open_clip.image_transform_v2 reads it.
     set_model_preprocess_cfg(model, merge_preprocess_dict(PreprocessCfg(), config["preprocess_cfg"]))
     return model, config
-
-
-def save_composed_model(model: torch.nn.Module, config: dict, folder: str | os.PathLike) -> Path:
-    """Write an open_clip ``local-dir:`` folder: config, weights and the text tokenizer.
-
-    ``open_clip_config.json`` + ``open_clip_model.safetensors`` are all that
-    ``create_model_and_transforms("local-dir:FOLDER")`` needs; the tokenizer files are copied in
-    because ``open_clip.get_tokenizer("local-dir:FOLDER")`` loads the HF tokenizer from FOLDER
-    itself, not from ``hf_tokenizer_name``.
-    """
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer
-
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "open_clip_config.json", "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-    # contiguous(): channels_last tensors would otherwise be rejected by safetensors.
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "open_clip_model.safetensors"))
-    with _hf_offline():
-        AutoTokenizer.from_pretrained(config["model_cfg"]["text_cfg"]["hf_tokenizer_name"]).save_pretrained(out)
-    return out
 
 
 def set_locked_towers_eval(model: torch.nn.Module) -> torch.nn.Module:
@@ -316,6 +294,7 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Image weights file not found: {path}")
+    sd: Any
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

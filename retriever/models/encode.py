@@ -33,7 +33,13 @@ def encode_token_batch(encoder: LoadedModel, tokens: torch.Tensor) -> np.ndarray
 
 
 def encode_images(encoder: LoadedModel, images: Iterable[ImageInput], batch_size: int = 32) -> np.ndarray:
-    """Encode paths, raw bytes or PIL images. Raises on an undecodable image (a caller's input)."""
+    """Encode images into (N, D) float32 unit vectors. Raises on an undecodable image (a caller's input).
+
+    Args:
+        encoder: the loaded model (`load_model`).
+        images: paths, raw bytes or PIL images.
+        batch_size: images per forward pass.
+    """
     out, batch = [], []
     for img in images:
         batch.append(encoder.preprocess(load_image(img)))
@@ -46,7 +52,13 @@ def encode_images(encoder: LoadedModel, images: Iterable[ImageInput], batch_size
 
 
 def encode_texts(encoder: LoadedModel, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-    """Encode strings; returns (N, D) unit vectors."""
+    """Encode captions or queries into (N, D) float32 unit vectors.
+
+    Args:
+        encoder: the loaded model (`load_model`).
+        texts: the strings (a single string is one text).
+        batch_size: texts per forward pass.
+    """
     if isinstance(texts, str):
         texts = [texts]
     out = [

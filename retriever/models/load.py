@@ -30,6 +30,7 @@ import torch
 
 from retriever.errors import ModelLoadError, UserError
 from retriever.identity import ModelIdentity
+from retriever.models.folder import recorded_weights_sha256, state_sha256
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
@@ -41,9 +42,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoadedModel:
-    """An open_clip model ready to encode, with its transforms, tokenizer and identity."""
+    """An open_clip model ready to encode, with its transforms, tokenizer and identity.
 
-    model: torch.nn.Module
+    Attributes:
+        model: the open_clip CLIP-like module (eval mode, on `device`).
+        preprocess: eval transform, PIL RGB image -> tensor; preprocess_train: open_clip's
+            augmenting train transform.
+        tokenizer: strings -> token tensor.
+        identity: what the vectors are comparable with (`ModelIdentity`).
+        device, precision: where and how it runs ("fp32" on the CPU; "fp16"/"bf16" autocast on a GPU).
+        config: the open_clip config, {"model_cfg": ..., "preprocess_cfg": ...}.
+    """
+
+    model: Any  # an open_clip CLIP-like nn.Module; Any because open_clip is untyped (encode_image etc.)
     preprocess: Callable  # eval transform: PIL RGB image -> tensor
     preprocess_train: Callable  # open_clip's augmenting train transform
     tokenizer: Callable
@@ -86,15 +97,7 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
 
 def state_dict_sha256(model: torch.nn.Module) -> str:
     """Hash parameter and buffer contents (fp32, sorted by name), independent of file format."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        if t.dtype in (torch.float16, torch.bfloat16):
-            t = t.float()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
+    return state_sha256(model.state_dict())
 
 
 def load_model(
@@ -109,6 +112,12 @@ def load_model(
     `pretrained` is a tag (`laion2b_s34b_b79k`), a local weights file, or `"random"`. With the
     default hub model and no `pretrained`, the default tag is used; a config JSON without
     `pretrained` is randomly (but reproducibly, seed 0) initialised, which is what tests use.
+
+    Args:
+        model: open_clip hub name, model-config JSON path, or `local-dir:FOLDER` (open_clip files).
+        pretrained: see above; must be None for a `local-dir:` folder (it holds the weights).
+        device: "cuda" or "cpu"; default: cuda when torch sees a GPU.
+        precision: "fp32" (CPU), "fp16" or "bf16" (GPU autocast; default fp16 there).
     """
     import open_clip
 
@@ -147,11 +156,20 @@ def load_model(
     identity = ModelIdentity(
         name=name,
         pretrained=None if random_init and pretrained is None else pretrained,
-        weights_sha256=state_dict_sha256(net),
+        weights_sha256=_weights_sha256(name, net),
         embed_dim=_embed_dim(net, config),
     )
     net.to(dev)
     return LoadedModel(net, pre_val, pre_train, tokenizer, identity, dev, prec, config)
+
+
+def _weights_sha256(name: str, net: torch.nn.Module) -> str:
+    """The recorded hash of a retriever-written folder whose weights file is unchanged, else a full hash."""
+    if name.startswith("local-dir:"):
+        recorded = recorded_weights_sha256(name.removeprefix("local-dir:"))
+        if recorded is not None:
+            return recorded
+    return state_dict_sha256(net)
 
 
 def model_config_of(model: str) -> dict[str, Any]:
@@ -284,7 +302,7 @@ def _register_config(model_cfg: dict[str, Any]) -> str:
     return name
 
 
-def _embed_dim(net: torch.nn.Module, config: dict[str, Any]) -> int:
+def _embed_dim(net: Any, config: dict[str, Any]) -> int:
     dim = config.get("model_cfg", {}).get("embed_dim")
     if dim is None:
         dim = getattr(net, "embed_dim", None) or net.text_projection.shape[-1]

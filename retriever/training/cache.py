@@ -17,6 +17,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from retriever.data.loading import ImageDataset, collate_decoded
 from retriever.data.sources import SourceItem
 from retriever.errors import UserError
 from retriever.models.load import LoadedModel, state_dict_sha256
+from retriever.skipped import skipped_entry
 
 
 @dataclass
@@ -45,7 +47,8 @@ class TowerSplit:
 
 def split_towers(model: torch.nn.Module) -> TowerSplit:
     """Trunk/head of a composed (timm image, HF text) open_clip model whose trunks are locked."""
-    visual, text = getattr(model, "visual", None), getattr(model, "text", None)
+    visual: Any = getattr(model, "visual", None)
+    text: Any = getattr(model, "text", None)
     if not (
         hasattr(visual, "trunk") and hasattr(visual, "head") and hasattr(text, "transformer") and hasattr(text, "proj")
     ):
@@ -76,7 +79,7 @@ class CachedSplit:
     image: torch.Tensor  # (len(items), D_img)
     text: torch.Tensor  # (total captions, D_txt)
     caption_start: torch.Tensor  # (len(items),) first caption row of each item
-    skipped: int
+    skipped: list[dict]  # skipped_entry(path, reason) per undecodable item
 
     def text_row(self, item: int, caption: int) -> int:
         return int(self.caption_start[item]) + caption
@@ -118,8 +121,14 @@ def compute_tower_features(
         path = Path(cache_dir) / f"{name}-{cache_key(encoder, split, items)}.safetensors"
         if path.is_file():
             t = load_file(str(path))
-            kept = [items[int(i)] for i in t["kept"]]
-            return CachedSplit(kept, t["image"], t["text"], t["caption_start"], len(items) - len(kept))
+            cached = [items[int(i)] for i in t["kept"]]
+            kept_set = {int(i) for i in t["kept"]}
+            not_cached = [
+                skipped_entry(it.path, "could not be decoded when its features were cached")
+                for i, it in enumerate(items)
+                if i not in kept_set
+            ]
+            return CachedSplit(cached, t["image"], t["text"], t["caption_start"], not_cached)
 
     for trunk in split.trunks:
         trunk.eval()
@@ -130,9 +139,13 @@ def compute_tower_features(
         collate_fn=collate_decoded,
     )
     total = len(items) + sum(len(it.captions) for it in items)
-    done, kept, img_feats = 0, [], []
+    done = 0
+    kept: list[int] = []
+    img_feats: list[torch.Tensor] = []
+    skipped: list[dict] = []
     for batch in loader:
         done += len(batch.indices) + len(batch.errors)
+        skipped += [skipped_entry(items[i].path, reason) for i, reason in batch.errors]
         if batch.pixels is not None:
             px = batch.pixels.to(encoder.device)
             if encoder.device.type == "cpu":
@@ -162,7 +175,7 @@ def compute_tower_features(
         torch.cat(img_feats),
         torch.cat(txt_feats),
         torch.tensor(starts),
-        len(items) - len(kept),
+        skipped,
     )
     if path is not None:
         with atomic_path(path) as tmp:

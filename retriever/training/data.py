@@ -75,7 +75,8 @@ def rank_batches(n_items: int, batch_size: int, rank: int, world: int, start_ste
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """(pixels, caption) for the samples of one epoch; undecodable images become None."""
+    """(pixels, caption, error) for the samples of one epoch; an undecodable image gives
+    (None, caption, (path, reason))."""
 
     def __init__(self, items: Sequence[SourceItem], samples: Sequence[Sample], transform: Callable, augment: bool):
         self.items, self.samples, self.transform, self.augment = items, samples, transform, augment
@@ -90,7 +91,7 @@ class PairDataset(torch.utils.data.Dataset):
         try:
             img = load_image(item.path)
         except Exception as e:  # a bad file is data: dropped from its batch and reported
-            return None, caption, f"{item.path}: {type(e).__name__}: {e}"
+            return None, caption, (item.path, f"{type(e).__name__}: {e}")
         if self.augment:
             # The sample's own seed, so the crop does not depend on which worker runs it.
             with torch.random.fork_rng(devices=[]):

@@ -47,6 +47,11 @@ def init_distributed(device_type: str = "cpu") -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def is_active() -> bool:
+    """Whether this process is one of several in an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def current() -> DistInfo:
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
@@ -65,9 +70,9 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         world, rank = dist.get_world_size(), dist.get_rank()
-        counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
-        dist.all_gather(counts, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
-        counts = [int(c) for c in counts]
+        count_tensors = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+        dist.all_gather(count_tensors, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
+        counts = [int(c) for c in count_tensors]
         most = max(counts)
         padded = x.new_zeros((most, *x.shape[1:]))
         padded[: x.shape[0]] = x
@@ -89,14 +94,14 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     Every rank then computes the same global loss L; the backward sums W identical copies of
     dL/dx_local, and `average_gradients` divides by W, which yields exactly dL/dθ.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_active():
         return x
     return _AllGatherWithGrad.apply(x)
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """Mean of each parameter's gradient over ranks, in one flattened all-reduce."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_active():
         return
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -118,7 +123,7 @@ def barrier() -> None:
 
 def broadcast_object(obj):
     """Rank 0's value on every rank (e.g. a decision only rank 0 can make, like 'best so far')."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_active():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)

@@ -76,6 +76,7 @@ def contrastive_backward(
     loss = loss_fn(img_all, txt_all)
     scale(loss).backward()  # loss parameters get their gradient here, once
     img_grads, txt_grads = img_all.grad, txt_all.grad
+    assert img_grads is not None and txt_grads is not None  # both are leaves that required grad
 
     for (s, e), state in zip(bounds, rng_states):
         _set_rng_state(state, images.device)

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,13 @@ import torch
 
 from retriever.atomic import write_json_atomic
 from retriever.data.sources import SourceItem, read_source
-from retriever.errors import UserError
+from retriever.errors import ConfigError, UserError
 from retriever.metrics import RetrievalMetrics
 from retriever.models.load import LoadedModel, load_model, resolve_device, resolve_precision
-from retriever.training import distributed as D
+from retriever.skipped import ERRORS_FILE, SkippedImages, skipped_entry, write_skipped
+from retriever.training import distributed
 from retriever.training.checkpoint import load_train_state, rng_state, save_checkpoint, set_rng_state
+from retriever.training.config import OptimConfig, TrainConfig
 from retriever.training.data import (
     epoch_loader,
     epoch_samples,
@@ -41,9 +44,8 @@ from retriever.training.data import (
     with_captions,
 )
 from retriever.training.gradcache import contrastive_backward
-from retriever.training.losses import LOSSES, clamp_logit_scale, contrastive_loss, ensure_logit_bias
+from retriever.training.losses import clamp_logit_scale, contrastive_loss, ensure_logit_bias
 from retriever.training.optim import (
-    OptimConfig,
     autocast_for,
     build_optimizer,
     lr_at,
@@ -53,56 +55,12 @@ from retriever.training.optim import (
 )
 from retriever.training.start import build_start_model, configure_trainable, set_train_mode
 
+log = logging.getLogger(__name__)
+
+__all__ = ["Callbacks", "EpochInfo", "OptimConfig", "RunState", "StepInfo", "TrainConfig", "TrainResult", "train"]
+
 # Fields that may differ between a run and its --resume without changing the result.
 _RESUMABLE_CHANGES = {"resume", "workers", "logdir", "max_steps", "save_every", "eval_batch_size"}
-
-
-@dataclass
-class TrainConfig:
-    source: str
-    out: str
-    val: str | None = None  # explicit val source; else a seeded `val_fraction` of `source`
-    test: str | None = None
-    val_fraction: float = 0.1
-    test_fraction: float = 0.0
-    split_seed: int = 0
-    image_column: str | None = None
-    caption_column: str | None = None
-    # Starting model: an open_clip spec, or two towers composed into one.
-    model: str | None = None
-    pretrained: str | None = None
-    image_tower: str | None = None  # timm:NAME
-    text_tower: str | None = None  # hf:PATH
-    image_weights: str | None = None
-    embed_dim: int = 512
-    image_size: int = 224
-    context_length: int = 32
-    # Optimisation.
-    epochs: int = 10
-    batch_size: int = 64
-    micro_batch: int | None = None  # GradCache chunk; None: the whole batch at once
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: str = "infonce"
-    augment: bool = True
-    lock_image: bool = False
-    unlock_image_last: int = 0
-    lock_text: bool = False
-    unlock_text_last: int = 0
-    grad_checkpointing: bool = False
-    cache_features: bool = False
-    precision: str | None = None
-    device: str | None = None
-    seed: int = 0
-    # Housekeeping.
-    workers: int = 2
-    eval_batch_size: int = 64
-    logdir: str | None = None
-    resume: bool = False
-    save_every: int = 0  # also save last/ every N steps (0: at epoch ends only)
-    max_steps: int | None = None  # stop early after this many steps in total (saved, resumable)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -129,6 +87,10 @@ class EpochInfo:
 
 @dataclass
 class TrainResult:
+    """Where a run's models are (run_dir, best_dir, last_dir), the best epoch and its val score,
+    the per-epoch history, test metrics (with a test split), steps taken, seconds, whether
+    max_steps stopped it early, and the images it skipped."""
+
     run_dir: str
     best_dir: str
     last_dir: str
@@ -139,6 +101,7 @@ class TrainResult:
     steps: int
     seconds: float
     stopped_early: bool  # max_steps reached before the last epoch ended
+    skipped: SkippedImages = field(default_factory=SkippedImages)  # undecodable images, listed in RUN_DIR/_errors.jsonl
 
 
 @dataclass
@@ -169,31 +132,105 @@ def load_splits(cfg: TrainConfig) -> _Splits:
     return _Splits(train, [it for it in val if it.captions], [it for it in test if it.captions])
 
 
+@dataclass
+class RunState:
+    """Everything a run changes as it goes (open_clip keeps the same in its TrainState).
+
+    Saved with the optimiser and RNG in last/train_state.pt at every save, restored by `resume`.
+    """
+
+    step: int = 0  # optimiser steps taken
+    epoch: int = 1  # the epoch in progress, or the next to start
+    step_in_epoch: int = 0
+    best_score: float | None = None  # best val mean recall so far
+    best_epoch: int = 0
+    history: list[dict] = field(default_factory=list)  # one row per evaluated epoch (0 = the start)
+    epoch_losses: list[float] = field(default_factory=list)  # this epoch's step losses (kept across a resume)
+    stopped: bool = False  # max_steps was reached
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "history": json.dumps(self.history),
+            "epoch_losses": json.dumps(self.epoch_losses),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> RunState:
+        return cls(
+            step=int(state["step"]),
+            epoch=int(state["epoch"]),
+            step_in_epoch=int(state["step_in_epoch"]),
+            best_score=state.get("best_score"),
+            best_epoch=int(state.get("best_epoch", 0)),
+            history=json.loads(state["history"]),
+            epoch_losses=json.loads(state["epoch_losses"]),
+        )
+
+
+@dataclass
+class _Run:
+    """What stays fixed while a run trains: its model, optimiser, data and outputs."""
+
+    cfg: TrainConfig
+    dir: Path
+    ranks: distributed.DistInfo
+    callbacks: Callbacks
+    encoder: LoadedModel
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    autocast: Callable
+    splits: _Splits
+    cached: dict | None  # tower features (cache_features)
+    writer: Any  # a TensorBoard SummaryWriter on rank 0 with logdir, else None
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    skipped: dict[str, dict] = field(default_factory=dict)  # this rank's undecodable images, by path
+
+    @property
+    def model(self) -> Any:
+        return self.encoder.model
+
+
 def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
-    """Run (or resume) a training run into `cfg.out`; returns where the best model is and the history."""
+    """Run (or resume) a training run into `cfg.out`.
+
+    Args:
+        cfg: what to train and how (see `TrainConfig`); `cfg.resume` continues the run in `cfg.out`
+            exactly where it stopped.
+        callbacks: optional progress hooks (steps, epochs, status lines), called on rank 0 only.
+
+    Returns:
+        A `TrainResult`: where the best and last models are, the per-epoch history and test metrics.
+    """
     cb = callbacks or Callbacks()
     started = time.perf_counter()
-    _validate(cfg)
-    run = Path(cfg.out).expanduser()
+    run_dir = Path(cfg.out).expanduser()
     device = resolve_device(cfg.device)
-    dist = D.init_distributed(device.type)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
+    ranks = distributed.init_distributed(device.type)
+    cfg.validate(ranks.world_size)
+    if ranks.enabled and device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
     precision = resolve_precision(cfg.precision, device)
-    if cfg.batch_size % dist.world_size:
-        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes.")
-    _check_run_dir(run, cfg, dist)
+    _check_run_dir(run_dir, cfg, ranks)
 
     splits = load_splits(cfg)
     if len(splits.train) < cfg.batch_size:
-        raise UserError(
-            f"--batch-size {cfg.batch_size} is larger than the {len(splits.train)} training images; lower it."
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} is larger than the {len(splits.train)} training images; lower it.",
+            "batch_size",
         )
-    _status(cb, dist, f"{len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test images")
+    _status(cb, ranks, f"{len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test images")
 
-    state = load_train_state(run / "last") if cfg.resume else None
-    encoder = build_start_model(cfg, run, device, precision, dist, resume=state is not None)
+    saved = load_train_state(run_dir / "last") if cfg.resume else None
+    encoder = build_start_model(cfg, run_dir, device, precision, ranks, resume=saved is not None)
     model = encoder.model
     if cfg.loss == "siglip":
         ensure_logit_bias(model, encoder.config)
@@ -202,170 +239,242 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
     if not trainable:
         raise UserError("Nothing to train: every parameter is locked.")
 
-    torch.manual_seed(cfg.seed + dist.rank)  # per-rank dropout streams, as in open_clip
+    torch.manual_seed(cfg.seed + ranks.rank)  # per-rank dropout streams, as in open_clip
     optimizer = build_optimizer(model, cfg.optim)
     scaler = make_scaler(precision, device)
-    autocast = autocast_for(precision, device)
     spe = steps_per_epoch(len(splits.train), cfg.batch_size)
-    total_steps = spe * cfg.epochs
-    warmup = warmup_steps(cfg.optim, total_steps)
+    state = RunState()
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        state = RunState.from_checkpoint(saved)
+        rngs = saved["rng"]
+        if len(rngs) == ranks.world_size:
+            set_rng_state(rngs[ranks.rank])
 
-    step, epoch, step_in_epoch = 0, 1, 0
-    best_score, best_epoch, history = None, 0, []
-    losses: list[float] = []  # this epoch's step losses (kept across a mid-epoch resume)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, epoch, step_in_epoch = int(state["step"]), int(state["epoch"]), int(state["step_in_epoch"])
-        best_score = state.get("best_score")
-        best_epoch = int(state.get("best_epoch", 0))
-        history = json.loads(state["history"])
-        losses = json.loads(state["epoch_losses"])
-        rngs = state["rng"]
-        if len(rngs) == dist.world_size:
-            set_rng_state(rngs[dist.rank])
+    writer = _tensorboard(cfg, ranks)
+    cached = _cache(encoder, cfg, splits, run_dir, cb, ranks) if cfg.cache_features else None
+    run = _Run(
+        cfg=cfg,
+        dir=run_dir,
+        ranks=ranks,
+        callbacks=cb,
+        encoder=encoder,
+        trainable=trainable,
+        optimizer=optimizer,
+        scaler=scaler,
+        autocast=autocast_for(precision, device),
+        splits=splits,
+        cached=cached,
+        writer=writer,
+        steps_per_epoch=spe,
+        total_steps=spe * cfg.epochs,
+        warmup=warmup_steps(cfg.optim, spe * cfg.epochs),
+    )
+    for split in (cached or {}).values():
+        for entry in getattr(split, "skipped", []):
+            run.skipped.setdefault(entry["path"], entry)
 
-    writer = _tensorboard(cfg, dist)
-    cached = None
-    if cfg.cache_features:
-        cached = _cache(encoder, cfg, splits, run, cb, dist)
-    evaluator = _Evaluator(encoder, splits.val, cfg, cached, dist)
-
-    def save_last(extra_json=None):
-        rngs = _gather_rng(dist)
-        if dist.is_main:
-            save_checkpoint(
-                run / "last",
-                model,
-                encoder.config,
-                state={
-                    "step": step,
-                    "epoch": epoch,
-                    "step_in_epoch": step_in_epoch,
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler else None,
-                    "rng": rngs,
-                    "best_score": best_score,
-                    "best_epoch": best_epoch,
-                    "history": json.dumps(history),
-                    "epoch_losses": json.dumps(losses),
-                    "config": json.dumps(cfg.to_dict()),
-                },
-                extra_json=extra_json,
-            )
-        D.barrier()
-
-    def record_epoch(ep: int, train_loss: float | None, seconds: float):
-        nonlocal best_score, best_epoch
-        metrics = evaluator()
-        val = metrics.flat() if metrics else None
-        score = metrics.mean_recall if metrics else None
-        is_best = score is None or best_score is None or score > best_score
-        if is_best:
-            best_score, best_epoch = score, ep
-            if dist.is_main:
-                save_checkpoint(
-                    run / "best",
-                    model,
-                    encoder.config,
-                    extra_json={"metrics.json": {"epoch": ep, "step": step, "val": val}},
-                )
-            D.barrier()
-        row = {
-            "epoch": ep,
-            "step": step,
-            "train_loss": train_loss,
-            "val": val,
-            "best": is_best,
-            "seconds": round(seconds, 3),
-        }
-        history.append(row)
-        if dist.is_main:
-            write_json_atomic(run / "metrics.json", {"history": history})
-            if writer and val:
-                for k, v in val.items():
-                    writer.add_scalar(f"val/{k}", v, step)
-        if cb.on_epoch and dist.is_main:
-            cb.on_epoch(EpochInfo(ep, step, train_loss, val, is_best, seconds))
-
-    if state is None:
-        record_epoch(0, None, 0.0)  # the starting point: what fine-tuning has to beat
-        save_last()
-
-    stopped = False
-    while epoch <= cfg.epochs and not stopped:
+    if saved is None:
+        _evaluate_epoch(run, state, 0, None, 0.0)  # the starting point: what fine-tuning has to beat
+        _save_last(run, state)
+    while state.epoch <= cfg.epochs and not state.stopped:
         t_epoch = time.perf_counter()
-        set_train_mode(model)
-        t0 = time.perf_counter()  # pairs/s counts data loading too: it is the rate the run moves at
-        for images, texts, n_pairs in _epoch_batches(encoder, cfg, splits.train, cached, epoch, step_in_epoch, dist):
-            lr = lr_at(step, cfg.optim.lr, warmup, total_steps)
-            set_lr(optimizer, lr)
-            enc_img, enc_txt = _encoders(model, cached)
-            loss = train_step(
-                model,
-                optimizer,
-                trainable,
-                enc_img,
-                enc_txt,
-                images,
-                texts,
-                loss_kind=cfg.loss,
-                micro_batch=cfg.micro_batch,
-                autocast=autocast,
-                scaler=scaler,
-                grad_clip=cfg.optim.grad_clip,
-            )
-            step += 1
-            step_in_epoch += 1
-            losses.append(loss)
-            if not math.isfinite(loss):
-                raise UserError(f"The loss became {loss} at step {step}; lower --lr or use --precision bf16/fp32.")
-            temperature = float(1 / model.logit_scale.detach().exp())
-            now = time.perf_counter()
-            info = StepInfo(
-                epoch, step, step_in_epoch, spe, loss, lr, temperature, n_pairs * dist.world_size / max(now - t0, 1e-9)
-            )
-            t0 = now
-            if cb.on_step and dist.is_main:
-                cb.on_step(info)
-            if writer:
-                writer.add_scalar("train/loss", loss, step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/temperature", temperature, step)
-            if cfg.max_steps and step >= cfg.max_steps:
-                stopped = True
-                break
-            if cfg.save_every and step % cfg.save_every == 0:
-                save_last()
-        if stopped and step_in_epoch < spe:
-            save_last()
+        _train_epoch(run, state)
+        if state.stopped and state.step_in_epoch < spe:
+            _save_last(run, state)
             break
+        losses = state.epoch_losses
         train_loss = sum(losses) / len(losses) if losses else None
-        record_epoch(epoch, train_loss, time.perf_counter() - t_epoch)
-        epoch, step_in_epoch, losses = epoch + 1, 0, []
-        save_last()
+        _evaluate_epoch(run, state, state.epoch, train_loss, time.perf_counter() - t_epoch)
+        state.epoch, state.step_in_epoch, state.epoch_losses = state.epoch + 1, 0, []
+        _save_last(run, state)
 
+    stopped_early = state.stopped and state.epoch <= cfg.epochs
     test = None
-    if splits.test and not (stopped and epoch <= cfg.epochs):
-        test = _evaluate_folder(run / "best", splits.test, cfg, device, precision, dist, cb)
-        if dist.is_main:
-            write_json_atomic(run / "metrics.json", {"history": history, "test": test})
+    if splits.test and not stopped_early:
+        test = _evaluate_folder(run_dir / "best", splits.test, cfg, device, precision, ranks, cb)
+        if ranks.is_main:
+            write_json_atomic(run_dir / "metrics.json", {"history": state.history, "test": test})
     if writer:
         writer.close()
-    D.barrier()
+    distributed.barrier()
     return TrainResult(
-        str(run),
-        str(run / "best"),
-        str(run / "last"),
-        best_epoch,
-        best_score,
-        history,
+        str(run_dir),
+        str(run_dir / "best"),
+        str(run_dir / "last"),
+        state.best_epoch,
+        state.best_score,
+        state.history,
         test,
-        step,
+        state.step,
         time.perf_counter() - started,
-        stopped and epoch <= cfg.epochs,
+        stopped_early,
+        _record_skipped(run),
     )
+
+
+def _train_epoch(run: _Run, state: RunState) -> None:
+    """Train from `state`'s position to the end of its epoch, or until `max_steps` (sets `stopped`)."""
+    cfg, model, cb = run.cfg, run.model, run.callbacks
+    set_train_mode(model)
+    encode_image, encode_text = _encoders(model, run.cached)
+    t0 = time.perf_counter()  # pairs/s counts data loading too: it is the rate the run moves at
+    batches = _epoch_batches(
+        run.encoder, cfg, run.splits.train, run.cached, state.epoch, state.step_in_epoch, run.ranks, run.skipped
+    )
+    for images, texts, n_pairs in batches:
+        lr = lr_at(state.step, cfg.optim.lr, run.warmup, run.total_steps)
+        set_lr(run.optimizer, lr)
+        loss = train_step(
+            model,
+            run.optimizer,
+            run.trainable,
+            encode_image,
+            encode_text,
+            images,
+            texts,
+            loss_kind=cfg.loss,
+            micro_batch=cfg.micro_batch,
+            autocast=run.autocast,
+            scaler=run.scaler,
+            grad_clip=cfg.optim.grad_clip,
+        )
+        state.step += 1
+        state.step_in_epoch += 1
+        state.epoch_losses.append(loss)
+        if not math.isfinite(loss):
+            raise UserError(f"The loss became {loss} at step {state.step}; lower --lr or use --precision bf16/fp32.")
+        temperature = float(1 / model.logit_scale.detach().exp())
+        now = time.perf_counter()
+        pairs_per_second = n_pairs * run.ranks.world_size / max(now - t0, 1e-9)
+        t0 = now
+        if cb.on_step and run.ranks.is_main:
+            cb.on_step(
+                StepInfo(
+                    state.epoch,
+                    state.step,
+                    state.step_in_epoch,
+                    run.steps_per_epoch,
+                    loss,
+                    lr,
+                    temperature,
+                    pairs_per_second,
+                )
+            )
+        if run.writer:
+            run.writer.add_scalar("train/loss", loss, state.step)
+            run.writer.add_scalar("train/lr", lr, state.step)
+            run.writer.add_scalar("train/temperature", temperature, state.step)
+        if cfg.max_steps and state.step >= cfg.max_steps:
+            state.stopped = True
+            return
+        if cfg.save_every and state.step % cfg.save_every == 0:
+            _save_last(run, state)
+
+
+def _evaluate_epoch(run: _Run, state: RunState, epoch: int, train_loss: float | None, seconds: float) -> None:
+    """Val metrics after `epoch` (0: the starting model): keep best/, append to the history, report."""
+    metrics = _val_metrics(run)
+    val = metrics.flat() if metrics else None
+    score = metrics.mean_recall if metrics else None
+    is_best = score is None or state.best_score is None or score > state.best_score
+    if is_best:
+        state.best_score, state.best_epoch = score, epoch
+        if run.ranks.is_main:
+            save_checkpoint(
+                run.dir / "best",
+                run.model,
+                run.encoder.config,
+                extra_json={"metrics.json": {"epoch": epoch, "step": state.step, "val": val}},
+            )
+        distributed.barrier()
+    row = {
+        "epoch": epoch,
+        "step": state.step,
+        "train_loss": train_loss,
+        "val": val,
+        "best": is_best,
+        "seconds": round(seconds, 3),
+    }
+    state.history.append(row)
+    _record_skipped(run)
+    if run.ranks.is_main:
+        write_json_atomic(run.dir / "metrics.json", {"history": state.history})
+        if run.writer and val:
+            for k, v in val.items():
+                run.writer.add_scalar(f"val/{k}", v, state.step)
+    if run.callbacks.on_epoch and run.ranks.is_main:
+        run.callbacks.on_epoch(EpochInfo(epoch, state.step, train_loss, val, is_best, seconds))
+
+
+def _record_skipped(run: _Run) -> SkippedImages:
+    """Every rank's skipped images, listed by rank 0 in RUN_DIR/_errors.jsonl (the embed format)."""
+    mine = list(run.skipped.values())
+    if run.ranks.enabled:
+        box: list = [None] * run.ranks.world_size
+        torch.distributed.all_gather_object(box, mine)
+        mine = [e for part in box for e in part]
+    entries = list({e["path"]: e for e in mine}.values())
+    if run.ranks.is_main and entries:
+        return write_skipped(run.dir, entries)
+    return SkippedImages(entries, str(run.dir / ERRORS_FILE) if entries else None)
+
+
+def _save_last(run: _Run, state: RunState) -> None:
+    """Write last/: weights plus everything `resume` needs (state, optimiser, every rank's RNG)."""
+    rngs = _gather_rng(run.ranks)
+    if run.ranks.is_main:
+        fields = state.to_checkpoint()
+        save_checkpoint(
+            run.dir / "last",
+            run.model,
+            run.encoder.config,
+            state={
+                "step": fields["step"],
+                "epoch": fields["epoch"],
+                "step_in_epoch": fields["step_in_epoch"],
+                "optimizer": run.optimizer.state_dict(),
+                "scaler": run.scaler.state_dict() if run.scaler else None,
+                "rng": rngs,
+                "best_score": fields["best_score"],
+                "best_epoch": fields["best_epoch"],
+                "history": fields["history"],
+                "epoch_losses": fields["epoch_losses"],
+                "config": json.dumps(run.cfg.to_dict()),
+            },
+        )
+    distributed.barrier()
+
+
+def _val_metrics(run: _Run) -> RetrievalMetrics | None:
+    """Val metrics of the model in training (rank 0 computes, every rank gets the result)."""
+    if not run.splits.val:
+        return None
+    result = None
+    if run.ranks.is_main:
+        model = run.model
+        was_training = model.training
+        model.eval()
+        try:
+            if run.cached is not None and "val" in run.cached:
+                from retriever.metrics import retrieval_metrics
+                from retriever.training.cache import cached_eval_embeddings
+
+                val = run.cached["val"]
+                img, txt = cached_eval_embeddings(run.cached["split"], val, run.encoder.device)
+                result = retrieval_metrics(img, txt, val.text_image())
+            else:
+                from retriever.evaluation import evaluate
+
+                result = evaluate(
+                    run.encoder, run.splits.val, batch_size=run.cfg.eval_batch_size, workers=run.cfg.workers
+                ).metrics
+        finally:
+            if was_training:
+                set_train_mode(model)
+    return distributed.broadcast_object(result)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,7 +512,7 @@ def train_step(
         scale=scaler.scale if scaler is not None else (lambda x: x),
         module=model,
     )
-    D.average_gradients(trainable)
+    distributed.average_gradients(trainable)
     if scaler is not None:
         scaler.unscale_(optimizer)
     if grad_clip:
@@ -417,30 +526,7 @@ def train_step(
     return loss
 
 
-def _validate(cfg: TrainConfig) -> None:
-    if cfg.loss not in LOSSES:
-        raise UserError(f"Unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}.")
-    if cfg.epochs < 1 or cfg.batch_size < 2:
-        raise UserError(
-            "--epochs must be at least 1 and --batch-size at least 2 (a contrastive batch needs negatives)."
-        )
-    if cfg.micro_batch is not None and cfg.micro_batch < 1:
-        raise UserError("--micro-batch must be at least 1.")
-    if (cfg.image_tower is None) != (cfg.text_tower is None):
-        raise UserError("Give both --image-tower timm:NAME and --text-tower hf:PATH to compose a model, or neither.")
-    if cfg.image_tower and (cfg.model or cfg.pretrained):
-        raise UserError("--model/--pretrained and --image-tower/--text-tower are alternatives; give one of them.")
-    if (
-        cfg.cache_features
-        and not (cfg.lock_image and cfg.lock_text)
-        or (cfg.cache_features and (cfg.unlock_image_last or cfg.unlock_text_last))
-    ):
-        raise UserError(
-            "--cache-features needs both towers fully locked: --lock-image --lock-text, no unlocked layers."
-        )
-
-
-def _check_run_dir(run: Path, cfg: TrainConfig, dist: D.DistInfo) -> None:
+def _check_run_dir(run: Path, cfg: TrainConfig, ranks: distributed.DistInfo) -> None:
     """A new run needs an empty RUN_DIR; a resume needs the same configuration."""
     saved = run / "run.json"
     mine = cfg.to_dict()
@@ -458,18 +544,18 @@ def _check_run_dir(run: Path, cfg: TrainConfig, dist: D.DistInfo) -> None:
         return
     if run.exists() and any(run.iterdir()):
         raise UserError(f"{run} already holds a run; pass --resume to continue it, or choose another --out.")
-    D.barrier()  # every rank checks before rank 0 writes run.json
-    if dist.is_main:
+    distributed.barrier()  # every rank checks before rank 0 writes run.json
+    if ranks.is_main:
         write_json_atomic(saved, mine)
 
 
-def _status(cb: Callbacks, dist: D.DistInfo, text: str) -> None:
-    if cb.on_status and dist.is_main:
+def _status(cb: Callbacks, ranks: distributed.DistInfo, text: str) -> None:
+    if cb.on_status and ranks.is_main:
         cb.on_status(text)
 
 
-def _tensorboard(cfg: TrainConfig, dist: D.DistInfo):
-    if not cfg.logdir or not dist.is_main:
+def _tensorboard(cfg: TrainConfig, ranks: distributed.DistInfo):
+    if not cfg.logdir or not ranks.is_main:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -478,11 +564,11 @@ def _tensorboard(cfg: TrainConfig, dist: D.DistInfo):
     return SummaryWriter(cfg.logdir)
 
 
-def _gather_rng(dist: D.DistInfo) -> list:
+def _gather_rng(ranks: distributed.DistInfo) -> list:
     mine = rng_state()
-    if not dist.enabled:
+    if not ranks.enabled:
         return [mine]
-    box: list = [None] * dist.world_size
+    box: list = [None] * ranks.world_size
     torch.distributed.all_gather_object(box, mine)
     return box
 
@@ -494,12 +580,12 @@ def _encoders(model, cached):
     return (lambda x: model.encode_image(x, normalize=True)), (lambda t: model.encode_text(t, normalize=True))
 
 
-def _epoch_batches(encoder: LoadedModel, cfg: TrainConfig, items, cached, epoch, start_step, dist):
+def _epoch_batches(encoder: LoadedModel, cfg: TrainConfig, items, cached, epoch, start_step, ranks, skipped):
     """(images, tokens, pairs) per step of this rank; cached tower outputs with --cache-features."""
     if cached is not None:
         train = cached["train"]
         samples = epoch_samples(train.items, epoch, cfg.seed)
-        for positions in rank_batches(len(train.items), cfg.batch_size, dist.rank, dist.world_size, start_step):
+        for positions in rank_batches(len(train.items), cfg.batch_size, ranks.rank, ranks.world_size, start_step):
             smp = [samples[p] for p in positions]
             img = train.image[[s.item for s in smp]].to(encoder.device)
             txt = train.text[[train.text_row(s.item, s.caption) for s in smp]].to(encoder.device)
@@ -510,8 +596,8 @@ def _epoch_batches(encoder: LoadedModel, cfg: TrainConfig, items, cached, epoch,
         epoch,
         seed=cfg.seed,
         batch_size=cfg.batch_size,
-        rank=dist.rank,
-        world=dist.world_size,
+        rank=ranks.rank,
+        world=ranks.world_size,
         start_step=start_step,
         transform=encoder.preprocess_train if cfg.augment else encoder.preprocess,
         augment=cfg.augment,
@@ -519,10 +605,10 @@ def _epoch_batches(encoder: LoadedModel, cfg: TrainConfig, items, cached, epoch,
         workers=cfg.workers,
     )
     for pixels, tokens, errors in loader:
-        for e in errors:
-            import logging
-
-            logging.getLogger(__name__).warning("Skipped an unreadable training image: %s", e)
+        for path, reason in errors:
+            if path not in skipped:  # once per image, not once per epoch
+                skipped[path] = skipped_entry(path, reason)
+                log.warning("Skipped an unreadable training image: %s: %s", path, reason)
         if pixels is None:
             continue
         pixels = pixels.to(encoder.device, non_blocking=True)
@@ -532,19 +618,19 @@ def _epoch_batches(encoder: LoadedModel, cfg: TrainConfig, items, cached, epoch,
         yield pixels, tokens.to(encoder.device, non_blocking=True), len(pixels)
 
 
-def _cache(encoder, cfg, splits, run, cb, dist):
+def _cache(encoder, cfg, splits, run, cb, ranks):
     from retriever.training.cache import compute_tower_features, split_towers
 
     split = split_towers(encoder.model)
     out = {"split": split}
     if cfg.augment:
-        _status(cb, dist, "Augmentation is off with --cache-features: each image's tower output is computed once.")
+        _status(cb, ranks, "Augmentation is off with --cache-features: each image's tower output is computed once.")
     for name, items in (("train", splits.train), ("val", splits.val)):
         if not items:
             continue
-        _status(cb, dist, f"Computing tower features for {len(items)} {name} images (once; reused by later runs)")
+        _status(cb, ranks, f"Computing tower features for {len(items)} {name} images (once; reused by later runs)")
         progress = (
-            (lambda d, t, n=name: cb.on_progress(f"features {n}", d, t)) if cb.on_progress and dist.is_main else None
+            (lambda d, t, n=name: cb.on_progress(f"features {n}", d, t)) if cb.on_progress and ranks.is_main else None
         )
         out[name] = compute_tower_features(
             encoder,
@@ -563,46 +649,12 @@ def _cache(encoder, cfg, splits, run, cb, dist):
     return out
 
 
-class _Evaluator:
-    """Val metrics of the model in training (rank 0 computes, every rank gets the result)."""
-
-    def __init__(self, encoder, items, cfg, cached, dist):
-        self.encoder, self.items, self.cfg, self.cached, self.dist = encoder, items, cfg, cached, dist
-
-    def __call__(self) -> RetrievalMetrics | None:
-        if not self.items:
-            return None
-        result = None
-        if self.dist.is_main:
-            model = self.encoder.model
-            was_training = model.training
-            model.eval()
-            try:
-                if self.cached is not None and "val" in self.cached:
-                    from retriever.metrics import retrieval_metrics
-                    from retriever.training.cache import cached_eval_embeddings
-
-                    val = self.cached["val"]
-                    img, txt = cached_eval_embeddings(self.cached["split"], val, self.encoder.device)
-                    result = retrieval_metrics(img, txt, val.text_image())
-                else:
-                    from retriever.evaluation import evaluate
-
-                    result = evaluate(
-                        self.encoder, self.items, batch_size=self.cfg.eval_batch_size, workers=self.cfg.workers
-                    ).metrics
-            finally:
-                if was_training:
-                    set_train_mode(model)
-        return D.broadcast_object(result)
-
-
-def _evaluate_folder(folder: Path, items, cfg, device, precision, dist, cb) -> dict | None:
+def _evaluate_folder(folder: Path, items, cfg, device, precision, ranks, cb) -> dict | None:
     result = None
-    if dist.is_main:
+    if ranks.is_main:
         from retriever.evaluation import evaluate
 
-        _status(cb, dist, f"Evaluating {folder} on {len(items)} test images")
+        _status(cb, ranks, f"Evaluating {folder} on {len(items)} test images")
         encoder = load_model(f"local-dir:{folder}", device=device, precision=precision)
         result = evaluate(encoder, items, batch_size=cfg.eval_batch_size, workers=cfg.workers).metrics.to_dict()
-    return D.broadcast_object(result)
+    return distributed.broadcast_object(result)

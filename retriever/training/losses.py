@@ -11,10 +11,12 @@ come out exact).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from retriever.training.config import LOSSES
 from retriever.training.distributed import gather_with_grad
 
 # CLIP's initial temperature 0.07 and its cap of 100 on the logit scale (Radford et al. 2021).
@@ -23,8 +25,6 @@ MAX_LOGIT_SCALE = math.log(100)
 # SigLIP's initialisation: t' = log 10, b = -10 (Zhai et al. 2023, section 3.2).
 SIGLIP_INIT_LOGIT_SCALE = math.log(10)
 SIGLIP_INIT_LOGIT_BIAS = -10.0
-
-LOSSES = ("infonce", "siglip")
 
 
 def infonce_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def siglip_loss(
     return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
 
 
-def contrastive_loss(kind: str, image: torch.Tensor, text: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+def contrastive_loss(kind: str, image: torch.Tensor, text: torch.Tensor, model: Any) -> torch.Tensor:
     """The loss named `kind`, with the loss parameters taken from `model`."""
     if kind == "infonce":
         return infonce_loss(image, text, model.logit_scale)
@@ -67,7 +67,7 @@ def loss_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in (getattr(model, "logit_scale", None), getattr(model, "logit_bias", None)) if p is not None]
 
 
-def ensure_logit_bias(model: torch.nn.Module, config: dict, init: float = SIGLIP_INIT_LOGIT_BIAS) -> None:
+def ensure_logit_bias(model: Any, config: dict, init: float = SIGLIP_INIT_LOGIT_BIAS) -> None:
     """Give an open_clip CLIP a learnable SigLIP bias and record it in its config.
 
     open_clip creates `logit_bias` only when the config has `init_logit_bias`; setting both keeps the

@@ -6,20 +6,10 @@ The schedule is a pure function of the step, so resuming needs only the step num
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class OptimConfig:
-    lr: float = 5e-5
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.98  # CLIP's β2: smoother second moment for the large-batch contrastive loss
-    eps: float = 1e-6
-    warmup: float = 0.05  # a fraction of all steps when < 1, else a number of steps
-    grad_clip: float | None = 1.0  # max global grad norm; None or 0 turns clipping off
+from retriever.training.config import OptimConfig
 
 
 def no_weight_decay(name: str, p: torch.nn.Parameter) -> bool:

@@ -11,22 +11,23 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from retriever.errors import UserError
 from retriever.models.load import LoadedModel, load_model
-from retriever.training import distributed as D
+from retriever.training import distributed
 
 
 def build_start_model(
-    cfg, run: Path, device: torch.device, precision: str, dist: D.DistInfo, *, resume: bool
+    cfg, run: Path, device: torch.device, precision: str, ranks: distributed.DistInfo, *, resume: bool
 ) -> LoadedModel:
     if resume:
         return load_model(f"local-dir:{run / 'last'}", device=device, precision=precision)
     if cfg.image_tower:
         init = run / "init"
-        if dist.is_main:
+        if ranks.is_main:
             with torch.random.fork_rng(devices=[]):  # seeded heads: the same run gives the same model
                 torch.manual_seed(cfg.seed)
                 compose_to_folder(
@@ -38,7 +39,7 @@ def build_start_model(
                     image_size=cfg.image_size,
                     context_length=cfg.context_length,
                 )
-        D.barrier()
+        distributed.barrier()
         return load_model(f"local-dir:{init}", device=device, precision=precision)
     from retriever.models.load import DEFAULT_MODEL
 
@@ -82,12 +83,8 @@ def compose_to_folder(
     return save_checkpoint(folder, model, config)
 
 
-def configure_trainable(model: torch.nn.Module, cfg) -> None:
+def configure_trainable(model: Any, cfg) -> None:
     """Apply --lock-image/--lock-text (keeping the last N blocks trainable) and grad checkpointing."""
-    if cfg.unlock_image_last and not cfg.lock_image:
-        raise UserError("--unlock-image-last only makes sense with --lock-image.")
-    if cfg.unlock_text_last and not cfg.lock_text:
-        raise UserError("--unlock-text-last only makes sense with --lock-text.")
     if cfg.lock_image:
         # freeze_bn_stats=False on purpose: for timm EfficientNets it swaps in FrozenBatchNorm2d and
         # drops the fused activation, changing the features; set_train_mode keeps frozen BN in eval.

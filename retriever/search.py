@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import faiss
 import numpy as np
 
 from retriever.errors import UserError
@@ -247,7 +248,7 @@ class Retriever:
         """faiss's (scores, rows) for a batch of queries; rows are -1 past the index's end."""
         if k < 1:
             raise UserError("k must be at least 1.")
-        oi = self._index(modality)
+        oi = self._opened(modality)
         return oi.search(self._check_vectors(queries, oi), k)
 
     def lookup(self, modality: str, rows: np.ndarray, scores: np.ndarray | None = None) -> list[SearchResult]:
@@ -262,7 +263,7 @@ class Retriever:
         the search itself for fast indexes."""
         rows = np.asarray(rows)
         keep = rows >= 0
-        table = self._index(modality).rows.take(rows[keep])
+        table = self._opened(modality).rows.take(rows[keep])
         sc = (np.asarray(scores)[keep] if scores is not None else np.full(int(keep.sum()), np.nan, np.float32)).tolist()
         base = [table.column(c).to_pylist() for c in ("id", "path", "caption")]
         extra = [c for c in table.column_names if c not in ("id", "path", "caption")]
@@ -276,7 +277,7 @@ class Retriever:
 
     def columns(self, modality: str = "image") -> dict[str, str]:
         """Column name → Arrow type of the rows file (what --where can use)."""
-        return {f.name: str(f.type) for f in self._index(modality).rows.schema}
+        return {f.name: str(f.type) for f in self._opened(modality).rows.schema}
 
     def filter_mask(self, modality: str, where: str) -> np.ndarray:
         """Boolean mask of the `modality` index's rows matching `where`."""
@@ -288,7 +289,7 @@ class Retriever:
         if key not in self._masks:
             if len(self._masks) >= MASK_CACHE:
                 self._masks.pop(next(iter(self._masks)))
-            self._masks[key] = RowFilter(where_mask(self._index(modality).rows, where))
+            self._masks[key] = RowFilter(where_mask(self._opened(modality).rows, where))
         return self._masks[key]
 
     # --- Internals --------------------------------------------------------------------------------
@@ -307,7 +308,7 @@ class Retriever:
         own: list[np.ndarray] = []
         img_i = 0
         for qi, q in enumerate(queries):
-            oi = self._index(q.modality)
+            oi = self._opened(q.modality)
             own_rows = []
             for t in q.terms:
                 if t.kind == "text":
@@ -351,12 +352,12 @@ class Retriever:
     def _item_vector(self, item_id: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
         """The stored vector of indexed item `item_id` (from the searched modality, else the image
         index) and its rows in the searched modality."""
-        searched = self._index(modality)
+        searched = self._opened(modality)
         rows = searched.rows.rows_where("id", [item_id])
         if len(rows):
             return searched.vectors(rows[:1])[0], rows
         if modality != "image" and "image" in self.manifest.indexes:
-            img = self._index("image")
+            img = self._opened("image")
             img_rows = img.rows.rows_where("id", [item_id])
             if len(img_rows):
                 return img.vectors(img_rows[:1])[0], rows
@@ -372,7 +373,7 @@ class Retriever:
         dedup: float | None,
         own_rows: list[np.ndarray],
     ) -> list[Hits]:
-        oi = self._index(modality)
+        oi = self._opened(modality)
         q = self._check_vectors(q, oi)
         flt = self.row_filter(modality, where) if where else None
         matching = flt.matching if flt is not None else None
@@ -444,7 +445,11 @@ class Retriever:
             raise UserError(f"Index {self.index_dir} has no {modality} index (its shards had no captions).")
         return entry
 
-    def _index(self, modality: str) -> OpenIndex:
+    def _index(self, modality: str) -> faiss.Index:
+        """The faiss index object this Retriever searches (parameters set, on a GPU if placed)."""
+        return self._opened(modality).index
+
+    def _opened(self, modality: str) -> OpenIndex:
         if modality not in self._open:
             self._open[modality] = OpenIndex(self.index_dir, self._entry(modality), self._use_gpu)
         return self._open[modality]

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
+# Tests mean the CPU (fp32, gloo) unless a test passes a device itself: on a GPU machine the
+# defaults would pick CUDA and bf16/fp16, and the bit-exact and two-process tests assume the CPU.
+# Child processes (torchrun, the CLI) inherit it. RETRIEVER_DEVICE=cuda runs the suite on a GPU.
+os.environ.setdefault("RETRIEVER_DEVICE", "cpu")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ASSETS = Path(__file__).parent / "assets"
 # Tests take the `tiny` fixture below; this name stays importable only so that branches written

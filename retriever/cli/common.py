@@ -87,7 +87,9 @@ PretrainedOpt = typer.Option(
     help="Pretrained tag (default laion2b_s34b_b79k for ViT-B-32), a weights file, or 'random'.",
 )
 DeviceOpt = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available).")
-PrecisionOpt = typer.Option(None, "--precision", help="fp32 (CPU), fp16 or bf16 (GPU; default fp16 there).")
+PrecisionOpt = typer.Option(
+    None, "--precision", help="fp32 (CPU), fp16 or bf16 (GPU; default bf16 where supported, else fp16)."
+)
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
 WorkersOpt = typer.Option(
     None,

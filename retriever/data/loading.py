@@ -36,6 +36,16 @@ class DecodedBatch:
     pixels: torch.Tensor | None  # (len(indices), 3, H, W)
     errors: list[tuple[int, str]]  # (position, reason) for those that did not
 
+    def pin_memory(self, device: str | torch.device | None = None) -> DecodedBatch:
+        """Page-locked pixels, so `.to(cuda, non_blocking=True)` really overlaps the copy.
+
+        torch's DataLoader (pin_memory=True) calls this on custom batch types; without it a
+        dataclass batch was passed through unpinned and every copy was synchronous.
+        """
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory() if device is None else self.pixels.pin_memory(device)
+        return self
+
 
 class ImageDataset(torch.utils.data.Dataset):
     """Decodes and preprocesses images in DataLoader workers, turning failures into records."""

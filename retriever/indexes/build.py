@@ -142,15 +142,47 @@ def new_index(spec: IndexSpec, dim: int) -> faiss.Index:
     return index
 
 
+def _place_for_build(spec: IndexSpec, dim: int, total: int, cfg: BuildConfig) -> tuple[faiss.Index, bool]:
+    """The new index, on one GPU when that helps and fits: (index, whether it is on a GPU).
+
+    Only IVF kinds gain from a GPU while building (k-means and assigning vectors to lists); a Flat
+    index is a copy of the vectors and is built where it is saved, in float32. One GPU, never
+    shards: the quantizer is trained once, and the full index is split across GPUs only when a
+    search opens it (gpu.to_gpu).
+    """
+    if cfg.use_gpu and spec.on_disk:
+        raise UserError("On-disk inverted lists are built and searched on the CPU; drop --gpu.")
+    n_gpus = gpu.gpu_count() if cfg.use_gpu is not False and not spec.on_disk else 0
+    if spec.kind == "flat" or n_gpus == 0:
+        if cfg.use_gpu and spec.kind != "flat":
+            raise UserError("--gpu was asked for, but faiss has no GPU support here (see README: GPU).")
+        return new_index(spec, dim), False
+    index = new_index(gpu_spec(spec), dim)
+    plan = gpu.gpu_plan(index, n_gpus, gpu.gpu_bytes(index, total), gpu._gpu_free_bytes(), allow_shard=False)
+    if not plan.ok:
+        if cfg.use_gpu:
+            raise UserError(f"--gpu was asked for, but this index cannot be built on the GPU: {plan.reason}.")
+        return new_index(spec, dim), False
+    index = gpu.to_gpu(index, plan)
+    return index, gpu.device_name(index) == "gpu"
+
+
+def gpu_spec(spec: IndexSpec) -> IndexSpec:
+    """The spec as built on a GPU: a flat coarse quantizer instead of HNSW (gpu.gpu_friendly_factory),
+    without the HNSW quantizer's search parameter."""
+    factory = gpu.gpu_friendly_factory(spec.factory)
+    if factory == spec.factory:
+        return spec
+    params = {k: v for k, v in spec.search_params.items() if not k.startswith("quantizer_")}
+    return replace(spec, factory=factory, search_params=params)
+
+
 def _build_one(ss: ShardSet, modality: str, spec: IndexSpec, out: Path, cfg: BuildConfig, progress) -> ModalityIndex:
     t0 = time.perf_counter()
     total = ss.count(modality)
-    index = new_index(spec, ss.dim)
-    on_gpu = (cfg.use_gpu is not False) and not spec.on_disk and gpu.can_use_gpu(index)
-    if cfg.use_gpu and not on_gpu:
-        raise UserError("--gpu was asked for, but faiss has no GPU support here or the index type cannot run on a GPU.")
+    index, on_gpu = _place_for_build(spec, ss.dim, total, cfg)
     if on_gpu:
-        index = gpu.to_gpu(index, index_bytes=spec.memory_bytes)  # sharded if one GPU is too small
+        spec = gpu_spec(spec)
     if spec.train_size:
         sample = ss.sample_vectors(modality, spec.train_size, cfg.seed)
         index.train(sample)

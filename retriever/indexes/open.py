@@ -23,6 +23,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from retriever.errors import UserError
 from retriever.indexes import gpu, ondisk
 from retriever.indexes.manifest import ModalityIndex
 from retriever.indexes.rerank import OWN_PARAMS, VectorStore, rerank, search_index
@@ -63,19 +64,33 @@ def set_search_params(index: faiss.Index, params: dict) -> None:
     params = {k: v for k, v in (params or {}).items() if k not in OWN_PARAMS}
     if not params:
         return
+    on_gpu = gpu.device_name(index) == "gpu"
+    if on_gpu:  # a CPU coarse quantizer's parameters were set before the index moved (gpu.py)
+        params = gpu.gpu_search_params(params)
+        if not params:
+            return
     desc = ",".join(f"{k}={v}" for k, v in params.items())
-    space = faiss.GpuParameterSpace() if gpu.device_name(index) == "gpu" else faiss.ParameterSpace()
+    space = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
     space.set_index_parameters(index, desc)
 
 
 def open_index(index_dir: Path, entry: ModalityIndex, use_gpu: bool | None = None) -> faiss.Index:
-    """The faiss index of `entry`, on the GPU when allowed and possible, search parameters set."""
+    """The faiss index of `entry`, on the GPU when allowed and possible, search parameters set.
+
+    use_gpu: None moves it to the GPU(s) when faiss has GPU support and it fits; True insists
+    (a sentence if it cannot); False keeps it on the CPU.
+    """
     path = index_dir / entry.file
     # On-disk inverted lists are memory-mapped from the .ivfdata file beside the index.
     index = ondisk.open_on_disk(path) if entry.ivfdata_file else faiss.read_index(str(path))
-    if use_gpu is not False and not entry.ivfdata_file and gpu.can_use_gpu(index):
-        index = gpu.to_gpu(index, index_bytes=int(entry.extra.get("estimated_memory_bytes", 0)))
-    set_search_params(index, entry.search_params)
+    set_search_params(index, entry.search_params)  # before moving: the GPU clone keeps them
+    if use_gpu is not False and not entry.ivfdata_file:
+        plan = gpu.gpu_plan(index, gpu.gpu_count(), gpu_free_bytes=gpu._gpu_free_bytes())
+        if use_gpu and not plan.ok:
+            raise UserError(f"use_gpu was asked for, but the {entry.modality} index cannot go to a GPU: {plan.reason}.")
+        if plan.ok:
+            index = gpu.to_gpu(index, plan)
+            set_search_params(index, entry.search_params)
     return index
 
 
@@ -109,7 +124,15 @@ class OpenIndex:
     def search(self, queries: np.ndarray, k: int, effort: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """Unfiltered search; `effort` > 1 scales nprobe / efSearch for this call only."""
         params = more_effort(self.index, effort) if effort > 1 else None
-        return search_index(self.index, queries, k, self.entry.search_params, self.store, params)
+        return search_index(
+            self.index,
+            queries,
+            k,
+            self.entry.search_params,
+            self.store,
+            max_k=gpu.max_k(self.index),
+            faiss_params=params,
+        )
 
     def candidates(self, queries: np.ndarray, k: int, flt: RowFilter | None = None) -> Candidates:
         """The k best rows per query, among the filter's rows if a filter is given.

@@ -8,12 +8,15 @@ asked for are read. Several files (one per `--add`) form one store in row order.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from retriever.errors import UserError
 
 # Search parameters that retriever applies itself; faiss's ParameterSpace must not see them.
 OWN_PARAMS = ("rerank_k_factor",)
@@ -141,22 +144,55 @@ def search_index(
     k: int,
     params: dict | None = None,
     store: VectorStore | None = None,
+    *,
+    max_k: int | None = None,
     faiss_params: faiss.SearchParameters | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """faiss search (with per-call `faiss_params` if given), then exact re-ranking when the index
-    keeps its vectors in a VectorStore."""
+    """faiss search, then exact re-ranking when the index keeps its vectors in a VectorStore.
+
+    max_k: the most results faiss can return per search of this index (2048 on a GPU, see
+    gpu.max_k). A k above it is refused; re-ranking candidates (RFlat's k·k_factor_rf, or
+    k·rerank_k_factor from disk) are capped to it, which can only lower recall a little.
+    faiss_params: per-call faiss SearchParameters (e.g. a larger nprobe for post-filtering).
+    """
     k = min(k, index.ntotal)
+    if max_k is not None and k > max_k:
+        raise UserError(
+            f"k={k} is more than the {max_k} results faiss returns from a GPU index; "
+            "ask for fewer or search on the CPU (use_gpu=False, --no-gpu)."
+        )
     factor = int((params or {}).get("rerank_k_factor", 0))
     if store is None or factor < 1:
-        return index.search(queries, k, params=faiss_params) if faiss_params is not None else index.search(queries, k)
-    kk = min(index.ntotal, k * max(1, factor))
+        return _search(index, queries, k, max_k, faiss_params)
+    kk = min(index.ntotal, k * max(1, factor), max_k or index.ntotal)
     # Re-rank in chunks: the gathered candidates cost nq·kk·d·4 bytes.
     chunk = max(1, (64 << 20) // max(1, kk * store.d * 4))
     out_s, out_r = [], []
     for lo in range(0, len(queries), chunk):
         q = queries[lo : lo + chunk]
-        _, cand = index.search(q, kk, params=faiss_params) if faiss_params is not None else index.search(q, kk)
+        _, cand = _search(index, q, kk, max_k, faiss_params)
         s, r = rerank(store, q, cand, k)
         out_s.append(s)
         out_r.append(r)
     return np.concatenate(out_s), np.concatenate(out_r)
+
+
+def capped_refine_factor(k: int, k_factor: float, max_k: int | None) -> float:
+    """RFlat's k_factor so that its base index is asked for at most max_k candidates."""
+    if max_k is None or k * k_factor <= max_k:
+        return k_factor
+    return max(1.0, math.floor(max_k / k * 1000) / 1000)
+
+
+def _search(index: faiss.Index, queries: np.ndarray, k: int, max_k: int | None, faiss_params=None):
+    """index.search, keeping an RFlat wrapper's base search within max_k results."""
+    if faiss_params is not None:  # per-call parameters (CPU only: open.more_effort gives none on a GPU)
+        return index.search(queries, k, params=faiss_params)
+    outer = faiss.downcast_index(index)
+    if max_k is not None and isinstance(outer, (faiss.IndexRefine, faiss.IndexRefineFlat)):
+        factor = capped_refine_factor(k, outer.k_factor, max_k)
+        if factor != outer.k_factor:
+            params = faiss.IndexRefineSearchParameters()
+            params.k_factor = factor
+            return index.search(queries, k, params=params)
+    return index.search(queries, k)

@@ -76,7 +76,9 @@ class LoadedModel:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """CUDA when available, else CPU; an explicit choice wins."""
+    """CUDA when available, else CPU; an explicit choice wins, then $RETRIEVER_DEVICE (e.g. cpu)."""
+    if device is None or str(device) == "auto":
+        device = os.environ.get("RETRIEVER_DEVICE") or None
     if device is not None and str(device) != "auto":
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -86,8 +88,12 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """The precision to run at: fp32 on the CPU; on a GPU bf16 where it has bf16 tensor cores
+    (Ampere, Hopper and later: fp32's range, so no loss scaling and no fp16 overflow), else fp16."""
     if precision is None:
-        return "fp16" if device.type == "cuda" else "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if precision not in PRECISIONS:
         raise UserError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
     if device.type == "cpu" and precision != "fp32":
@@ -160,6 +166,8 @@ def load_model(
         embed_dim=_embed_dim(net, config),
     )
     net.to(dev)
+    if dev.type == "cuda":
+        enable_tf32()
     return LoadedModel(net, pre_val, pre_train, tokenizer, identity, dev, prec, config)
 
 
@@ -170,6 +178,23 @@ def _weights_sha256(name: str, net: torch.nn.Module) -> str:
         if recorded is not None:
             return recorded
     return state_dict_sha256(net)
+
+
+def enable_tf32() -> None:
+    """Let float32 matmuls and convolutions on CUDA use TF32 tensor cores (Ampere and later).
+
+    Process-wide, called when a model is loaded onto a GPU: the fp32 parts of a mixed-precision
+    run (and --precision fp32) then run ~8x faster on tensor cores, with float32 range and a
+    10-bit mantissa in the products, which embeddings and training tolerate. Weights and the
+    identity hash are unchanged.
+    """
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):  # torch ≥ 2.9
+        matmul.fp32_precision = "tf32"
+        conv.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def model_config_of(model: str) -> dict[str, Any]:

@@ -147,9 +147,8 @@ def compute_tower_features(
         done += len(batch.indices) + len(batch.errors)
         skipped += [skipped_entry(items[i].path, reason) for i, reason in batch.errors]
         if batch.pixels is not None:
-            px = batch.pixels.to(encoder.device)
-            if encoder.device.type == "cpu":
-                px = px.contiguous(memory_format=torch.channels_last)  # conv trunks run much faster so on CPU
+            # channels_last: conv trunks run much faster so on CPU, and on GPU tensor cores.
+            px = batch.pixels.to(encoder.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with encoder.autocast():
                 img_feats.append(split.image_trunk(px).float().cpu())
             kept += batch.indices

@@ -124,6 +124,7 @@ def epoch_loader(
     augment: bool,
     tokenizer: Callable,
     workers: int,
+    pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     samples = epoch_samples(items, epoch, seed)
     return torch.utils.data.DataLoader(
@@ -132,6 +133,7 @@ def epoch_loader(
         num_workers=workers,
         collate_fn=make_collate(tokenizer),
         persistent_workers=False,
+        pin_memory=pin_memory,  # the (pixels, tokens, errors) tuple is pinned element by element
         # Its own generator: otherwise each new loader draws its workers' base seed from the global
         # RNG, shifting the dropout stream by one draw per loader, and a resumed run would differ.
         generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),

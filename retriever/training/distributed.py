@@ -63,29 +63,32 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     torch.distributed.nn.all_gather does the same but emulates reduce-scatter with all-to-all on
     gloo; an all-reduce of the full gradient followed by taking our rows works on every backend.
-    Ranks may hold different row counts (a batch that lost an undecodable image): rows are padded
-    to the largest count for the collective and the padding is dropped again.
+    Ranks may hold different row counts (a batch that lost an undecodable image, or all of them):
+    rows are padded to the largest count for the collective and the padding is dropped again.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         world, rank = dist.get_world_size(), dist.get_rank()
-        count_tensors = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
-        dist.all_gather(count_tensors, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
-        counts = [int(c) for c in count_tensors]
+        # (rows, width) of every rank: a rank with no rows passes a (0, 0) tensor, not knowing
+        # the width, and takes it from the others.
+        shapes = [torch.zeros(2, dtype=torch.long, device=x.device) for _ in range(world)]
+        dist.all_gather(shapes, torch.tensor([x.shape[0], x.shape[1]], dtype=torch.long, device=x.device))
+        counts = [int(s[0]) for s in shapes]
+        width = max(int(s[1]) for s in shapes)
         most = max(counts)
-        padded = x.new_zeros((most, *x.shape[1:]))
-        padded[: x.shape[0]] = x
+        padded = x.new_zeros((most, width))
+        padded[: x.shape[0], : x.shape[1]] = x
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded.contiguous())
-        ctx.start, ctx.n = sum(counts[:rank]), x.shape[0]
+        ctx.start, ctx.n, ctx.width = sum(counts[:rank]), x.shape[0], x.shape[1]
         return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.start : ctx.start + ctx.n]
+        return grad[ctx.start : ctx.start + ctx.n, : ctx.width]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -100,19 +103,32 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Mean of each parameter's gradient over ranks, in one flattened all-reduce."""
+    """Mean of each parameter's gradient over ranks, in one flattened all-reduce.
+
+    Every rank reduces the same tensor, whichever gradients it has: a rank whose batch had no
+    rows contributes zeros (its share of the global loss's gradient), and a parameter without a
+    gradient on every rank keeps none. A trailing count per parameter says which ranks had one.
+    """
     if not is_active():
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    if not params:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    ref = params[0]
+    parts = [p.grad.reshape(-1) if p.grad is not None else ref.new_zeros(p.numel()) for p in params]
+    present = torch.tensor([p.grad is not None for p in params], dtype=ref.dtype, device=ref.device)
+    flat = torch.cat([*[t.to(ref.dtype) for t in parts], present])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= dist.get_world_size()
+    counts = flat[-len(params) :]
     offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset : offset + n].view_as(g))
+    for p, had in zip(params, counts.tolist()):
+        n = p.numel()
+        if had > 0:
+            avg = flat[offset : offset + n].view_as(p)
+            if p.grad is None:
+                p.grad = avg.to(p.dtype).clone()
+            else:
+                p.grad.copy_(avg)
         offset += n
 
 

@@ -52,6 +52,15 @@ def contrastive_backward(
     Returns the unscaled loss.
     """
     n = images.shape[0]
+    if n == 0:
+        # A rank with no rows (its whole batch undecodable) still joins the loss's collectives
+        # (forward all_gather, backward all-reduce) without running the towers, which refuse
+        # empty input; gather_with_grad gives it the other ranks' feature width.
+        img = torch.zeros((0, 0), device=images.device, requires_grad=True)
+        txt = torch.zeros((0, 0), device=images.device, requires_grad=True)
+        loss = loss_fn(img, txt)
+        scale(loss).backward()
+        return float(loss.detach())
     if micro_batch is None or micro_batch >= n:
         with autocast():
             img, txt = encode_image(images), encode_text(texts)

@@ -603,6 +603,7 @@ def _epoch_batches(encoder: LoadedModel, cfg: TrainConfig, items, cached, epoch,
         augment=cfg.augment,
         tokenizer=encoder.tokenizer,
         workers=cfg.workers,
+        pin_memory=encoder.device.type == "cuda",
     )
     for pixels, tokens, errors in loader:
         for path, reason in errors:
@@ -610,11 +611,14 @@ def _epoch_batches(encoder: LoadedModel, cfg: TrainConfig, items, cached, epoch,
                 skipped[path] = skipped_entry(path, reason)
                 log.warning("Skipped an unreadable training image: %s: %s", path, reason)
         if pixels is None:
-            continue
-        pixels = pixels.to(encoder.device, non_blocking=True)
-        if encoder.device.type == "cpu":
-            # Conv trunks (EfficientNet) run several times faster channels_last on CPU; ViTs don't mind.
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
+            if not ranks.enabled:
+                continue
+            # Every rank takes part in every collective of a step (the loss's all_gather, the
+            # gradient all-reduce): a rank that skipped would leave the others waiting forever.
+            pixels, tokens = torch.zeros((0, 3, 1, 1)), torch.zeros((0, 1), dtype=torch.long)
+        # Conv trunks (EfficientNet) run several times faster channels_last on CPU and use tensor
+        # cores so on GPU; ViTs don't mind.
+        pixels = pixels.to(encoder.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         yield pixels, tokens.to(encoder.device, non_blocking=True), len(pixels)
 
 

@@ -33,6 +33,8 @@ def infonce_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Ten
     `logit_scale` is the *log* scale (the parameter); its exp multiplies the cosine similarities.
     """
     image, text = gather_with_grad(image), gather_with_grad(text)
+    if image.shape[0] == 0:  # every rank's batch failed to decode: zero loss, zero gradients
+        return logit_scale * 0.0
     logits = logit_scale.exp() * image @ text.T
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -46,6 +48,8 @@ def siglip_loss(
     Normalised by the number of images, as in the paper and open_clip's SigLipLoss.
     """
     image, text = gather_with_grad(image), gather_with_grad(text)
+    if image.shape[0] == 0:  # every rank's batch failed to decode: zero loss, zero gradients
+        return logit_scale * 0.0 + logit_bias * 0.0
     logits = logit_scale.exp() * image @ text.T + logit_bias
     labels = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
     return -F.logsigmoid(labels * logits).sum() / logits.shape[0]

@@ -85,7 +85,10 @@ def open_index(index_dir: Path, entry: ModalityIndex, use_gpu: bool | None = Non
     index = ondisk.open_on_disk(path) if entry.ivfdata_file else faiss.read_index(str(path))
     set_search_params(index, entry.search_params)  # before moving: the GPU clone keeps them
     if use_gpu is not False and not entry.ivfdata_file:
-        plan = gpu.gpu_plan(index, gpu.gpu_count(), gpu_free_bytes=gpu._gpu_free_bytes())
+        n_gpus = gpu.gpu_count()
+        # Free GPU memory is read through torch: only ask when there is a GPU, so that a CPU
+        # vector search never imports torch.
+        plan = gpu.gpu_plan(index, n_gpus, gpu_free_bytes=gpu._gpu_free_bytes() if n_gpus else None)
         if use_gpu and not plan.ok:
             raise UserError(f"use_gpu was asked for, but the {entry.modality} index cannot go to a GPU: {plan.reason}.")
         if plan.ok:

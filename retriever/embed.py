@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retriever import __version__
+from retriever import __version__, parts
 from retriever.atomic import write_json_atomic
 from retriever.data.loading import DecodedBatch, ImageDataset, collate_decoded, default_workers
 from retriever.data.sources import SourceItem
@@ -31,8 +31,6 @@ from retriever.shards import (
     SHARD_GLOB,
     metadata_fields,
     metadata_key,
-    shard_name,
-    shard_number,
     shard_schema,
     write_shard,
 )
@@ -59,6 +57,8 @@ class EmbedConfig:
     num_workers: int = field(default_factory=default_workers)
     dtype: str = "float32"
     overwrite: bool = False
+    num_parts: int = 1  # the items' shards are split among this many independent parts (see parts.py)
+    part: int = 0  # which of them this run writes
 
     def validate(self) -> None:
         """Raise `ConfigError` (naming the parameter) for settings that cannot work."""
@@ -95,6 +95,8 @@ def embed_items(
     out_dir: str | Path,
     config: EmbedConfig | None = None,
     progress: ProgressFn | None = None,
+    *,
+    skipped: Sequence[dict] = (),
 ) -> EmbedResult:
     """Embed every item into shards under `out_dir`, resuming whatever a previous run finished.
 
@@ -102,18 +104,24 @@ def embed_items(
         items: what to embed (`read_source`); an item's `index` becomes its row id.
         encoder: the loaded model (`load_model`); its identity is stored with every shard.
         out_dir: the shard folder; finished shards of an identical earlier run are kept.
-        config: shard size, batch sizes, workers, storage dtype (`EmbedConfig`).
+        config: shard size, batch sizes, workers, storage dtype, part (`EmbedConfig`).
         progress: called after each batch with (images done, images to do) of this run.
+        skipped: entries the source reader left out ({"path", "reason"}: a bad tar, a key without
+            an image); they are listed in the errors file with the images that failed to decode.
 
     Returns:
-        An `EmbedResult`; undecodable images are skipped and listed in `out_dir/_errors.jsonl`.
+        An `EmbedResult`; undecodable images are skipped and listed in `out_dir/_errors.jsonl`
+        (`_errors-pIofN.jsonl` for part I of N).
     """
     cfg = config or EmbedConfig()
     cfg.validate()
     if not items:
         raise UserError("Nothing to embed: the source is empty.")
     out = Path(out_dir).expanduser()
-    fields = metadata_fields(it.metadata for it in items)
+    # A streamed manifest knows its columns' types; other sources are typed over every item's values.
+    fields = getattr(items, "metadata_fields", None)
+    if fields is None:
+        fields = metadata_fields(it.metadata for it in items)
     schema = shard_schema(encoder.identity, cfg.dtype, fields)
     job = {
         "retriever_version": __version__,
@@ -125,12 +133,24 @@ def embed_items(
     }
     if fields:  # absent without metadata, so folders embedded before metadata columns still resume
         job["metadata_columns"] = {f.name: str(f.type) for f in fields}
-    _prepare_out_dir(out, job, cfg.overwrite)
+    parts.check_part(cfg.part, cfg.num_parts)
+    if cfg.num_parts > 1:
+        job.update(num_parts=cfg.num_parts, part=cfg.part)
+        _prepare_part_dir(out, job, cfg.overwrite)
+    else:
+        _prepare_out_dir(out, job, cfg.overwrite)
+    errors_name = parts.errors_file(cfg.part, cfg.num_parts)
 
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
-    done = {shard_number(p.name) for p in out.glob(SHARD_GLOB)}
-    todo = [k for k in range(n_shards) if k not in done]
-    errors = [e for e in read_skipped(out) if e["shard"] in done]
+    mine = [k for k in range(n_shards) if parts.owns(k, cfg.part, cfg.num_parts)]
+    done = {k for k in mine if (out / parts.shard_file(k, cfg.part, cfg.num_parts)).is_file()}
+    todo = [k for k in mine if k not in done]
+    # Source-level entries (shard None) are those of this run's reading of the source; part 0 lists
+    # them (every part reads the same source).
+    errors = [{**e, "shard": None} for e in (skipped if cfg.part == 0 else ())] + [
+        e for e in read_skipped(out, errors_name) if e.get("shard") in done
+    ]
+    write_skipped(out, errors, errors_name)
 
     t0 = time.perf_counter()
     n_todo = sum(len(_shard_items(items, k, cfg.shard_size)) for k in todo)
@@ -159,20 +179,22 @@ def embed_items(
             txt[has_text] = encode_texts(encoder, [c for c in captions if c is not None], cfg.text_batch_size)
         # Errors first: if we die between the two writes, the rerun redoes this shard and rewrites them.
         errors.extend(shard_errors)
-        write_skipped(out, errors)
-        write_shard(out / shard_name(k), schema, ids, paths, captions, img, txt, has_text, metas)
+        write_skipped(out, errors, errors_name)
+        write_shard(
+            out / parts.shard_file(k, cfg.part, cfg.num_parts), schema, ids, paths, captions, img, txt, has_text, metas
+        )
 
     seconds = time.perf_counter() - t0
     rows = _count_rows(out)
     return EmbedResult(
         out_dir=str(out),
         rows=rows,
-        shards=n_shards,
+        shards=len(mine),
         shards_written=len(todo),
-        shards_resumed=n_shards - len(todo),
+        shards_resumed=len(done),
         seconds=seconds,
         images_per_second=n_seen / seconds if seconds > 0 and n_seen else 0.0,
-        skipped=SkippedImages(errors, str(out / ERRORS_FILE) if errors else None),
+        skipped=SkippedImages(errors, str(out / errors_name) if errors else None),
     )
 
 
@@ -256,6 +278,29 @@ def _prepare_out_dir(out: Path, job: dict, overwrite: bool) -> None:
     for stale in out.glob(".*.tmp"):  # left by a run killed mid-write (no `finally` survives kill -9)
         stale.unlink(missing_ok=True)
     write_json_atomic(job_path, job)
+
+
+def _prepare_part_dir(out: Path, job: dict, overwrite: bool) -> None:
+    """Like _prepare_out_dir for one part: only this part's files are ever replaced or cleaned."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder.")
+    if overwrite:
+        raise UserError("--overwrite cannot be combined with --num-parts (it would delete other parts' shards).")
+    if out.is_dir():
+        parts.check_compatible(out, job)
+        own_job = out / parts.job_file(job["part"], job["num_parts"])
+        strangers = [
+            p.name for p in out.glob(SHARD_GLOB) if parts.part_of_name(p.name) != (job["part"], job["num_parts"])
+        ]
+        if not own_job.is_file() and any(parts.part_of_name(n) is None for n in strangers):
+            raise UserError(f"{out} already holds shards not made by this job; use a new --out.")
+        if own_job.is_file() and json.loads(own_job.read_text()) != job:
+            raise UserError(f"{out} holds this part's shards made with other arguments; use a new --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    tag = parts.tag(job["part"], job["num_parts"])
+    for stale in out.glob(f".*{tag}.*.tmp"):  # this part's leftovers only: other parts may be writing now
+        stale.unlink(missing_ok=True)
+    write_json_atomic(out / parts.job_file(job["part"], job["num_parts"]), job)
 
 
 def _count_rows(out: Path) -> int:

@@ -9,8 +9,9 @@ from typing import Any
 from retriever.errors import UserError
 from retriever.indexes.manifest import MANIFEST, read_index_manifest
 from retriever.indexes.rows import file_schema
+from retriever.parts import ERRORS_PREFIX, errors_files, parts_status
 from retriever.shards import ShardSet
-from retriever.skipped import ERRORS_FILE, read_skipped
+from retriever.skipped import read_skipped
 
 
 def folder_info(path: str | Path) -> dict[str, Any]:
@@ -25,7 +26,8 @@ def folder_info(path: str | Path) -> dict[str, Any]:
             d["indexes"][name]["columns"] = {f.name: str(f.type) for f in file_schema(p / entry.rows_file)}
         return d
     ss = ShardSet(p)
-    n_errors = len(read_skipped(p))
+    files = errors_files(p)  # _errors.jsonl, or one per part when embedded in parts
+    n_errors = sum(len(read_skipped(p, f.name)) for f in files)
     return {
         "kind": "shards",
         "path": str(ss.folder),
@@ -34,9 +36,10 @@ def folder_info(path: str | Path) -> dict[str, Any]:
         "shards": len(ss.shards),
         "bytes": sum(s.path.stat().st_size for s in ss.shards),
         "skipped_images": n_errors,
-        "errors_file": str(p / ERRORS_FILE) if n_errors else None,
+        "errors_file": (str(files[0]) if len(files) == 1 else str(p / f"{ERRORS_PREFIX}*.jsonl")) if n_errors else None,
         "metadata_columns": {f.name: str(f.type) for f in ss.metadata_fields},
         **{k: v for k, v in ss.meta.items()},
+        "parts": parts_status(p),
     }
 
 

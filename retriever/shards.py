@@ -35,7 +35,7 @@ from retriever.identity import ModelIdentity
 
 METADATA_KEY = b"retriever"
 SHARD_GLOB = "part-*.parquet"
-_SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+_SHARD_RE = re.compile(r"^part-(\d{5,})(?:-p\d+of\d+)?\.parquet$")  # -pIofN: written by part I of N
 DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 EMBEDDING_COLUMNS = {"image": "image_embedding", "text": "text_embedding"}
 

@@ -57,18 +57,20 @@ def skipped_entry(path: str, reason: str, **extra: Any) -> dict[str, Any]:
     return {**extra, "path": path, "reason": reason}
 
 
-def read_skipped(folder: str | Path) -> list[dict[str, Any]]:
-    """The entries of `folder/_errors.jsonl` (none when it does not exist)."""
-    path = Path(folder) / ERRORS_FILE
+def read_skipped(folder: str | Path, name: str = ERRORS_FILE) -> list[dict[str, Any]]:
+    """The entries of `folder/_errors.jsonl` (none when it does not exist); `name`: another file
+    of the folder, e.g. a part's `_errors-pIofN.jsonl`."""
+    path = Path(folder) / name
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_skipped(folder: str | Path, entries: Iterable[dict[str, Any]]) -> SkippedImages:
-    """Atomically (re)write `folder/_errors.jsonl` with `entries` (no file when there are none)."""
+def write_skipped(folder: str | Path, entries: Iterable[dict[str, Any]], name: str = ERRORS_FILE) -> SkippedImages:
+    """Atomically (re)write `folder/_errors.jsonl` (or `folder/name`) with `entries` (no file when
+    there are none)."""
     entries = list(entries)
-    path = Path(folder) / ERRORS_FILE
+    path = Path(folder) / name
     if entries:
         write_bytes_atomic(path, "".join(json.dumps(e) + "\n" for e in entries).encode())
     return SkippedImages(entries, str(path) if entries else None)

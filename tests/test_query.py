@@ -301,6 +301,7 @@ def test_manifest_columns_keep_their_types(tmp_path, emoji_items):
     assert items[1].metadata == {"year": 2021, "rating": 0.5, "ok": True, "place": None}
     fields = {f.name: f.type for f in metadata_fields(it.metadata for it in items)}
     assert fields == {"year": pa.int64(), "rating": pa.float64(), "ok": pa.bool_(), "place": pa.string()}
+    assert {f.name: f.type for f in items.metadata_fields} == fields  # what embed uses, read off Arrow
 
 
 def run(*args, code=0):

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from retriever.cli import dedup, demo, embed, evaluate, index, info, search, train
+from retriever.cli import dedup, demo, embed, evaluate, export, import_, index, info, search, train
 from retriever.cli.common import quiet_library_logs
 
 app = typer.Typer(
@@ -36,6 +36,8 @@ app.command(name="train")(train.train)
 app.command(name="eval")(evaluate.eval_cmd)
 app.command(name="demo")(demo.demo)
 app.command(name="dedup")(dedup.dedup)
+app.command(name="import")(import_.import_cmd)
+app.command(name="export")(export.export)
 
 
 def main() -> None:  # pragma: no cover - console-script entry

@@ -26,7 +26,9 @@ from retriever.cli.common import (
 @user_errors
 def embed(
     source: Path = typer.Argument(
-        ..., help="Folder of images (captions from same-name .txt) or a CSV/TSV/JSONL/Parquet manifest."
+        ...,
+        help="Folder of images (captions from same-name .txt), a CSV/TSV/JSONL/Parquet manifest, webdataset tar "
+        "shards (a .tar, a glob, shards/{00000..00099}.tar or a folder of tars) or image Parquet (img2dataset, HF).",
     ),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the Parquet shards."),
     model: str | None = ModelOpt,
@@ -42,12 +44,18 @@ def embed(
     device: str | None = DeviceOpt,
     precision: str | None = PrecisionOpt,
     overwrite: bool = typer.Option(False, help="Replace shards in --out made with other arguments."),
+    num_parts: int = typer.Option(
+        1, "--num-parts", help="Split the work into this many independent parts (SLURM arrays, several machines)."
+    ),
+    part: int = typer.Option(0, "--part", help="Which part (0-based) this run writes; under torchrun: the rank."),
     as_json: bool = JsonOpt,
 ):
     """Embed a collection into Parquet shards (resumes an interrupted run)."""
     from retriever.data.sources import read_source
     from retriever.embed import EmbedConfig, embed_items
+    from retriever.embed_parallel import part_from_environment
 
+    num_parts, part, device, dist_info = part_from_environment(num_parts, part, device)
     items = read_source(source, image_column=image_column, caption_column=caption_column)
     encoder = load_encoder(model, pretrained, device, precision)
     cfg = EmbedConfig(
@@ -56,18 +64,41 @@ def embed(
         num_workers=workers_or_default(workers),
         dtype=dtype,
         overwrite=overwrite,
+        num_parts=num_parts,
+        part=part,
     )
     with progress_bar() as bar:
         task = bar.add_task("Embedding", total=None)
         result = embed_items(
-            items, encoder, out_dir, cfg, progress=lambda n, total: bar.update(task, completed=n, total=total)
+            items,
+            encoder,
+            out_dir,
+            cfg,
+            progress=lambda n, total: bar.update(task, completed=n, total=total),
+            skipped=getattr(items, "skipped", ()),
         )
+    from retriever.embed_parallel import finish_parts
+
+    status = finish_parts(out_dir, dist_info)
+    if not dist_info.is_main:
+        return  # rank 0 reports for the whole torchrun job
     if as_json:
-        out.print_json(json.dumps({**result.__dict__, "skipped": result.skipped.to_dict()}))
+        out.print_json(json.dumps({**result.__dict__, "skipped": result.skipped.to_dict(), "parts": status}))
         return
+    which = f"part {part} of {num_parts}: " if num_parts > 1 and not dist_info.enabled else ""
     out.print(
-        f"{result.rows} rows in {result.shards} shards at {result.out_dir} "
+        f"{which}{result.rows} rows in {result.shards} shards at {result.out_dir} "
         f"({result.shards_written} written, {result.shards_resumed} kept from an earlier run; "
         f"{result.images_per_second:.1f} images/s)."
     )
+    if status is not None:
+        done = len(status["complete"])
+        out.print(
+            f"Parts complete: {done} of {status['num_parts']}"
+            + (
+                "."
+                if done == status["num_parts"]
+                else f" (not yet: {', '.join(str(p) for p in range(status['num_parts']) if p not in status['complete'])})."
+            )
+        )
     print_skipped(result.skipped)

@@ -37,9 +37,22 @@ def index(
         help="With --add: shift new ids past the index's largest id instead of refusing clashing ids.",
     ),
     gpu: bool | None = typer.Option(None, "--gpu/--no-gpu", help="Build on the GPU (default: when faiss sees one)."),
+    part: str | None = typer.Option(
+        None,
+        "--part",
+        help="I/N: add slice I of N of the shards to its own IVF blocks (one process or machine each); "
+        "then `retriever index merge INDEX`.",
+    ),
     as_json: bool = JsonOpt,
 ):
-    """Build FAISS indexes (image, and text where captions exist) from shards, or --add shards to one."""
+    """Build FAISS indexes (image, and text where captions exist) from shards, or --add shards to one.
+
+    `retriever index merge INDEX` combines the parts of a `--part I/N` build into INDEX.
+    """
+    if str(shards) == "merge" and not shards.exists():
+        return _merge(target, as_json)
+    if part is not None:
+        return _build_part(shards, out_dir, part, index_type, max_memory, target_recall, add, as_json)
     from retriever.indexes import BuildConfig, build_index
     from retriever.indexes.add import add_to_index
     from retriever.indexes.memory import parse_memory
@@ -99,3 +112,46 @@ def index(
                     highlight=False,
                 )
     out.print(f"{'Updated' if add else 'Wrote'} {out_dir}")
+
+
+def _merge(target: Path | None, as_json: bool) -> None:
+    from retriever.indexes.partitioned import merge_parts
+
+    if target is None:
+        raise UserError("Name the index to merge: retriever index merge INDEX.")
+    manifest = merge_parts(target)
+    if as_json:
+        out.print_json(json.dumps(manifest.to_dict()))
+        return
+    for m in manifest.indexes.values():
+        out.print(
+            f"{m.modality} index: {m.count} vectors, {m.factory} (lists on disk), merged from {m.extra['built_in_parts']} parts"
+        )
+    out.print(f"Wrote {target}")
+
+
+def _build_part(shards, out_dir, part, index_type, max_memory, target_recall, add, as_json) -> None:
+    from retriever.indexes import BuildConfig
+    from retriever.indexes.memory import parse_memory
+    from retriever.indexes.partitioned import build_part, parse_part, staging_dir
+
+    if out_dir is None or add:
+        raise UserError(
+            "--part takes the shard folder and the final index folder: retriever index SHARDS --out INDEX --part I/N."
+        )
+    i, n = parse_part(part)
+    cfg = BuildConfig(
+        index_type=index_type.value,
+        max_memory=parse_memory(max_memory) if max_memory else None,
+        on_disk=True,
+        target_recall=target_recall,
+    )
+    with err.status(f"Indexing part {i} of {n}…"):
+        result = build_part(shards, out_dir, i, n, cfg)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    counts = ", ".join(f"{m}: {e['count']} vectors" for m, e in result["entries"].items())
+    out.print(
+        f"Part {i} of {n} (shards {result['shards'][0]}–{result['shards'][1]}) done in {staging_dir(out_dir)}: {counts}."
+    )

@@ -43,6 +43,12 @@ def info(
             table.add_row(key, str(d[key]))
         cols = d.get("metadata_columns") or {}
         table.add_row("metadata columns", escape(", ".join(f"{k} ({v})" for k, v in cols.items()) or "none"))
+        if d.get("parts"):
+            st = d["parts"]
+            row = f"{len(st['complete'])} of {st['num_parts']} complete"
+            row += "".join(f"; part {p}: {s}" for p, s in st["partial"].items())
+            row += "".join(f"; part {p}: not started" for p in st["not_started"])
+            table.add_row("parts", row)
     else:
         table.add_row("bytes", str(d["bytes"]))
         table.add_row(

@@ -8,18 +8,33 @@ guard stays on: a bomb is a decode error like any other.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
-from pathlib import Path
 from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from retriever.data.locations import open_location
+
 ImageInput = Union[str, os.PathLike, bytes, Image.Image]  # noqa: UP007 (a runtime alias on 3.10)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+HEIF_EXTENSIONS = frozenset({".heic", ".heif"})  # when the optional pillow-heif is installed
 _WHITE = (255, 255, 255)
+
+
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """File extensions read as images: IMAGE_EXTENSIONS, plus .heic/.heif when pillow-heif is
+    installed (registering its Pillow opener is the one global change, made on first use)."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return IMAGE_EXTENSIONS
+    pillow_heif.register_heif_opener()
+    return IMAGE_EXTENSIONS | HEIF_EXTENSIONS
 
 
 def load_image(source: ImageInput) -> Image.Image:
@@ -32,12 +47,14 @@ def load_image(source: ImageInput) -> Image.Image:
     Raises OSError / ValueError / Image.DecompressionBombError for undecodable input; callers that
     process batches catch these and report the file rather than stopping.
     """
+    image_extensions()  # registers the HEIF opener where available (also in spawned workers)
     if isinstance(source, Image.Image):
         img = source
     elif isinstance(source, (bytes, bytearray, memoryview)):
         img = Image.open(io.BytesIO(bytes(source)))
     else:
-        img = Image.open(Path(source))
+        # A path, or a `TAR#key` / `PARQUET#row` location whose bytes come from a shard.
+        img = Image.open(open_location(source))
     if getattr(img, "is_animated", False):
         img.seek(0)  # first frame of GIF / animated WebP
     img.load()  # decode now, so truncated files fail here and not inside the model's transform

@@ -9,12 +9,12 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retriever.data.images import IMAGE_EXTENSIONS
+from retriever.data.images import IMAGE_EXTENSIONS, image_extensions
 from retriever.errors import UserError
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -44,25 +44,50 @@ class SourceItem:
         return self.captions[0] if self.captions else None
 
 
+class SourceList(list):
+    """Items, plus what reading skipped: `skipped` lists {"path", "reason"} (the format of _errors.jsonl) per bad tar/member/file."""
+
+    skipped: list[dict] = []
+
+
+# Folders that hold no samples: NAS thumbnails (Synology @eaDir), macOS resource forks, VCS data.
+SKIPPED_FOLDERS = frozenset({"@eaDir", "__MACOSX", "#recycle", "$RECYCLE.BIN", "Thumbs.db"})
+
+
+def is_hidden(rel_parts: tuple[str, ...]) -> bool:
+    """Hidden files and folders (.DS_Store, ._x.jpg, .git) and NAS/OS metadata folders are not samples."""
+    return any(part.startswith(".") or part in SKIPPED_FOLDERS for part in rel_parts)
+
+
 def read_source(
     source: str | Path,
     *,
     image_column: str | None = None,
     caption_column: str | None = None,
-) -> list[SourceItem]:
-    """Read a folder (recursive) or a CSV/TSV/JSONL/Parquet manifest into ordered items.
+) -> Sequence[SourceItem]:
+    """Read a folder (recursive), a manifest, webdataset tar shards or image Parquet into ordered items.
 
     Args:
-        source: a folder (every image below it; a same-name .txt file is its caption) or a manifest
-            file with one row per image–caption pair (rows naming one image merge their captions).
+        source: a folder (every image below it; a same-name .txt file is its caption); a
+            CSV/TSV/JSONL/Parquet manifest with one row per image–caption pair (rows naming one
+            image merge their captions); webdataset tar shards (a .tar, a glob, a brace expansion
+            `shards/{00000..00099}.tar` or a folder of tars); or image Parquet (img2dataset binary
+            columns, Hugging Face struct<bytes, path> cells).
         image_column, caption_column: the manifest's columns; guessed from common names when None.
 
     Returns:
-        `SourceItem`s in a stable order; `item.index` is the row id shards and indexes use.
+        `SourceItem`s in a stable order; `item.index` is the row id shards and indexes use. For tar
+        and image-Parquet sources a `SourceList` whose `skipped` lists bad tars/members.
     """
+    from retriever.data.formats import read_container_source
+
+    contained = read_container_source(source, image_column=image_column, caption_column=caption_column)
+    if contained is not None:
+        return contained
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"Source {path} does not exist.")
+    items: Sequence[SourceItem]
     if path.is_dir():
         items = read_folder(path)
     elif path.suffix.lower() in MANIFEST_SUFFIXES:
@@ -77,8 +102,13 @@ def read_source(
 def read_folder(root: Path) -> list[SourceItem]:
     """Every image below `root`, sorted by relative path; captions from same-name `.txt` files."""
     root = root.resolve()
+    exts = image_extensions()
     files = sorted(
-        (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+        (
+            p
+            for p in root.rglob("*")
+            if p.suffix.lower() in exts and not is_hidden(p.relative_to(root).parts) and p.is_file()
+        ),
         key=lambda p: p.relative_to(root).as_posix(),
     )
     items = []
@@ -103,8 +133,23 @@ def file_facts(root: Path, p: Path) -> dict[str, Any]:
 
 def read_source_manifest(
     path: Path, *, image_column: str | None = None, caption_column: str | None = None
-) -> list[SourceItem]:
-    """Rows of a manifest; rows naming the same image merge, keeping every caption in order."""
+) -> Sequence[SourceItem]:
+    """Rows of a manifest; rows naming the same image merge, keeping every caption in order.
+
+    CSV/TSV/Parquet stream into Arrow columns (manifests.py); JSONL is read line by line.
+    """
+    kind = MANIFEST_SUFFIXES[path.suffix.lower()]
+    if kind != "jsonl":
+        from retriever.data.manifests import read_manifest_streaming
+
+        return read_manifest_streaming(
+            path,
+            kind,
+            lambda cols, wanted: _pick_column(cols, wanted, IMAGE_COLUMN_GUESSES, "image", path),
+            lambda cols, wanted: _pick_column(cols, wanted, CAPTION_COLUMN_GUESSES, "caption", path, required=False),
+            image_column,
+            caption_column,
+        )
     rows = _read_rows(path)
     if not rows:
         return []
@@ -116,8 +161,6 @@ def read_source_manifest(
     by_path: dict[str, list[str]] = {}
     meta: dict[str, dict[str, Any]] = {}
     extra = [c for c in columns if c not in (img_col, cap_col)]
-    if MANIFEST_SUFFIXES[path.suffix.lower()] in ("csv", "tsv"):
-        rows = _typed(rows, extra)
     for row in rows:
         raw = row.get(img_col)
         if raw is None or str(raw).strip() == "":
@@ -145,36 +188,6 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
             return list(csv.DictReader(f, delimiter="\t" if kind == "tsv" else ","))
     except (OSError, ValueError) as e:
         raise UserError(f"Could not read manifest {path}: {e}") from e
-
-
-def _typed(rows: list[dict[str, Any]], columns: list[str]) -> list[dict[str, Any]]:
-    """CSV cells are text; give each column the narrowest type all its non-empty cells fit
-    (integer, number, true/false), empty cells becoming nulls, so metadata filters compare numbers."""
-    for col in columns:
-        cells = [r.get(col) for r in rows]
-        filled = [c.strip() for c in cells if isinstance(c, str) and c.strip()]
-        for convert in (int, float, _boolean):
-            try:
-                converted = {c: convert(c) for c in set(filled)}
-            except ValueError:
-                continue
-            if filled:
-                for r in rows:
-                    v = r.get(col)
-                    r[col] = converted[v.strip()] if isinstance(v, str) and v.strip() else None
-            break
-        else:  # text: an empty cell is a missing value
-            for r in rows:
-                if isinstance(r.get(col), str) and not r[col].strip():
-                    r[col] = None
-    return rows
-
-
-def _boolean(text: str) -> bool:
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    raise ValueError(text)
 
 
 def _pick_column(columns, wanted, guesses, what, path, required=True) -> str | None:

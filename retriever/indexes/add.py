@@ -32,6 +32,7 @@ from retriever.indexes.build import BuildProgress, add_batches
 from retriever.indexes.manifest import MANIFEST, IndexManifest, read_index_manifest
 from retriever.indexes.rows import file_schema
 from retriever.indexes.settings import configure_faiss
+from retriever.parts import missing_parts
 from retriever.shards import ShardSet
 
 
@@ -59,6 +60,7 @@ def add_to_index(
     index_dir = Path(index_dir).expanduser()
     manifest = read_index_manifest(index_dir)
     ss = new_shards if isinstance(new_shards, ShardSet) else ShardSet(new_shards)
+    missing_parts(ss.folder)
     ModelIdentity.from_dict(manifest.model).check_same(ss.identity, f"Shard folder {ss.folder}")
     if ss.count("text") and "text" not in manifest.indexes:
         raise UserError(

@@ -29,6 +29,7 @@ from retriever.indexes.open import set_search_params
 from retriever.indexes.rerank import VectorStore, VectorWriter, search_index
 from retriever.indexes.rows import conform, iter_file_batches, rows_schema
 from retriever.indexes.settings import configure_faiss
+from retriever.parts import missing_parts
 from retriever.shards import ShardSet
 
 # Called with (modality, vectors_added, total).
@@ -93,6 +94,7 @@ def build_index(
     cfg = config or BuildConfig()
     cfg.validate()
     ss = shards if isinstance(shards, ShardSet) else ShardSet(shards)
+    missing_parts(ss.folder)
     out = Path(out_dir).expanduser()
     specs = {m: plan_index(ss.count(m), ss.dim, cfg) for m in modalities if ss.count(m)}
     if not specs:

@@ -184,7 +184,12 @@ def can_use_gpu(index: faiss.Index) -> bool:
 
 
 def _gpu_free_bytes() -> int | None:
-    """The least free memory over the GPUs (torch's view), or None when torch cannot tell."""
+    """The least free memory over the GPUs (torch's view), or None when torch cannot tell.
+
+    Asks torch only when faiss sees a GPU, so that CPU-only searches never import torch.
+    """
+    if gpu_count() == 0:
+        return None
     try:
         import torch
 

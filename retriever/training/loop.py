@@ -125,9 +125,9 @@ def load_splits(cfg: TrainConfig) -> _Splits:
     fractions = [0.0 if cfg.val else cfg.val_fraction, 0.0 if cfg.test else cfg.test_fraction]
     train, val, test = split_items(items, fractions, cfg.split_seed)
     if cfg.val:
-        val = read_source(cfg.val, **kw)
+        val = list(read_source(cfg.val, **kw))
     if cfg.test:
-        test = read_source(cfg.test, **kw)
+        test = list(read_source(cfg.test, **kw))
     train = with_captions(train, "training")
     return _Splits(train, [it for it in val if it.captions], [it for it in test if it.captions])
 

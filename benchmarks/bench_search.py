@@ -1,8 +1,8 @@
-"""Query benchmarks: filtered search, collection dedup, batches of queries.
+"""Search benchmarks: filtered search, collection dedup, batches of queries.
 
-    python benchmarks/bench_query.py filter --n 1000000 --dim 128 --json bench-out/filter.json
-    python benchmarks/bench_query.py dedup  --n 1000000 --dim 128 --json bench-out/dedup.json
-    python benchmarks/bench_query.py batch  --queries 1000 --json bench-out/batch.json
+    python benchmarks/bench_search.py filter --n 1000000 --dim 128 --json bench-out/filter.json
+    python benchmarks/bench_search.py dedup  --n 1000000 --dim 128 --json bench-out/dedup.json
+    python benchmarks/bench_search.py batch  --queries 1000 --json bench-out/batch.json
 
 filter: synthetic CLIP-like shards (retriever/indexes/synthetic.py; metadata column bucket = id
 mod 1000), one index built through the library, 200 held-out queries run one at a time (as a

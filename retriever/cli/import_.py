@@ -1,0 +1,43 @@
+"""`retriever import`: bring embeddings made by another tool into shards, without re-embedding."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from retriever.cli.common import DeviceOpt, JsonOpt, ModelOpt, PretrainedOpt, load_encoder, out, user_errors
+
+
+class ImportFormat(str, Enum):
+    clip_retrieval = "clip-retrieval"
+
+
+@user_errors
+def import_cmd(
+    fmt: ImportFormat = typer.Argument(..., metavar="FORMAT", help="clip-retrieval: img_emb/, text_emb/, metadata/."),
+    folder: Path = typer.Argument(..., help="The other tool's output folder."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="New folder for the shards."),
+    model: str | None = ModelOpt,
+    pretrained: str | None = PretrainedOpt,
+    dtype: str = typer.Option("float32", help="Embedding storage type: float32 or float16."),
+    device: str | None = DeviceOpt,
+    as_json: bool = JsonOpt,
+):
+    """Import embeddings (the folder does not say which model made them: name it with --model/--pretrained)."""
+    from retriever.interop.clip_retrieval import import_clip_retrieval
+    from retriever.models.encode import encode_texts
+
+    encoder = load_encoder(model, pretrained, device)
+    result = import_clip_retrieval(
+        folder, out_dir, encoder.identity, dtype, encode_texts=lambda texts: encode_texts(encoder, texts, 256)
+    )
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    out.print(
+        f"Imported {result['rows']} rows ({result['rows_with_text']} with text) into {result['shards']} "
+        f"shards at {result['out_dir']}."
+    )

@@ -1,0 +1,1 @@
+"""Reading and writing other tools' embedding folders (clip-retrieval)."""

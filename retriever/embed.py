@@ -97,6 +97,7 @@ def embed_items(
     progress: ProgressFn | None = None,
     *,
     skipped: Sequence[dict] = (),
+    onnx=None,
 ) -> EmbedResult:
     """Embed every item into shards under `out_dir`, resuming whatever a previous run finished.
 
@@ -108,6 +109,8 @@ def embed_items(
         progress: called after each batch with (images done, images to do) of this run.
         skipped: entries the source reader left out ({"path", "reason"}: a bad tar, a key without
             an image); they are listed in the errors file with the images that failed to decode.
+        onnx: an OnnxEncoder (retriever.onnx.runtime) of the same model to run the forward passes
+            on onnxruntime; decoding and preprocessing stay the torch path's, so shards are interchangeable.
 
     Returns:
         An `EmbedResult`; undecodable images are skipped and listed in `out_dir/_errors.jsonl`
@@ -115,6 +118,8 @@ def embed_items(
     """
     cfg = config or EmbedConfig()
     cfg.validate()
+    if onnx is not None:
+        encoder.identity.check_same(onnx.identity, f"The ONNX export in {onnx.folder}")
     if not items:
         raise UserError("Nothing to embed: the source is empty.")
     out = Path(out_dir).expanduser()
@@ -163,7 +168,11 @@ def embed_items(
                 it = chunk[pos]
                 shard_errors.append(skipped_entry(it.path, reason, id=it.index, shard=k))
             if batch.pixels is not None:
-                vecs.append(encode_image_tensors(encoder, batch.pixels))
+                vecs.append(
+                    encode_image_tensors(encoder, batch.pixels)
+                    if onnx is None
+                    else onnx.encode_pixels(batch.pixels.numpy())
+                )
                 for pos in batch.indices:
                     ids.append(chunk[pos].index)
                     paths.append(chunk[pos].path)
@@ -176,7 +185,12 @@ def embed_items(
         has_text = np.array([c is not None for c in captions], bool)
         txt = np.zeros_like(img)
         if has_text.any():
-            txt[has_text] = encode_texts(encoder, [c for c in captions if c is not None], cfg.text_batch_size)
+            texts = [c for c in captions if c is not None]
+            txt[has_text] = (
+                encode_texts(encoder, texts, cfg.text_batch_size)
+                if onnx is None
+                else onnx.encode_texts(texts, cfg.text_batch_size)
+            )
         # Errors first: if we die between the two writes, the rerun redoes this shard and rewrites them.
         errors.extend(shard_errors)
         write_skipped(out, errors, errors_name)

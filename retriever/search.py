@@ -27,6 +27,7 @@ from retriever.query import Query, QueryReport, Term, check_options
 if TYPE_CHECKING:  # torch is imported only when a query has to be encoded
     from retriever.data.images import ImageInput
     from retriever.models.load import LoadedModel
+    from retriever.onnx.choose import QueryEncoder
 
 
 @dataclass(slots=True)
@@ -86,9 +87,11 @@ class Retriever:
     """An opened index folder plus the model its vectors came from. Use as a context manager or
     call `close()` to release the memory-mapped files.
 
-    The model is loaded lazily, on the first query that needs encoding, from the identity in the
-    manifest; pass `model=` to reuse one already loaded. A model whose weights differ from the
-    index's is refused: its vectors would not be comparable.
+    The query encoder is opened lazily, on the first query that needs encoding: an ONNX export of
+    the index's model when one matches (INDEX/onnx/, the model folder's onnx/, the export cache),
+    which needs no torch, else the torch model loaded from the identity in the manifest (`backend=`
+    "auto", "onnx" or "torch"); pass `model=` to reuse one already loaded. A model whose weights
+    differ from the index's is refused: its vectors would not be comparable.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class Retriever:
         *,
         device: str | None = None,
         use_gpu: bool | None = None,
+        backend: str = "auto",
     ):
         configure_faiss()
         self.index_dir = Path(index_dir).expanduser()
@@ -108,6 +112,8 @@ class Retriever:
         self._model = model
         self._device = device
         self._use_gpu = use_gpu
+        self._backend = backend
+        self._query_encoder: QueryEncoder | None = None
         self._open: dict[str, OpenIndex] = {}
         self._masks: dict[tuple[str, str], RowFilter] = {}
 
@@ -145,15 +151,27 @@ class Retriever:
             self._model = encoder
         return self._model
 
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        from retriever.models.encode import encode_texts
+    @property
+    def query_encoder(self) -> QueryEncoder:
+        """What encodes queries: the index's ONNX export when a usable one exists (no torch import),
+        else the torch model; the one place a Retriever obtains its query encoder (retriever.onnx.choose).
+        A model passed in is used as is unless backend="onnx"."""
+        if self._query_encoder is None:
+            from retriever.onnx.choose import QueryEncoder, open_query_encoder
 
-        return encode_texts(self.model, list(texts), batch_size)
+            if self._model is not None and self._backend != "onnx":
+                self._query_encoder = QueryEncoder(None, lambda: self.model)
+            else:
+                self._query_encoder = open_query_encoder(
+                    self.index_dir, self.identity, lambda: self.model, self._backend
+                )
+        return self._query_encoder
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        return self.query_encoder.encode_texts(list(texts), batch_size)
 
     def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
-        from retriever.models.encode import encode_images
-
-        return encode_images(self.model, list(images))
+        return self.query_encoder.encode_images(list(images))
 
     # --- Searching ------------------------------------------------------------------------------
     def search(

@@ -23,14 +23,25 @@ def demo_ws(tmp_path_factory):
 def test_reduced_demo_tunes_reports_and_indexes(demo_ws):
     ws, stdout = demo_ws
     report = json.loads((ws / "report.json").read_text())
-    assert (report["images"], report["train_images"], report["val_images"]) == (200, 160, 40)
+    counts = (report["images"], report["train_images"], report["val_images"], report["heldout_images"])
+    assert counts == (200, 136, 24, 40)
+    # Validation is carved out of the training concepts: no held-out emoji chooses anything.
+    heldout = {json.loads(line)["image"] for line in (ws / "data" / "heldout.jsonl").open()}
+    for name in ("train", "val"):
+        chosen_on = {json.loads(line)["image"] for line in (ws / "data" / f"{name}.jsonl").open()}
+        assert not chosen_on & heldout
     # Untrained heads are near chance on 40 held-out emoji; tuned heads are far above it.
     assert report["before"]["t2i_R@5"] < 0.3
     assert report["after"]["t2i_R@5"] > report["before"]["t2i_R@5"] + 0.2
-    assert "Held-out text→image R@5" in stdout and "untrained heads" in stdout
+    assert "Held-out text→image R@5" in stdout and "untrained heads" in stdout and "validation emoji" in stdout
     r = Retriever(ws / "index")
     assert r.manifest.indexes["image"].count == 200
     assert r.identity.name == report["model"]
+    # The tuned model was exported (verified against torch) and queries run on it, torch-free.
+    export = json.loads((ws / "run" / "best" / "onnx" / "export.json").read_text())
+    assert export["text"]["tokenizer"]["kind"] == "hf"
+    assert max(export["verified"]["text_max_abs_diff"], export["verified"]["image_max_abs_diff"]) <= 1e-5
+    assert r.search(text="a red heart", k=3) and r.query_encoder.backend == "onnx"
 
 
 def test_rerun_reuses_the_finished_work(demo_ws):

@@ -7,6 +7,7 @@ models are built or reloaded, so anything that tried the hub would fail here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -285,6 +286,32 @@ def test_text_trunk_matches_plain_transformers_mean_pooling(model, paths, offlin
     # MiniLM is a sentence encoder: the paraphrase pair is closer than the unrelated sentence.
     e = torch.nn.functional.normalize(ours, dim=-1)
     assert e[0] @ e[1] > e[0] @ e[2] + 0.2
+
+
+def test_cached_text_features_drop_padding_without_changing_results(model, paths, offline):
+    """The feature cache trims all-padding columns and batches by length: same features as 32 tokens."""
+    from types import SimpleNamespace
+
+    from retriever.training.cache import split_towers, text_features
+
+    tokenizer = open_clip.tokenizer.HFTokenizer(paths[1], context_length=32)
+    texts = [*SENTENCES, "a red heart", "an icon of a rocket in space above the clouds at night"]
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        split = split_towers(model)
+        with torch.no_grad():
+            ids = tokenizer(texts)
+            attn = (ids != model.text.config.pad_token_id).long()
+            full = model.text.pooler(model.text.transformer(input_ids=ids, attention_mask=attn), attn)
+            encoder = SimpleNamespace(tokenizer=tokenizer, model=model, device=torch.device("cpu"))
+            encoder.autocast = contextlib.nullcontext
+            ours = text_features(encoder, split, texts, batch_size=2)
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+    assert ours.shape == full.shape
+    assert torch.allclose(ours, full, atol=1e-5), (ours - full).abs().max()
 
 
 def test_lock_text_tower_with_unlocked_layers(model):

@@ -160,6 +160,8 @@ def test_resume_refuses_changed_settings_and_new_run_refuses_used_folder(tiny, s
         (dict(cache_features=True), "fully locked"),
         (dict(image_tower="timm:resnet18"), "both image_tower"),
         (dict(unlock_text_last=1), "only makes sense with lock_text"),
+        (dict(cache_views=2), "cache_views needs cache_features"),
+        (dict(caption_templates=["an icon of"]), "exactly once"),
     ],
 )
 def test_user_errors(tiny, small_manifest, tmp_path, bad, match):
@@ -276,6 +278,8 @@ def test_cached_features_train_heads_only_and_match_the_saved_model(emoji_split,
         lock_image=True,
         lock_text=True,
         cache_features=True,
+        cache_views=2,
+        caption_templates=["{}", "an icon of {}"],
         epochs=3,
         batch_size=32,
         workers=0,
@@ -287,6 +291,16 @@ def test_cached_features_train_heads_only_and_match_the_saved_model(emoji_split,
     assert changed and all(k.startswith(("visual.head", "text.proj", "logit_scale")) for k in changed), changed
     assert any(k.startswith("visual.head") for k in changed) and any(k.startswith("text.proj") for k in changed)
     assert len(list((tmp_path / "run" / "features").glob("*.safetensors"))) == 2
+    # The training cache holds one augmented view per image beside the eval view, and every
+    # caption under both templates; validation keeps the plain captions and the eval view only.
+    from safetensors.torch import load_file
+
+    (cached_train,) = (tmp_path / "run" / "features").glob("train-*.safetensors")
+    t = load_file(str(cached_train))
+    assert t["views"].shape == (96, 1, t["image"].shape[1])
+    assert not torch.allclose(t["views"][:, 0], t["image"])
+    n_captions = sum(len(it.captions) for it in items[:96])
+    assert t["text"].shape[0] == 2 * n_captions
 
     best_val = json.loads((Path(result.best_dir) / "metrics.json").read_text())["val"]
     full = evaluate(load_model(f"local-dir:{result.best_dir}"), read_source(val_m)).metrics.flat()

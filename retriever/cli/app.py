@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from retriever.cli import dedup, demo, embed, evaluate, export, import_, index, info, search, train
+from retriever.cli import dedup, demo, embed, evaluate, export, export_onnx, import_, index, info, search, train
 from retriever.cli.common import quiet_library_logs
 
 app = typer.Typer(
@@ -38,6 +38,7 @@ app.command(name="demo")(demo.demo)
 app.command(name="dedup")(dedup.dedup)
 app.command(name="import")(import_.import_cmd)
 app.command(name="export")(export.export)
+app.command(name="export-onnx")(export_onnx.export_onnx)
 
 
 def main() -> None:  # pragma: no cover - console-script entry

@@ -25,6 +25,11 @@ def demo(
         0, help="Also tune the last N EfficientNet blocks (end to end; much slower on CPU)."
     ),
     seed: int = typer.Option(0, help="Seed of the concept split and the training."),
+    domain: str | None = typer.Option(
+        None,
+        help="Then fine-tune the demo model on a second domain (fontawesome: Font Awesome's icons) and "
+        "report its held-out recall before and after.",
+    ),
     workers: int | None = WorkersOpt,
     as_json: bool = JsonOpt,
 ):
@@ -51,7 +56,26 @@ def demo(
             status=display.on_status,
             embed_progress=lambda n, t: bar.update(task, completed=n, total=t, visible=True),
         )
+        domain_result = None
+        if domain:
+            from retriever.demo.domain import run_domain_demo
+
+            domain_result = run_domain_demo(
+                workspace,
+                domain,
+                seed=seed,
+                workers=cfg.workers or 0,
+                train_callbacks=display.callbacks(),
+                status=display.on_status,
+            )
     if as_json:
-        out.print_json(json.dumps(result.__dict__))
+        payload = dict(result.__dict__)
+        if domain_result is not None:
+            payload["domain"] = domain_result.__dict__
+        out.print_json(json.dumps(payload))
         return
     print_report(out, result)
+    if domain_result is not None:
+        from retriever.demo.report import print_domain_report
+
+        print_domain_report(out, domain_result)

@@ -44,6 +44,9 @@ def index(
         "then `retriever index merge INDEX`.",
     ),
     as_json: bool = JsonOpt,
+    onnx: bool = typer.Option(
+        True, "--onnx/--no-onnx", help="Also export the model's towers to INDEX/onnx for torch-free queries."
+    ),
 ):
     """Build FAISS indexes (image, and text where captions exist) from shards, or --add shards to one.
 
@@ -93,6 +96,8 @@ def index(
             )
             assert out_dir is not None  # checked above
             manifest = build_index(ss, out_dir, cfg, progress=progress)
+    if onnx:
+        _export_onnx(out_dir)
     if as_json:
         out.print_json(json.dumps(manifest.to_dict()))
         return
@@ -155,3 +160,17 @@ def _build_part(shards, out_dir, part, index_type, max_memory, target_recall, ad
     out.print(
         f"Part {i} of {n} (shards {result['shards'][0]}–{result['shards'][1]}) done in {staging_dir(out_dir)}: {counts}."
     )
+
+
+def _export_onnx(index_dir: Path) -> None:
+    """ONNX towers beside the index, so `search` needs no torch; a failure costs one line, not the index."""
+    from retriever.onnx.export import export_for_index
+
+    try:
+        with err.status("Exporting the model to ONNX for torch-free queries…"):
+            folder, written = export_for_index(index_dir)
+    except UserError as e:
+        err.print(f"[yellow]No ONNX export ({e}); queries will use torch.[/yellow]", highlight=False)
+        return
+    if written:
+        err.print(f"Exported the model to {folder} (verified against torch); queries need no torch.", highlight=False)

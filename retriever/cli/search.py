@@ -60,6 +60,11 @@ def search(
     pretrained: str | None = PretrainedOpt,
     device: str | None = DeviceOpt,
     as_json: bool = JsonOpt,
+    backend: str = typer.Option(
+        "auto",
+        "--backend",
+        help="Query encoder: auto (the index's ONNX export when one matches, else torch), onnx (error without one) or torch.",
+    ),
 ):
     """Search an index: text → image, image → text, image → image, with +/- terms, filters and batches."""
     from retriever.query import Query
@@ -89,15 +94,15 @@ def search(
         )
     _check_images(parsed if queries is not None else [(None, one)], queries)
     encoder = load_encoder(model, pretrained, device) if model else None
-    with Retriever(index_dir, encoder, device=device) as r:
-        needs_model = (
-            any(t.kind != "id" for _, q in parsed for t in q.terms)
-            if queries
-            else any(t.kind != "id" for t in one.terms)
-        )
-        if encoder is None and needs_model:  # id:N terms use stored vectors: no model needed
-            with err.status("Loading model…"):
-                r.model  # noqa: B018 (loads the model inside the spinner)
+    with Retriever(index_dir, encoder, device=device, backend=backend) as r:
+        terms = [t for _, q in parsed for t in q.terms] if queries is not None else list(one.terms)
+        towers = {t.kind for t in terms} - {"id"}  # id:N terms use stored vectors: no model needed
+        if towers:
+            if encoder is None:
+                with err.status("Loading model…"):  # the ONNX sessions, or torch when there is no export
+                    r.query_encoder.prepare(next(iter(towers)) if len(towers) == 1 else None)
+            if r.query_encoder.note:
+                err.print(f"[yellow]{escape(r.query_encoder.note)}[/yellow]", highlight=False)
         if queries is not None:
             _run_batch(r, parsed, out_file)
             return

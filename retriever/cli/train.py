@@ -101,6 +101,13 @@ def train(
         "--cache-features",
         help="Both towers locked: compute tower outputs once, train heads + temperature on the cache.",
     ),
+    cache_views: int = typer.Option(
+        TRAIN.cache_views,
+        help="With --cache-features: tower passes per training image (the plain view + N-1 seeded zoom/shift views).",
+    ),
+    caption_template: list[str] = typer.Option(
+        [], help='Also train on every caption under this template, e.g. "an icon of {}" (repeatable).'
+    ),
     grad_checkpointing: bool = typer.Option(
         TRAIN.grad_checkpointing,
         "--grad-checkpointing",
@@ -147,6 +154,8 @@ def train(
         lock_text=lock_text,
         unlock_text_last=unlock_text_last,
         cache_features=cache_features,
+        cache_views=cache_views,
+        caption_templates=list(caption_template),
         grad_checkpointing=grad_checkpointing,
         precision=precision,
         device=device,

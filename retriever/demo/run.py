@@ -1,10 +1,12 @@
 """`retriever demo`: the whole product, offline, on a real collection, in a few minutes on a CPU.
 
 1. Twemoji PNGs named by the `emoji` package (~1,900 emoji, aliases as extra captions), split by
-   concept 80/20 with a fixed seed: the held-out emoji are never seen in training.
+   concept 80/20 with a fixed seed: the held-out emoji are never seen in training, and they choose
+   nothing either. A validation split is carved (by concept, seeded) out of the training emoji;
+   it picks the epoch. Held-out recall is computed once, at the end, for the report.
 2. The default offline model: ImageNet EfficientNet-Lite0 + all-MiniLM-L6-v2, composed into an
-   open_clip CLIP with fresh linear heads (the LiT recipe). Held-out recall is measured before
-   tuning: untrained heads know nothing of each other's space.
+   open_clip CLIP with fresh linear heads (the LiT recipe). Untrained heads know nothing of
+   each other's space: their held-out recall is the floor.
 3. InfoNCE fine-tuning of the heads and temperature on cached tower outputs (towers locked).
 4. The tuned model (a `local-dir:` checkpoint) embeds every emoji into shards; an index is built.
 5. A few example queries, text → image and image → text.
@@ -33,12 +35,16 @@ R5_BAR = 0.45  # the held-out text→image R@5 the default model must reach afte
 class DemoConfig:
     workspace: str = "retriever-demo"
     limit: int | None = None  # use only this many emoji (seeded sample): a quick, reduced demo
-    val_fraction: float = 0.2
+    heldout_fraction: float = 0.2  # concepts held out for the final report only
+    val_fraction: float = 0.15  # of the training concepts, held back to choose the epoch
     seed: int = 0
     embed_dim: int = 512
     epochs: int = 30
     batch_size: int = 256
     lr: float = 1e-3
+    weight_decay: float = 0.1
+    cache_views: int = 1  # cached tower passes per training image: the eval view + N-1 geometric views
+    caption_templates: tuple[str, ...] = ()  # training captions under each prompt template
     unlock_text_last: int = 0  # > 0: also tune the last MiniLM layers (end to end, slower)
     unlock_image_last: int = 0  # > 0: also tune the last EfficientNet blocks
     workers: int | None = None  # image-decoding processes; None: data.default_workers()
@@ -49,10 +55,12 @@ class DemoConfig:
 class DemoResult:
     workspace: str
     images: int
-    train_images: int
-    val_images: int
+    train_images: int  # concepts the heads were trained on
+    val_images: int  # training concepts held back to choose the epoch
+    heldout_images: int  # concepts used for nothing but the final figures
     before: dict  # held-out RetrievalMetrics.flat() of the untrained heads
-    after: dict  # ... of the best tuned epoch
+    after: dict  # ... of the epoch chosen on validation
+    val: dict  # validation RetrievalMetrics.flat() of the chosen epoch
     best_epoch: int
     model: str  # local-dir: spec of the tuned model
     shards: str
@@ -73,11 +81,9 @@ def run_demo(
     from retriever.data.sources import read_source
     from retriever.embed import EmbedConfig, embed_items
     from retriever.indexes import build_index
-    from retriever.models.compose import DEFAULT_IMAGE_TOWER, default_tower_paths
     from retriever.models.load import load_model
     from retriever.search import Retriever
-    from retriever.training.loop import TrainConfig, train
-    from retriever.training.optim import OptimConfig
+    from retriever.training.loop import train
 
     say = status or (lambda s: None)
     workers = default_workers() if cfg.workers is None else cfg.workers
@@ -91,36 +97,29 @@ def run_demo(
         if cfg.limit < 20:
             raise UserError("--limit must be at least 20 emoji.")
         items = sorted(random.Random(cfg.seed).sample(items, min(cfg.limit, len(items))), key=lambda e: e.path)
-    train_items, val_items = split_by_concept(items, cfg.val_fraction, cfg.seed)
+    train_items, val_items, heldout_items = demo_splits(items, cfg)
     data = ws / "data"
     write_manifest(train_items, data / "train.jsonl")
     write_manifest(val_items, data / "val.jsonl")
+    write_manifest(heldout_items, data / "heldout.jsonl")
     write_manifest(items, data / "all.jsonl")
-    say(f"{len(items)} emoji: {len(train_items)} to train on, {len(val_items)} held out (split by concept)")
+    say(
+        f"{len(items)} emoji, split by concept: {len(train_items)} to train on, {len(val_items)} to choose "
+        f"the epoch (validation), {len(heldout_items)} held out for the final figures only"
+    )
     seconds["data"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    image_weights, text_folder = default_tower_paths()
     run = ws / "run"
-    tcfg = TrainConfig(
-        source=str(data / "train.jsonl"),
-        val=str(data / "val.jsonl"),
-        out=str(run),
-        image_tower=DEFAULT_IMAGE_TOWER,
-        text_tower=f"hf:{text_folder}",
-        image_weights=image_weights,
-        embed_dim=cfg.embed_dim,
-        epochs=cfg.epochs,
-        batch_size=min(cfg.batch_size, len(train_items)),
-        optim=OptimConfig(lr=cfg.lr, weight_decay=0.1, warmup=0.05),
-        lock_image=True,
-        lock_text=True,
-        unlock_image_last=cfg.unlock_image_last,
-        unlock_text_last=cfg.unlock_text_last,
-        cache_features=not (cfg.unlock_image_last or cfg.unlock_text_last),
-        augment=False,
-        seed=cfg.seed,
+    tcfg = demo_train_config(
+        cfg,
+        source=data / "train.jsonl",
+        val=data / "val.jsonl",
+        out=run,
+        n_train=len(train_items),
         workers=workers,
+        epochs=cfg.epochs,
+        seed=cfg.seed,
     )
     history = _finished_history(run, cfg.epochs)
     if history is None:
@@ -134,12 +133,16 @@ def run_demo(
         trained = train(tcfg, train_callbacks)
         history = trained.history
     seconds["train"] = time.perf_counter() - t
-    before = history[0]["val"]
     best = max((h for h in history if h["best"]), key=lambda h: h["epoch"])
     tuned = f"local-dir:{run / 'best'}"
 
     t = time.perf_counter()
     encoder = load_model(tuned)
+    say(f"Held-out recall of the epoch chosen on validation ({len(heldout_items)} emoji never used before)")
+    before, after = heldout_recall(encoder, load_model(f"local-dir:{run / 'init'}"), data / "heldout.jsonl", run)
+    seconds["heldout"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     say("Embedding every emoji with the tuned model")
     embed_items(
         read_source(data / "all.jsonl"),
@@ -152,11 +155,14 @@ def run_demo(
     t = time.perf_counter()
     build_index(ws / "shards", ws / "index")
     seconds["index"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _export_onnx(run / "best", encoder, say)
+    seconds["onnx_export"] = time.perf_counter() - t
 
     r = Retriever(ws / "index", encoder)
     text_examples = {q: [h.to_dict() for h in r.search(text=q, k=3)] for q in cfg.examples}
     image_examples = []
-    for it in val_items[:3]:
+    for it in heldout_items[:3]:
         hits = r.search(image=it.path, k=3, modality="text")
         image_examples.append({"image": it.path, "truth": it.captions[0], "hits": [h.to_dict() for h in hits]})
 
@@ -165,8 +171,10 @@ def run_demo(
         images=len(items),
         train_images=len(train_items),
         val_images=len(val_items),
+        heldout_images=len(heldout_items),
         before=before,
-        after=best["val"],
+        after=after,
+        val=best["val"],
         best_epoch=best["epoch"],
         model=tuned,
         shards=str(ws / "shards"),
@@ -177,6 +185,85 @@ def run_demo(
     )
     write_json_atomic(ws / "report.json", asdict(result))
     return result
+
+
+def demo_train_config(
+    cfg: DemoConfig,
+    *,
+    source: Path,
+    val: Path,
+    out: Path,
+    n_train: int,
+    workers: int,
+    epochs: int,
+    seed: int,
+    model: str | None = None,
+):
+    """The default recipe as a TrainConfig: the demo's, and the Font Awesome fine-tune's (`model`).
+
+    Without `model`, the towers are composed afresh; with it, training continues from that
+    model's heads (the towers stay locked either way).
+    """
+    from retriever.models.compose import DEFAULT_IMAGE_TOWER, default_tower_paths
+    from retriever.training.loop import TrainConfig
+    from retriever.training.optim import OptimConfig
+
+    image_tower = text_tower = image_weights = None
+    if model is None:
+        image_weights, text_folder = default_tower_paths()
+        image_tower, text_tower = DEFAULT_IMAGE_TOWER, f"hf:{text_folder}"
+    unlocked = bool(cfg.unlock_image_last or cfg.unlock_text_last)
+    return TrainConfig(
+        source=str(source),
+        val=str(val),
+        out=str(out),
+        model=model,
+        image_tower=image_tower,
+        text_tower=text_tower,
+        image_weights=image_weights,
+        embed_dim=cfg.embed_dim,
+        epochs=epochs,
+        batch_size=min(cfg.batch_size, n_train),
+        optim=OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=0.05),
+        lock_image=True,
+        lock_text=True,
+        unlock_image_last=cfg.unlock_image_last,
+        unlock_text_last=cfg.unlock_text_last,
+        cache_features=not unlocked,
+        cache_views=1 if unlocked else cfg.cache_views,
+        caption_templates=list(cfg.caption_templates),
+        augment=False,
+        seed=seed,
+        workers=workers,
+    )
+
+
+def demo_splits(items: list[EmojiImage], cfg: DemoConfig):
+    """(train, validation, held-out) by concept: held-out first, then validation out of the rest."""
+    train_all, heldout = split_by_concept(items, cfg.heldout_fraction, cfg.seed)
+    train, val = split_by_concept(train_all, cfg.val_fraction, cfg.seed + 1)
+    return train, val, heldout
+
+
+def heldout_recall(tuned, untrained, manifest: Path, run: Path) -> tuple[dict, dict]:
+    """Held-out RetrievalMetrics.flat() of the untrained and the tuned heads.
+
+    Both models share their locked towers, so the towers run once over the held-out emoji (cached
+    beside the training features) and only the two pairs of heads differ.
+    """
+    from retriever.data.sources import read_source
+    from retriever.metrics import retrieval_metrics
+    from retriever.training.cache import cached_eval_embeddings, compute_tower_features, split_towers
+
+    items = [it for it in read_source(manifest) if it.captions]
+    out = []
+    for encoder in (untrained, tuned):
+        encoder.model.eval().requires_grad_(False)
+        split = split_towers(encoder.model)
+        cached = compute_tower_features(encoder, split, items, cache_dir=run / "features", name="heldout")
+        img, txt = cached_eval_embeddings(split, cached, encoder.device)
+        out.append(retrieval_metrics(img, txt, cached.text_image()).flat())
+    return out[0], out[1]
 
 
 def _finished_history(run: Path, epochs: int) -> list[dict] | None:
@@ -190,3 +277,23 @@ def _finished_history(run: Path, epochs: int) -> list[dict] | None:
 
 
 __all__ = ["DemoConfig", "DemoResult", "EmojiImage", "run_demo", "R5_BAR"]
+
+
+def _export_onnx(model_dir: Path, encoder, say: Callable[[str], None]) -> None:
+    """ONNX towers in the tuned model's folder (MODEL/onnx, where `search` looks for an index of a
+    local-dir model), so that searching the demo index needs no torch. The model folder, not the
+    index: a rerun rebuilds the index but keeps a still-valid export of the same model."""
+    from retriever.onnx.export import export_onnx
+    from retriever.onnx.runtime import ExportUnusable, OnnxEncoder
+
+    folder = model_dir / "onnx"
+    try:
+        OnnxEncoder(folder, encoder.identity)
+        return
+    except ExportUnusable:
+        pass
+    try:
+        export_onnx(encoder, folder)
+        say(f"Exported the tuned model to {folder} for torch-free queries")
+    except UserError as e:
+        say(f"No ONNX export ({e}); queries will use torch")

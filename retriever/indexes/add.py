@@ -116,6 +116,8 @@ def add_to_index(
         )
         manifest.shards["rows"] = int(manifest.shards.get("rows", 0)) + ss.num_rows
         write_json_atomic(tmp / MANIFEST, manifest.to_dict())
+        if (index_dir / "onnx").is_dir():  # the model's ONNX export (retriever.onnx): same model, still valid
+            shutil.copytree(index_dir / "onnx", tmp / "onnx", copy_function=lambda s, d: _link(Path(s), Path(d)))
     return manifest
 
 

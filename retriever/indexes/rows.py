@@ -88,13 +88,13 @@ class RowsFile:
         groups, first = np.unique(which[order], return_index=True)
         bounds = [*first.tolist(), len(order)]
         parts = [
-            self.batches[b].take(pa.array(rows[order[lo:hi]] - self.starts[b], pa.int64()))
+            self.batches[b].take(int64_array(rows[order[lo:hi]] - self.starts[b]))
             for b, lo, hi in zip(groups.tolist(), bounds, bounds[1:])
         ]
         if not parts:
             return self.schema.empty_table()
         table = pa.Table.from_batches(parts, schema=self.schema).combine_chunks()
-        return table.take(pa.array(np.argsort(order, kind="stable"), pa.int64()))
+        return table.take(int64_array(np.argsort(order, kind="stable")))
 
     def rows_where(self, column: str, values) -> np.ndarray:
         """Faiss rows whose `column` is one of `values` (a full scan; used for a query's own items)."""
@@ -120,3 +120,10 @@ def json_value(v: Any) -> Any:
     if isinstance(v, bytes):
         return v.hex()
     return v
+
+
+def int64_array(a: np.ndarray) -> pa.Array:
+    """A zero-copy Arrow view of int64 numbers. Not pa.array(numpy): that imports pandas (0.3-0.7 s of
+    a cold query) to check whether its argument is a pandas object."""
+    a = np.ascontiguousarray(a, np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(a), [None, pa.py_buffer(a)])

@@ -7,8 +7,11 @@ after the towers: the image projection (`visual.head` of a timm tower), the text
 apart, i.e. a model composed with `--image-tower timm:...` and `--text-tower hf:...`; open_clip's
 native ViT/text transformer fold their projection into the locked tower.
 
-Images are seen through the eval transform (a cached view cannot be re-augmented). Each caption
-is cached, so each epoch still draws one caption per image.
+Images are seen through the eval transform, plus, with `views > 1`, through `views - 1` seeded
+geometric views each (zoom, shift, a small rotation, white fill: no flips, which turn arrows
+around, and no colour jitter, which turns a red heart pink); each epoch draws one cached view per
+image, so augmentation costs tower passes once, not every epoch. Each caption is cached, so each
+epoch still draws one caption per image.
 """
 
 from __future__ import annotations
@@ -64,8 +67,12 @@ def split_towers(model: torch.nn.Module) -> TowerSplit:
         )
 
     def text_trunk(ids: torch.Tensor) -> torch.Tensor:
-        # HFTextEncoder.forward minus its projection.
+        # HFTextEncoder.forward minus its projection. Trailing columns that are padding in every
+        # row are dropped first: masked keys get zero attention weight and the mean pooler skips
+        # them, so the result is the same while short captions cost a fraction of the 32 tokens.
         attn = (ids != text.config.pad_token_id).long()
+        n = max(1, int(attn.sum(dim=1).max()))
+        ids, attn = ids[:, :n], attn[:, :n]
         return text.pooler(text.transformer(input_ids=ids, attention_mask=attn), attn)
 
     return TowerSplit(visual.trunk, visual.head, text_trunk, text.proj, (visual.trunk, text.transformer))
@@ -80,6 +87,18 @@ class CachedSplit:
     text: torch.Tensor  # (total captions, D_txt)
     caption_start: torch.Tensor  # (len(items),) first caption row of each item
     skipped: list[dict]  # skipped_entry(path, reason) per undecodable item
+    views: torch.Tensor | None = None  # (len(items), V - 1, D_img) augmented views, if any
+
+    def image_rows(self, items: Sequence[int], draws: Sequence[int]) -> torch.Tensor:
+        """One row per item: the eval view or an augmented one, chosen by `draw % V` (a seeded draw)."""
+        if self.views is None:
+            return self.image[list(items)]
+        n_views = self.views.shape[1] + 1
+        rows = []
+        for item, draw in zip(items, draws):
+            v = draw % n_views
+            rows.append(self.image[item] if v == 0 else self.views[item, v - 1])
+        return torch.stack(rows)
 
     def text_row(self, item: int, caption: int) -> int:
         return int(self.caption_start[item]) + caption
@@ -88,8 +107,47 @@ class CachedSplit:
         return [i for i, it in enumerate(self.items) for _ in it.captions]
 
 
-def cache_key(encoder: LoadedModel, split: TowerSplit, items: Sequence[SourceItem]) -> str:
+def geometric_view(img, seed: int):
+    """A seeded view of a PIL image: zoom 0.75–1.15, shift ±10 %, rotate ±8°, white fill.
+
+    Geometric only: crops/zooms and shifts are what a LiT-style recipe keeps from image
+    augmentation; flips and colour changes would alter what many captions say.
+    """
+    import torchvision.transforms.v2 as T
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return T.RandomAffine(degrees=8, translate=(0.1, 0.1), scale=(0.75, 1.15), fill=255)(img)
+
+
+class _ViewTransform:
+    """Preprocess of view `view` of item i (picklable, for DataLoader workers)."""
+
+    def __init__(self, preprocess: Callable, view: int):
+        self.preprocess, self.view = preprocess, view
+
+    def __call__(self, img, index: int):
+        return self.preprocess(geometric_view(img, 1_000_003 * self.view + index))
+
+
+class _ViewDataset(ImageDataset):
+    def __init__(self, paths: Sequence[str], transform: _ViewTransform):
+        super().__init__(paths, transform.preprocess)
+        self.transform = transform
+
+    def __getitem__(self, i: int):
+        from retriever.data.images import load_image
+
+        try:
+            return i, self.transform(load_image(self.paths[i]), i), None
+        except Exception as e:  # as ImageDataset: a bad file is data
+            return i, None, f"{type(e).__name__}: {e}"
+
+
+def cache_key(encoder: LoadedModel, split: TowerSplit, items: Sequence[SourceItem], views: int = 1) -> str:
     h = hashlib.sha256()
+    if views > 1:
+        h.update(f"views={views}".encode())
     for trunk in split.trunks:
         h.update(state_dict_sha256(trunk).encode())
     h.update(repr(encoder.config.get("preprocess_cfg")).encode())
@@ -108,17 +166,22 @@ def compute_tower_features(
     *,
     cache_dir: Path | None = None,
     name: str = "train",
+    views: int = 1,
     batch_size: int = 32,
     text_batch_size: int = 128,
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> CachedSplit:
-    """Run the locked trunks over `items` once; reuse `cache_dir/{name}-{key}.safetensors` if present."""
+    """Run the locked trunks over `items` once; reuse `cache_dir/{name}-{key}.safetensors` if present.
+
+    `views > 1` also runs them over `views - 1` seeded geometric views of each image (see
+    `geometric_view`); an image any of whose views fails to decode is skipped.
+    """
     from safetensors.torch import load_file, save_file
 
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"{name}-{cache_key(encoder, split, items)}.safetensors"
+        path = Path(cache_dir) / f"{name}-{cache_key(encoder, split, items, views)}.safetensors"
         if path.is_file():
             t = load_file(str(path))
             cached = [items[int(i)] for i in t["kept"]]
@@ -128,60 +191,84 @@ def compute_tower_features(
                 for i, it in enumerate(items)
                 if i not in kept_set
             ]
-            return CachedSplit(cached, t["image"], t["text"], t["caption_start"], not_cached)
+            return CachedSplit(cached, t["image"], t["text"], t["caption_start"], not_cached, t.get("views"))
 
     for trunk in split.trunks:
         trunk.eval()
-    loader = torch.utils.data.DataLoader(
-        ImageDataset([it.path for it in items], encoder.preprocess),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate_decoded,
-    )
-    total = len(items) + sum(len(it.captions) for it in items)
+    paths = [it.path for it in items]
+    total = views * len(items) + sum(len(it.captions) for it in items)
     done = 0
-    kept: list[int] = []
-    img_feats: list[torch.Tensor] = []
-    skipped: list[dict] = []
-    for batch in loader:
-        done += len(batch.indices) + len(batch.errors)
-        skipped += [skipped_entry(items[i].path, reason) for i, reason in batch.errors]
-        if batch.pixels is not None:
-            # channels_last: conv trunks run much faster so on CPU, and on GPU tensor cores.
-            px = batch.pixels.to(encoder.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            with encoder.autocast():
-                img_feats.append(split.image_trunk(px).float().cpu())
-            kept += batch.indices
-        if progress:
-            progress(done, total)
+    skipped: dict[int, dict] = {}
+    per_view: list[dict[int, torch.Tensor]] = []
+    for v in range(views):
+        dataset = (
+            ImageDataset(paths, encoder.preprocess)
+            if v == 0
+            else _ViewDataset(paths, _ViewTransform(encoder.preprocess, v))
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_decoded
+        )
+        rows: dict[int, torch.Tensor] = {}
+        for batch in loader:
+            done += len(batch.indices) + len(batch.errors)
+            for i, reason in batch.errors:
+                skipped.setdefault(i, skipped_entry(items[i].path, reason))
+            if batch.pixels is not None:
+                # channels_last: conv trunks run much faster so on CPU, and on GPU tensor cores.
+                px = batch.pixels.to(encoder.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                with encoder.autocast():
+                    feats = split.image_trunk(px).float().cpu()
+                rows.update(zip(batch.indices, feats))
+            if progress:
+                progress(done, total)
+        per_view.append(rows)
+    kept = sorted(set.intersection(*(set(r) for r in per_view)))
     if not kept:
         raise UserError(f"None of the {name} images could be decoded.")
+    img_feats = [torch.stack([per_view[0][i] for i in kept])]
+    aug = torch.stack([torch.stack([r[i] for r in per_view[1:]]) for i in kept]) if views > 1 else None
     texts = [c for i in kept for c in items[i].captions]
     starts, n = [], 0
     for i in kept:
         starts.append(n)
         n += len(items[i].captions)
-    txt_feats = []
-    for s in range(0, len(texts), text_batch_size):
-        ids = encoder.tokenizer(texts[s : s + text_batch_size]).to(encoder.device)
-        with encoder.autocast():
-            txt_feats.append(split.text_trunk(ids).float().cpu())
-        done += len(ids)
-        if progress:
-            progress(done, total)
+    txt_feats = text_features(encoder, split, texts, batch_size=text_batch_size)
+    done += len(texts)
+    if progress:
+        progress(done, total)
     out = CachedSplit(
         [items[i] for i in kept],
         torch.cat(img_feats),
-        torch.cat(txt_feats),
+        txt_feats,
         torch.tensor(starts),
-        skipped,
+        [skipped[i] for i in sorted(skipped) if i not in set(kept)],
+        aug,
     )
     if path is not None:
+        tensors = {"image": out.image, "text": out.text, "caption_start": out.caption_start, "kept": torch.tensor(kept)}
+        if aug is not None:
+            tensors["views"] = aug.contiguous()
         with atomic_path(path) as tmp:
-            save_file(
-                {"image": out.image, "text": out.text, "caption_start": out.caption_start, "kept": torch.tensor(kept)},
-                str(tmp),
-            )
+            save_file(tensors, str(tmp))
+    return out
+
+
+@torch.no_grad()
+def text_features(encoder: LoadedModel, split: TowerSplit, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
+    """Text-trunk outputs of `texts`, in order; batched by token length so little padding is computed."""
+    ids = encoder.tokenizer(list(texts))
+    pad = getattr(getattr(encoder.model, "text", None), "config", None)
+    lengths = (ids != (pad.pad_token_id if pad is not None else 0)).sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    out = torch.empty(0)
+    for s in range(0, len(texts), batch_size):
+        rows = order[s : s + batch_size]
+        with encoder.autocast():
+            feats = split.text_trunk(ids[rows].to(encoder.device)).float().cpu()
+        if out.numel() == 0:
+            out = torch.empty(len(texts), feats.shape[1])
+        out[rows] = feats
     return out
 
 

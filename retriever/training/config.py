@@ -59,6 +59,11 @@ class TrainConfig:
             N layer groups trainable.
         grad_checkpointing: recompute activations in backward (less memory, slower).
         cache_features: both towers locked: compute tower outputs once, train heads on the cache.
+        cache_views: with cache_features, tower passes per training image: the eval view plus
+            N-1 seeded geometric views (zoom, shift, small rotation; no flips, no colour); each
+            epoch draws one cached view per image.
+        caption_templates: train on every caption under each template too ("an icon of {}");
+            validation and test keep the plain captions.
         precision, device: as for `load_model`.
         seed: seed of shuffling, caption choice, augmentation and dropout.
     Housekeeping:
@@ -98,6 +103,8 @@ class TrainConfig:
     unlock_text_last: int = 0
     grad_checkpointing: bool = False
     cache_features: bool = False
+    cache_views: int = 1
+    caption_templates: list[str] = field(default_factory=list)
     precision: str | None = None
     device: str | None = None
     seed: int = 0
@@ -127,6 +134,16 @@ class TrainConfig:
             )
         if self.micro_batch is not None and self.micro_batch < 1:
             raise ConfigError("micro_batch must be at least 1.", "micro_batch")
+        if self.cache_views < 1 or (self.cache_views > 1 and not self.cache_features):
+            raise ConfigError(
+                "cache_views needs cache_features and must be at least 1.", "cache_views", "cache_features"
+            )
+        for t in self.caption_templates:
+            if t.count("{}") != 1:
+                raise ConfigError(
+                    f"Caption template {t!r} must contain '{{}}' exactly once (where the caption goes).",
+                    "caption_templates",
+                )
         if self.batch_size % world_size:
             raise ConfigError(
                 f"batch_size {self.batch_size} must be divisible by the {world_size} processes.", "batch_size"

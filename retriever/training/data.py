@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -42,6 +42,20 @@ def with_captions(items: Sequence[SourceItem], what: str) -> list[SourceItem]:
     if not kept:
         raise UserError(f"The {what} data has no captions; training and evaluation need image–caption pairs.")
     return kept
+
+
+def with_templates(items: Sequence[SourceItem], templates: Sequence[str]) -> list[SourceItem]:
+    """Each item's captions under each prompt template ("an icon of {}"), duplicates dropped.
+
+    Caption augmentation with CLIP-style prompt templates (Radford et al. 2021): the heads learn
+    that "a red heart", "an icon of a red heart" and "red heart" name one picture, which is how
+    people phrase queries. The epoch's caption draw then picks among all variants.
+    """
+    if not templates:
+        return list(items)
+    return [
+        replace(it, captions=tuple(dict.fromkeys(t.format(c) for c in it.captions for t in templates))) for it in items
+    ]
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from retriever.training.data import (
     split_items,
     steps_per_epoch,
     with_captions,
+    with_templates,
 )
 from retriever.training.gradcache import contrastive_backward
 from retriever.training.losses import clamp_logit_scale, contrastive_loss, ensure_logit_bias
@@ -128,7 +129,7 @@ def load_splits(cfg: TrainConfig) -> _Splits:
         val = list(read_source(cfg.val, **kw))
     if cfg.test:
         test = list(read_source(cfg.test, **kw))
-    train = with_captions(train, "training")
+    train = with_templates(with_captions(train, "training"), cfg.caption_templates)
     return _Splits(train, [it for it in val if it.captions], [it for it in test if it.captions])
 
 
@@ -587,7 +588,7 @@ def _epoch_batches(encoder: LoadedModel, cfg: TrainConfig, items, cached, epoch,
         samples = epoch_samples(train.items, epoch, cfg.seed)
         for positions in rank_batches(len(train.items), cfg.batch_size, ranks.rank, ranks.world_size, start_step):
             smp = [samples[p] for p in positions]
-            img = train.image[[s.item for s in smp]].to(encoder.device)
+            img = train.image_rows([s.item for s in smp], [s.seed for s in smp]).to(encoder.device)
             txt = train.text[[train.text_row(s.item, s.caption) for s in smp]].to(encoder.device)
             yield img, txt, len(smp)
         return
@@ -642,6 +643,7 @@ def _cache(encoder, cfg, splits, run, cb, ranks):
             items,
             cache_dir=run / "features",
             name=name,
+            views=cfg.cache_views if name == "train" else 1,  # validation sees what an index sees
             batch_size=32,
             workers=cfg.workers,
             progress=progress,

@@ -1,0 +1,378 @@
+"""Head-training ablations for the offline demo model, on tower outputs cached by quality_features.py.
+
+Protocol (issue 14): the demo's 383 held-out Twemoji concepts (`split_by_concept(items, 0.2, 0)`)
+are never used for a choice. A validation split is carved, by concept and seeded, out of the
+training concepts (`split_by_concept(train, VAL_FRACTION, 1)`); every choice (epoch, recipe) is
+made by validation mean recall, and held-out recall is computed once per run, at the epoch chosen
+on validation. Evaluation captions are always the plain names and aliases (no templates), the
+gallery being the split's own concepts, exactly as `retriever demo` reports.
+
+Each run trains the two heads and the temperature on the cached features (what
+`retriever train --cache-features` trains) and is recorded in JSON: config, seed, best epoch,
+validation and held-out recall, seconds.
+
+    PYTHONPATH=$PWD python benchmarks/quality_ablation.py --features bench-out/quality \
+        --json bench-out/quality-ablation.json --grid baseline
+    python benchmarks/quality_ablation.py --table-from bench-out/quality-ablation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VAL_FRACTION = 0.15
+KEYS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10")
+
+
+@dataclass
+class Recipe:
+    name: str = "today"
+    stages: tuple[str, ...] = ("head",)
+    views: int = 1  # training views per image: the eval view plus views-1 augmented ones
+    tta: int = 1  # eval image embedding = mean over this many views (1: the eval view only)
+    templates: tuple[str, ...] = ("{}",)  # training captions: every caption under every template
+    query_ensemble: tuple[str, ...] = ("{}",)  # eval texts: mean embedding over these templates
+    head: str = "linear"  # linear | mlp (open_clip's timm_proj / hf_proj_type shapes)
+    drop: float = 0.0  # dropout before the image head (open_clip's timm_drop)
+    standardize: bool = False  # z-score tower features with training statistics
+    embed_dim: int = 512
+    temp_init: float = 0.07
+    learn_temp: bool = True
+    loss: str = "infonce"
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    epochs: int = 30
+    batch_size: int = 256
+    warmup: float = 0.05
+    seed: int = 0
+    refit: bool = False  # after choosing the epoch on val, retrain on train+val for that many epochs
+    old_protocol: bool = False  # today's demo before issue 14: train on train+val, pick the epoch on held-out
+
+
+@dataclass
+class Run:
+    recipe: dict
+    best_epoch: int
+    val: dict
+    heldout: dict
+    seconds: float
+    history: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class Data:
+    def __init__(self, folder: Path):
+        from safetensors.torch import load_file
+
+        from retriever.demo.emoji import EmojiImage, split_by_concept
+
+        meta = json.loads((folder / "features.json").read_text())
+        self.tensors = load_file(str(folder / "text.safetensors"))
+        views = []
+        for v in range(64):
+            if not (folder / f"view{v}.safetensors").is_file():
+                break
+            views.append(load_file(str(folder / f"view{v}.safetensors")))
+        for stage in meta["stages"]:
+            self.tensors[f"image_{stage}"] = torch.stack([v[stage] for v in views], dim=1)  # (N, V, C)
+        self.views = len(views)
+        self.items = [EmojiImage(d["char"], d["path"], tuple(d["captions"])) for d in meta["items"]]
+        self.row = {s: i for i, s in enumerate(meta["strings"])}
+        index = {it.path: i for i, it in enumerate(self.items)}
+        train_all, heldout = split_by_concept(self.items, 0.2, 0)
+        train, val = split_by_concept(train_all, VAL_FRACTION, 1)
+        self.splits = {
+            "train": [index[it.path] for it in train],
+            "val": [index[it.path] for it in val],
+            "heldout": [index[it.path] for it in heldout],
+            "train+val": [index[it.path] for it in train_all],
+        }
+
+    def image(self, stages) -> torch.Tensor:  # (N, V, C)
+        return torch.cat([self.tensors[f"image_{s}"] for s in stages], dim=-1)
+
+    def text_rows(self, idx: list[int], templates) -> tuple[list[list[int]], list[int]]:
+        """Per item, the text rows of its captions under the templates; and the plain rows in order."""
+        per_item = [[self.row[t.format(c)] for c in self.items[i].captions for t in templates] for i in idx]
+        return per_item
+
+
+class Heads(nn.Module):
+    def __init__(self, d_img: int, d_txt: int, r: Recipe):
+        super().__init__()
+        e = r.embed_dim
+        if r.head == "linear":
+            self.image = nn.Sequential(nn.Dropout(r.drop), nn.Linear(d_img, e, bias=False))
+            self.text = nn.Linear(d_txt, e, bias=False)
+        else:  # open_clip's shapes: timm Mlp(in, 2e, e) and HF Linear-GELU-Linear with (d+e)//2 hidden
+            self.image = nn.Sequential(
+                nn.Linear(d_img, 2 * e), nn.GELU(), nn.Dropout(r.drop), nn.Linear(2 * e, e, bias=False)
+            )
+            h = (d_txt + e) // 2
+            self.text = nn.Sequential(nn.Linear(d_txt, h, bias=False), nn.GELU(), nn.Linear(h, e, bias=False))
+        init = math.log(1 / r.temp_init)
+        self.logit_scale = nn.Parameter(torch.tensor(init), requires_grad=r.learn_temp)
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if r.loss == "siglip" else None
+
+    def enc_image(self, x):
+        return F.normalize(self.image(x), dim=-1)
+
+    def enc_text(self, x):
+        return F.normalize(self.text(x), dim=-1)
+
+
+def _loss(heads: Heads, img, txt, kind: str):
+    logits = heads.logit_scale.exp() * img @ txt.T
+    if kind == "infonce":
+        labels = torch.arange(len(img))
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    logits = logits + heads.logit_bias
+    labels = 2 * torch.eye(len(img)) - 1
+    return -F.logsigmoid(labels * logits).sum() / len(img)
+
+
+def _optimizer(heads: Heads, r: Recipe):
+    decay = [p for n, p in heads.named_parameters() if p.requires_grad and p.ndim >= 2]
+    keep = [p for n, p in heads.named_parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": keep, "weight_decay": 0.0}, {"params": decay, "weight_decay": r.weight_decay}],
+        lr=r.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
+
+
+def _lr(step, base, warmup, total):  # retriever.training.optim.lr_at
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * base * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(heads: Heads, data: Data, idx: list[int], image: torch.Tensor, r: Recipe, norm) -> dict:
+    from retriever.metrics import retrieval_metrics
+
+    heads.eval()
+    x = norm(image[idx, : r.tta])  # (n, tta, C)
+    img = F.normalize(heads.enc_image(x).mean(dim=1), dim=-1)
+    rows, text_image = [], []
+    for j, i in enumerate(idx):
+        for c in data.items[i].captions:
+            rows.append([data.row[t.format(c)] for t in r.query_ensemble])
+            text_image.append(j)
+    rows_t = torch.tensor(rows)  # (captions, templates)
+    feats = norm(data.tensors["text"][rows_t.flatten()])
+    emb = heads.enc_text(feats).reshape(rows_t.shape[0], rows_t.shape[1], -1).mean(dim=1)
+    emb = F.normalize(emb, dim=-1)
+    heads.train()
+    return retrieval_metrics(img, emb, text_image).flat()
+
+
+def train_recipe(data: Data, r: Recipe) -> Run:
+    t0 = time.perf_counter()
+    torch.manual_seed(r.seed)
+    image = data.image(r.stages)
+    text = data.tensors["text"]
+    train_idx = data.splits["train+val" if (r.refit or r.old_protocol) else "train"]
+    select_on = data.splits["heldout" if r.old_protocol else "val"]
+    if r.standardize:
+        flat = image[train_idx, : r.views].reshape(-1, image.shape[-1])
+        mu_i, sd_i = flat.mean(0), flat.std(0) + 1e-6
+        rows = sorted({x for per in data.text_rows(train_idx, r.templates) for x in per})
+        mu_t, sd_t = text[rows].mean(0), text[rows].std(0) + 1e-6
+
+        def norm(x):
+            return (x - mu_i) / sd_i if x.shape[-1] == image.shape[-1] else (x - mu_t) / sd_t
+    else:
+
+        def norm(x):
+            return x
+
+    heads = Heads(image.shape[-1], text.shape[-1], r)
+    opt = _optimizer(heads, r)
+    per_item = data.text_rows(train_idx, r.templates)
+    steps_per_epoch = len(train_idx) // r.batch_size
+    total = steps_per_epoch * r.epochs
+    warmup = int(round(r.warmup * total))
+    rng = random.Random(r.seed)
+    step, best, history = 0, None, []
+    for epoch in range(1, r.epochs + 1):
+        order = list(range(len(train_idx)))
+        rng.shuffle(order)
+        for b in range(steps_per_epoch):
+            pos = order[b * r.batch_size : (b + 1) * r.batch_size]
+            views = [rng.randrange(r.views) for _ in pos]
+            rows = [rng.choice(per_item[p]) for p in pos]
+            x_img = norm(image[[train_idx[p] for p in pos], views])
+            x_txt = norm(text[rows])
+            for g in opt.param_groups:
+                g["lr"] = _lr(step, r.lr, warmup, total)
+            loss = _loss(heads, heads.enc_image(x_img), heads.enc_text(x_txt), r.loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in heads.parameters() if p.requires_grad], 1.0)
+            opt.step()
+            with torch.no_grad():
+                heads.logit_scale.clamp_(0, math.log(100))
+            step += 1
+        if r.refit:
+            continue
+        val = evaluate(heads, data, select_on, image, r, norm)
+        history.append({"epoch": epoch, "mean_recall": round(val["mean_recall"], 4)})
+        if best is None or val["mean_recall"] > best[1]["mean_recall"]:
+            best = (epoch, val, copy.deepcopy(heads.state_dict()))
+    if r.refit:
+        best = (r.epochs, {}, heads.state_dict())
+    heads.load_state_dict(best[2])
+    heldout = evaluate(heads, data, data.splits["heldout"], image, r, norm)
+    return Run(asdict(r), best[0], best[1], heldout, time.perf_counter() - t0, history)
+
+
+# ----------------------------------------------------------------------------------------------
+
+TEMPLATES8 = (
+    "{}",
+    "an emoji of {}",
+    "an icon of {}",
+    "a picture of {}",
+    "a drawing of {}",
+    "a cartoon of {}",
+    "clip art of {}",
+    "a symbol of {}",
+)
+
+
+def grid(name: str) -> list[Recipe]:
+    base = Recipe()
+    if name == "baseline":
+        old = replace(base, name="today, old protocol (epoch picked on held-out)", old_protocol=True)
+        return [old, *[replace(base, seed=s) for s in (0, 1, 2)]]
+    if name == "single":  # one change at a time from today's recipe, seed 0
+        t8 = dict(templates=TEMPLATES8)
+        return [
+            replace(base, name="+templates (train)", **t8),
+            replace(base, name="+templates (train) +query ensemble", **t8, query_ensemble=TEMPLATES8),
+            replace(base, name="+query ensemble only", query_ensemble=TEMPLATES8),
+            replace(base, name="mlp heads", head="mlp"),
+            replace(base, name="embed 256", embed_dim=256),
+            replace(base, name="embed 1024", embed_dim=1024),
+            replace(base, name="temp init 0.03", temp_init=0.03),
+            replace(base, name="temp init 0.2", temp_init=0.2),
+            replace(base, name="temp fixed 0.05", temp_init=0.05, learn_temp=False),
+            replace(base, name="siglip", loss="siglip", temp_init=0.1),
+            replace(base, name="lr 3e-4", lr=3e-4),
+            replace(base, name="lr 3e-3", lr=3e-3),
+            replace(base, name="epochs 60", epochs=60),
+            replace(base, name="wd 0", weight_decay=0.0),
+            replace(base, name="wd 1.0", weight_decay=1.0),
+            replace(base, name="batch 128", batch_size=128),
+            replace(base, name="drop 0.2 (image)", drop=0.2),
+            replace(base, name="standardize", standardize=True),
+            replace(base, name="stages block6+head", stages=("block6", "head")),
+            replace(base, name="stages 4-6+head", stages=("block4", "block5", "block6", "head")),
+            replace(
+                base,
+                name="stages 4-6+head, standardize",
+                stages=("block4", "block5", "block6", "head"),
+                standardize=True,
+            ),
+        ]
+    if name == "quick":  # the one-factor changes that map onto open_clip configs / TrainConfig options
+        return [
+            replace(base, name="temp init 0.03", temp_init=0.03),
+            replace(base, name="wd 1.0", weight_decay=1.0),
+            replace(base, name="embed 256", embed_dim=256),
+            replace(base, name="drop 0.2 (image)", drop=0.2),
+            replace(base, name="lr 3e-3", lr=3e-3),
+            replace(base, name="mlp heads", head="mlp"),
+            replace(base, name="batch 128", batch_size=128),
+            replace(base, name="siglip", loss="siglip", temp_init=0.1),
+        ]
+    if name == "features":  # image/text feature changes on the cached towers
+        t8 = dict(templates=TEMPLATES8, query_ensemble=TEMPLATES8)
+        all4 = ("block4", "block5", "block6", "head")
+        return [
+            replace(base, name="stages 4-6+head, standardize", stages=all4, standardize=True),
+            replace(base, name="+query ensemble only", query_ensemble=TEMPLATES8),
+            replace(base, name="standardize", standardize=True),
+            replace(base, name="+templates (train) +query ensemble", **t8),
+        ]
+    if name == "seeds":  # the candidates within a point of today's on validation, more seeds
+        t8 = dict(templates=TEMPLATES8, query_ensemble=TEMPLATES8)
+        return [
+            replace(base, seed=2),
+            *[replace(base, name="+templates (train) +query ensemble", **t8, seed=s) for s in (1, 2)],
+            replace(base, name="drop 0.2 (image)", drop=0.2, seed=1),
+        ]
+    if name == "views":
+        return [
+            replace(base, name=f"views {v} tta {t}", views=v, tta=t)
+            for v, t in ((2, 1), (2, 2), (3, 1), (5, 1), (5, 5))
+        ]
+    raise SystemExit(f"unknown grid {name}")
+
+
+def row(run: dict) -> str:
+    r = run["recipe"]
+    v = run["val"]
+    h = run["heldout"]
+    fmt = " / ".join
+    return (
+        f"| {r['name']} | {r['seed']} | {run['best_epoch']} | "
+        f"{v.get('mean_recall', 0) * 100:.1f} | {fmt(f'{100 * v[k]:.1f}' for k in KEYS[:3]) if v else '–'} | "
+        f"{fmt(f'{100 * h[k]:.1f}' for k in KEYS[:3])} | {fmt(f'{100 * h[k]:.1f}' for k in KEYS[3:])} | "
+        f"{run['seconds']:.0f} |"
+    )
+
+
+def table(runs: list[dict]) -> str:
+    head = (
+        "| recipe | seed | epoch (val) | val mean R | val t2i R@1/5/10 | held-out t2i R@1/5/10 | "
+        "held-out i2t R@1/5/10 | s |\n|---|---|---|---|---|---|---|---|"
+    )
+    return "\n".join([head, *[row(x) for x in runs]])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--features", default="bench-out/quality")
+    ap.add_argument("--grid", default="baseline")
+    ap.add_argument("--json", default=None, help="append runs to this JSON list")
+    ap.add_argument("--table-from", default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--part", default="0/1", help="K/N: run every N-th recipe of the grid from the K-th")
+    args = ap.parse_args()
+    if args.table_from:
+        print(table(json.loads(Path(args.table_from).read_text())))
+        return
+    torch.set_num_threads(args.threads)
+    data = Data(Path(args.features))
+    runs = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else []
+    k, n = (int(x) for x in args.part.split("/"))
+    for r in grid(args.grid)[k::n]:
+        if max(r.views, r.tta) > data.views:
+            print(f"skipped {r.name}: needs {max(r.views, r.tta)} cached views, {data.views} present")
+            continue
+        run = asdict(train_recipe(data, r))
+        runs.append(run)
+        print(row(run), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(runs, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Cache the demo towers' outputs once, for the head-training ablations in quality_ablation.py.
+
+For every Twemoji concept of the demo collection (retriever.demo.emoji), this runs the locked
+EfficientNet-Lite0 trunk over the evaluation view and `--views` augmented views, and keeps the
+globally average-pooled output of several stages (blocks 4, 5, 6 and the 1280-channel head conv),
+so multi-stage pooling can be ablated without another pass. The locked MiniLM runs over every
+caption (name and aliases) under every prompt template of `TEMPLATES`. Everything is written to
+one safetensors file plus a JSON of the strings and items, under `--out`.
+
+    PYTHONPATH=$PWD python benchmarks/quality_features.py --out bench-out/quality --views 8
+
+Augmented views are geometric only (scale, translate, small rotation, white fill): no flips (arrows'
+directions) and no colour jitter ("red heart" vs "pink heart").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+# CLIP-style prompt templates (Radford et al. 2021, "prompt engineering and ensembling"), kept to
+# generic picture words so they describe any icon / clip-art collection, not Twemoji's names.
+TEMPLATES = (
+    "{}",
+    "an emoji of {}",
+    "an icon of {}",
+    "a picture of {}",
+    "a drawing of {}",
+    "a cartoon of {}",
+    "clip art of {}",
+    "a symbol of {}",
+)
+STAGES = ("block4", "block5", "block6", "head")
+
+
+def stage_features(trunk, px: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Average-pooled outputs of the last stages of a timm EfficientNet (one forward pass)."""
+    x = trunk.conv_stem(px)
+    x = trunk.bn1(x)
+    out = {}
+    for i, block in enumerate(trunk.blocks):
+        x = block(x)
+        if i >= 4:
+            out[f"block{i}"] = x.mean(dim=(2, 3))
+    x = trunk.bn2(trunk.conv_head(x))
+    out["head"] = x.mean(dim=(2, 3))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench-out/quality")
+    ap.add_argument("--views", type=int, default=8, help="augmented views per image besides the eval view")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from retriever.data.images import load_image
+    from retriever.demo.emoji import emoji_collection
+    from retriever.models.load import load_model
+    from retriever.training.cache import geometric_view
+    from retriever.training.start import compose_to_folder
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    init = out / "init"
+    if not (init / "open_clip_config.json").is_file():
+        from retriever.models.compose import DEFAULT_IMAGE_TOWER, default_tower_paths
+
+        torch.manual_seed(0)
+        compose_to_folder(DEFAULT_IMAGE_TOWER, f"hf:{default_tower_paths()[1]}", init)
+    encoder = load_model(f"local-dir:{init}", device="cpu", precision="fp32")
+    model = encoder.model.eval()
+    trunk = model.visual.trunk
+
+    items = emoji_collection()
+    from safetensors.torch import save_file
+
+    # Text first, then one file per image view, so ablations can start on the eval view while the
+    # augmented views are still being computed. A finished file is never recomputed.
+    strings = sorted({t.format(c) for it in items for c in it.captions for t in TEMPLATES})
+    meta = {
+        "items": [{"char": it.char, "path": it.path, "captions": list(it.captions)} for it in items],
+        "strings": strings,
+        "templates": list(TEMPLATES),
+        "stages": list(STAGES),
+    }
+    (out / "features.json").write_text(json.dumps(meta, ensure_ascii=False))
+    if not (out / "text.safetensors").is_file():
+        from retriever.training.cache import split_towers, text_features
+
+        t0 = time.perf_counter()
+        model.requires_grad_(False)
+        feats = text_features(encoder, split_towers(model), strings, batch_size=256)
+        save_file({"text": feats.contiguous()}, str(out / "text.safetensors"))
+        print(f"{len(strings)} strings: {time.perf_counter() - t0:.0f}s", flush=True)
+
+    pictures = [load_image(it.path) for it in items]
+    with torch.no_grad():
+        for v in range(args.views + 1):
+            path = out / f"view{v}.safetensors"
+            if path.is_file():
+                continue
+            t0 = time.perf_counter()
+            per_view: dict[str, list] = {s: [] for s in STAGES}
+            for s in range(0, len(items), 64):
+                batch = []
+                for j in range(s, min(s + 64, len(items))):
+                    img = pictures[j] if v == 0 else geometric_view(pictures[j], 1_000_003 * v + j)
+                    batch.append(encoder.preprocess(img))
+                px = torch.stack(batch).contiguous(memory_format=torch.channels_last)
+                staged = stage_features(trunk, px)
+                if v == 0 and s == 0:  # the hand-written pass must equal the trunk's own pooled output
+                    assert torch.allclose(staged["head"], trunk(px), atol=1e-4)
+                for k, f in staged.items():
+                    per_view[k].append(f)
+            save_file({k: torch.cat(per_view[k]).contiguous() for k in STAGES}, str(path))
+            print(f"view {v}: {time.perf_counter() - t0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,9 @@ batch, and the result stays in Arrow buffers: a `ManifestItems` sequence builds 
 only when it is asked for. Peak memory is then about the bytes of the kept columns (measured in
 benchmarks/bench_manifest.py).
 
+CSV/TSV cells are read as bytes; each metadata column is then typed over all its cells with Arrow
+casts (integer, number, true/false, else text; blank cells null), so --where compares numbers.
+
 Row order is kept: item ids are positions of first appearance, exactly as before, so resumes
 and shard ids do not change. Rows naming the same image merge, their captions kept in order.
 """

@@ -167,6 +167,11 @@ class Retriever:
                 )
         return self._query_encoder
 
+    @query_encoder.setter
+    def query_encoder(self, encoder) -> None:
+        """Use an encoder already opened for the same model (a server shares one between indexes)."""
+        self._query_encoder = encoder
+
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         return self.query_encoder.encode_texts(list(texts), batch_size)
 

@@ -34,6 +34,7 @@ def test_reduced_demo_tunes_reports_and_indexes(demo_ws):
     assert report["before"]["t2i_R@5"] < 0.3
     assert report["after"]["t2i_R@5"] > report["before"]["t2i_R@5"] + 0.2
     assert "Held-out text→image R@5" in stdout and "untrained heads" in stdout and "validation emoji" in stdout
+    assert f"retriever serve {ws / 'index'}" in stdout
     r = Retriever(ws / "index")
     assert r.manifest.indexes["image"].count == 200
     assert r.identity.name == report["model"]
@@ -50,3 +51,16 @@ def test_rerun_reuses_the_finished_work(demo_ws):
     result = run_demo(DemoConfig(workspace=str(ws), limit=200, epochs=5, workers=0))
     assert result.seconds["train"] < 5  # no retraining
     assert (ws / "run" / "best" / "open_clip_model.safetensors").stat().st_mtime_ns == before
+
+
+def test_the_printed_serve_command_serves_the_page_and_the_api(demo_ws):
+    from fastapi.testclient import TestClient
+
+    from retriever.cli.serve import parse_index_spec
+    from retriever.serve.app import ServeConfig, create_app
+
+    ws, _ = demo_ws
+    with TestClient(create_app(ServeConfig(indexes=[parse_index_spec(str(ws / "index"))], watch_seconds=0))) as c:
+        assert "<title>retriever</title>" in c.get("/").text
+        hits = c.post("/v1/search", json={"text": "a yellow star", "k": 5}).json()["hits"]
+        assert len(hits) == 5 and c.get(hits[0]["thumbnail_url"]).status_code == 200

@@ -314,3 +314,35 @@ def test_embed_on_onnx_matches_torch_shards(tiny_model, tiny_export, emoji_folde
     assert a.column("id").to_pylist() == b.column("id").to_pylist()
     for col in ("image_embedding", "text_embedding"):
         assert np.abs(np.array(a.column(col).to_pylist()) - np.array(b.column(col).to_pylist())).max() <= 1e-5
+
+
+_NO_TORCH_SERVE = """
+import json, sys
+from pathlib import Path
+from fastapi.testclient import TestClient
+from retriever.serve.app import ServeConfig, create_app
+
+index, caption, image = sys.argv[1:4]
+with TestClient(create_app(ServeConfig(indexes=[("emoji", Path(index))], watch_seconds=0))) as c:
+    text = c.post("/v1/search", json={"index": "emoji", "text": caption, "modality": "text", "k": 3}).json()
+    with open(image, "rb") as f:
+        up = c.post("/v1/search/image", files={"file": ("q.png", f, "image/png")}, data={"index": "emoji"}).json()
+heavy = sorted(m for m in ("torch", "open_clip", "transformers", "torchvision", "timm") if m in sys.modules)
+print(json.dumps({"text": text, "image": up, "heavy": heavy}))
+"""
+
+
+def test_server_answers_text_and_image_queries_without_torch(tiny_index, emoji_items):
+    res = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH_SERVE, str(tiny_index), emoji_items[3].captions[0], emoji_items[10].path],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["heavy"] == []
+    assert out["text"]["hits"][0]["caption"] == emoji_items[3].captions[0]
+    top = out["image"]["hits"][0]  # the server shows no paths: the same image comes back by its caption
+    assert top["caption"] == emoji_items[10].captions[0] and top["score"] > 0.999

@@ -7,7 +7,20 @@ import sys
 
 import typer
 
-from retriever.cli import dedup, demo, embed, evaluate, export, export_onnx, import_, index, info, search, train
+from retriever.cli import (
+    dedup,
+    demo,
+    embed,
+    evaluate,
+    export,
+    export_onnx,
+    import_,
+    index,
+    info,
+    search,
+    serve,
+    train,
+)
 from retriever.cli.common import quiet_library_logs
 
 app = typer.Typer(
@@ -39,6 +52,7 @@ app.command(name="dedup")(dedup.dedup)
 app.command(name="import")(import_.import_cmd)
 app.command(name="export")(export.export)
 app.command(name="export-onnx")(export_onnx.export_onnx)
+app.command(name="serve")(serve.serve)
 
 
 def main() -> None:  # pragma: no cover - console-script entry

@@ -25,7 +25,9 @@ from retriever.errors import UserError
 
 @user_errors
 def search(
-    index_dir: Path = typer.Argument(..., help="Index folder written by `retriever index`."),
+    index_dir: str = typer.Argument(
+        ..., help="Index folder written by `retriever index`, or the URL of a running `retriever serve`."
+    ),
     query: str | None = typer.Argument(
         None, help="Text query; [W:] sets a weight (2:snow), id:N an indexed item, image:PATH an image."
     ),
@@ -65,8 +67,38 @@ def search(
         "--backend",
         help="Query encoder: auto (the index's ONNX export when one matches, else torch), onnx (error without one) or torch.",
     ),
+    server: str | None = typer.Option(None, "--server", help="Query this running server (http://HOST:PORT)."),
+    api_key_file: Path | None = typer.Option(None, help="API key file for a server that needs one."),
 ):
-    """Search an index: text → image, image → text, image → image, with +/- terms, filters and batches."""
+    """Search an index: text → image, image → text, image → image, with +/- terms, filters and batches;
+    locally or on a running server (one text or --image there)."""
+    from retriever.serve.client import is_url
+
+    if server or is_url(index_dir):
+        local_only = {
+            "--and": and_,
+            "--not": not_,
+            "--and-image": and_image,
+            "--not-image": not_image,
+            "--where": where is not None,
+            "--min-score": min_score is not None,
+            "--dedup": dedup is not None,
+            "--keep-query": keep_query,
+            "--queries": queries is not None,
+        }
+        extra = [flag for flag, used in local_only.items() if used]
+        if extra:
+            raise UserError(f"{', '.join(extra)} work on a local index folder; a server takes one text or --image.")
+        if (query is None) == (image is None):
+            raise UserError("Give a text query or --image PATH (exactly one).")
+        if image is not None and not image.is_file():
+            raise UserError(f"Query image {image} does not exist.")
+        results = _remote(server, index_dir, query, image, k, modality.value, api_key_file)
+        if as_json:
+            out.print_json(json.dumps({"hits": [x.to_dict() for x in results]}))  # the local --json shape
+            return
+        _print_hits(results, f"{modality.value} results for {query or image} ({server or index_dir})")
+        return
     from retriever.query import Query
     from retriever.search import Retriever
 
@@ -94,7 +126,7 @@ def search(
         )
     _check_images(parsed if queries is not None else [(None, one)], queries)
     encoder = load_encoder(model, pretrained, device) if model else None
-    with Retriever(index_dir, encoder, device=device, backend=backend) as r:
+    with Retriever(Path(index_dir), encoder, device=device, backend=backend) as r:
         terms = [t for _, q in parsed for t in q.terms] if queries is not None else list(one.terms)
         towers = {t.kind for t in terms} - {"id"}  # id:N terms use stored vectors: no model needed
         if towers:
@@ -115,7 +147,8 @@ def search(
 
 def _print_hits(hits, title: str) -> None:
     columns = ["rank", "score", "id", "caption", "path"]
-    show_absorbed = hits.query is not None and hits.query.dedup is not None
+    query = getattr(hits, "query", None)  # a server's hits are a plain list
+    show_absorbed = query is not None and query.dedup is not None
     meta_cols = sorted({c for h in hits for c in h.metadata})
     table = Table(*columns, *(["absorbed"] if show_absorbed else []), *meta_cols, title=title)
     from retriever.indexes.rows import json_value
@@ -126,7 +159,9 @@ def _print_hits(hits, title: str) -> None:
         row += ["" if x.metadata.get(c) is None else str(json_value(x.metadata.get(c))) for c in meta_cols]
         table.add_row(*(escape(c) for c in row))  # captions and metadata may hold [brackets]
     out.print(table)
-    rep = hits.report
+    rep = getattr(hits, "report", None)
+    if rep is None:
+        return
     notes = []
     if rep.filter_strategy != "none":
         notes.append(f"filter: {rep.matching_rows} matching rows, {rep.filter_strategy}")
@@ -205,3 +240,18 @@ def _run_batch(r, parsed: list, out_file: Path | None) -> None:
     with atomic_path(out_file) as tmp:  # all results or none: nothing half-written
         tmp.write_text(body, encoding="utf-8")
     err.print(f"{len(results)} queries → {out_file}", highlight=False)
+
+
+def _remote(server, index_dir, query, image, k, modality, api_key_file):
+    """A running server answers: no model load, no index open (milliseconds, not seconds)."""
+    from retriever.serve.client import is_url, remote_search
+
+    key = None
+    if api_key_file is not None:
+        from retriever.cli.serve import read_api_key
+
+        key = read_api_key(api_key_file)
+    url = server or index_dir
+    # With --server, INDEX names an index on that server (a folder path: its name, as serve names it).
+    index = Path(index_dir).name if server and not is_url(index_dir) else None
+    return remote_search(url, text=query, image=image, k=k, modality=modality, index=index, api_key=key)

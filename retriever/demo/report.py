@@ -48,6 +48,8 @@ def print_report(console: Console, r: DemoResult) -> None:
         highlight=False,
     )
     console.print(f"  retriever embed MY_IMAGES --out my.shards --model {r.model}", highlight=False)
+    console.print("Serve it (web page and HTTP API, model loaded once):", highlight=False)
+    console.print(f"  retriever serve {r.index}", highlight=False)
 
 
 def print_domain_report(console: Console, r) -> None:

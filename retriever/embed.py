@@ -26,7 +26,14 @@ from retriever.data.sources import SourceItem
 from retriever.errors import ConfigError, UserError
 from retriever.models.encode import encode_image_tensors, encode_texts
 from retriever.models.load import LoadedModel
-from retriever.shards import DTYPES, SHARD_GLOB, shard_schema, write_shard
+from retriever.shards import (
+    DTYPES,
+    SHARD_GLOB,
+    metadata_fields,
+    metadata_key,
+    shard_schema,
+    write_shard,
+)
 from retriever.skipped import ERRORS_FILE, SkippedImages, read_skipped, skipped_entry, write_skipped
 
 JOB_FILE = "_embed_job.json"
@@ -116,7 +123,11 @@ def embed_items(
     if not items:
         raise UserError("Nothing to embed: the source is empty.")
     out = Path(out_dir).expanduser()
-    schema = shard_schema(encoder.identity, cfg.dtype)
+    # A streamed manifest knows its columns' types; other sources are typed over every item's values.
+    fields = getattr(items, "metadata_fields", None)
+    if fields is None:
+        fields = metadata_fields(it.metadata for it in items)
+    schema = shard_schema(encoder.identity, cfg.dtype, fields)
     job = {
         "retriever_version": __version__,
         "source_sha256": _source_digest(items),
@@ -125,6 +136,8 @@ def embed_items(
         "dtype": cfg.dtype,
         "model": encoder.identity.to_dict(),
     }
+    if fields:  # absent without metadata, so folders embedded before metadata columns still resume
+        job["metadata_columns"] = {f.name: str(f.type) for f in fields}
     parts.check_part(cfg.part, cfg.num_parts)
     if cfg.num_parts > 1:
         job.update(num_parts=cfg.num_parts, part=cfg.part)
@@ -149,7 +162,7 @@ def embed_items(
     n_seen = 0
     for k, batches in _decoded_shards(items, todo, encoder, cfg):
         chunk = _shard_items(items, k, cfg.shard_size)
-        ids, paths, captions, vecs, shard_errors = [], [], [], [], []
+        ids, paths, captions, vecs, shard_errors, metas = [], [], [], [], [], []
         for batch in batches:
             for pos, reason in batch.errors:
                 it = chunk[pos]
@@ -164,6 +177,7 @@ def embed_items(
                     ids.append(chunk[pos].index)
                     paths.append(chunk[pos].path)
                     captions.append(chunk[pos].caption)
+                    metas.append({metadata_key(key): v for key, v in chunk[pos].metadata.items()})
             n_seen += len(batch.indices) + len(batch.errors)
             if progress:
                 progress(n_seen, n_todo)
@@ -181,7 +195,7 @@ def embed_items(
         errors.extend(shard_errors)
         write_skipped(out, errors, errors_name)
         write_shard(
-            out / parts.shard_file(k, cfg.part, cfg.num_parts), schema, ids, paths, captions, img, txt, has_text
+            out / parts.shard_file(k, cfg.part, cfg.num_parts), schema, ids, paths, captions, img, txt, has_text, metas
         )
 
     seconds = time.perf_counter() - t0

@@ -7,6 +7,7 @@ the row's `id`, which is what makes ids stable when an interrupted `embed` resum
 from __future__ import annotations
 
 import csv
+import datetime as _dt
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -114,8 +115,20 @@ def read_folder(root: Path) -> list[SourceItem]:
     for i, p in enumerate(files):
         txt = p.with_suffix(".txt")
         caption = _clean(txt.read_text(encoding="utf-8", errors="replace")) if txt.is_file() else None
-        items.append(SourceItem(i, str(p), (caption,) if caption else ()))
+        items.append(SourceItem(i, str(p), (caption,) if caption else (), file_facts(root, p)))
     return items
+
+
+def file_facts(root: Path, p: Path) -> dict[str, Any]:
+    """The metadata columns of a folder's image: its folder relative to the root ("" at the top),
+    size in bytes and modification time (UTC)."""
+    st = p.stat()
+    rel = p.relative_to(root).parent.as_posix()
+    return {
+        "dir": "" if rel == "." else rel,
+        "bytes": st.st_size,
+        "mtime": _dt.datetime.fromtimestamp(st.st_mtime, _dt.timezone.utc).replace(microsecond=0),
+    }
 
 
 def read_source_manifest(
@@ -146,19 +159,20 @@ def read_source_manifest(
     cap_col = _pick_column(columns, caption_column, CAPTION_COLUMN_GUESSES, "caption", path, required=False)
     base = path.resolve().parent
     by_path: dict[str, list[str]] = {}
-    metadata: dict[str, dict[str, Any]] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    extra = [c for c in columns if c not in (img_col, cap_col)]
     for row in rows:
         raw = row.get(img_col)
         if raw is None or str(raw).strip() == "":
             continue
         p = Path(str(raw).strip()).expanduser()
         key = str(p if p.is_absolute() else (base / p).resolve())
-        metadata.setdefault(key, {k: v for k, v in row.items() if k not in (img_col, cap_col)})
         caps = by_path.setdefault(key, [])
+        meta.setdefault(key, {c: row.get(c) for c in extra})  # rows naming one image: the first row's values
         for c in _captions_of(row.get(cap_col) if cap_col else None):
             if c not in caps:
                 caps.append(c)
-    return [SourceItem(i, p, tuple(c), metadata[p]) for i, (p, c) in enumerate(by_path.items())]
+    return [SourceItem(i, p, tuple(c), meta[p]) for i, (p, c) in enumerate(by_path.items())]
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ from retriever.identity import ModelIdentity
 from retriever.indexes import ondisk
 from retriever.indexes.build import BuildProgress, add_batches
 from retriever.indexes.manifest import MANIFEST, IndexManifest, read_index_manifest
+from retriever.indexes.rows import file_schema
 from retriever.indexes.settings import configure_faiss
 from retriever.parts import missing_parts
 from retriever.shards import ShardSet
@@ -81,13 +82,17 @@ def add_to_index(
                 continue
             old_ivf = ondisk.open_on_disk(index_dir / old.file) if old.ivfdata_file else None
             index = old_ivf if old_ivf is not None else faiss.read_index(str(index_dir / old.file))
-            batches = _shift_ids(ss.iter_vectors(modality, batch_size, extra_columns=("id", "path", "caption")), offset)
+            # Rows keep the index's columns: new shards' extra columns are dropped, missing ones null.
+            schema = file_schema(index_dir / old.rows_file)
+            wanted = [c for c in schema.names if c in ss.column_names]
+            batches = _shift_ids(ss.iter_vectors(modality, batch_size, extra_columns=wanted), offset)
             index = add_batches(
                 index,
                 entry,
                 tmp,
                 batches,
                 n_new,
+                schema=schema,
                 first_row=old.count,
                 old_rows=index_dir / old.rows_file,
                 old_ivf=old_ivf,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load on first use below
     from retriever.data.images import load_image
     from retriever.data.sources import SourceItem, read_source
+    from retriever.dedup import find_duplicates
     from retriever.embed import EmbedConfig, EmbedResult, embed_items
     from retriever.errors import ConfigError, UserError
     from retriever.evaluation import EvalResult, evaluate
@@ -20,7 +21,8 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load
     from retriever.indexes.add import add_to_index
     from retriever.models.encode import encode_images, encode_texts
     from retriever.models.load import LoadedModel, load_model
-    from retriever.search import Retriever, SearchResult
+    from retriever.query import Query, Term
+    from retriever.search import Hits, Retriever, SearchResult
     from retriever.shards import ShardSet
     from retriever.training.config import OptimConfig, TrainConfig
     from retriever.training.loop import TrainResult, train
@@ -46,6 +48,10 @@ _EXPORTS = {
     "add_to_index": "indexes.add",
     "Retriever": "search",
     "SearchResult": "search",
+    "Hits": "search",
+    "Query": "query",
+    "Term": "query",
+    "find_duplicates": "dedup",
     "UserError": "errors",
     "ConfigError": "errors",
     "evaluate": "evaluation",
@@ -62,13 +68,16 @@ __all__ = [
     "EmbedConfig",
     "EmbedResult",
     "EvalResult",
+    "Hits",
     "LoadedModel",
     "ModelIdentity",
     "OptimConfig",
+    "Query",
     "Retriever",
     "SearchResult",
     "ShardSet",
     "SourceItem",
+    "Term",
     "TrainConfig",
     "TrainResult",
     "UserError",
@@ -78,6 +87,7 @@ __all__ = [
     "encode_images",
     "encode_texts",
     "evaluate",
+    "find_duplicates",
     "load_image",
     "load_model",
     "read_source",

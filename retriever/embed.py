@@ -29,7 +29,15 @@ from retriever.errors import ConfigError, UserError
 from retriever.locks import folder_lock
 from retriever.models.encode import count_truncated, encode_image_tensors, encode_texts
 from retriever.models.load import LoadedModel
-from retriever.shards import DTYPES, SHARD_GLOB, shard_number, shard_schema, write_shard
+from retriever.shards import (
+    DTYPES,
+    SHARD_GLOB,
+    metadata_fields,
+    metadata_key,
+    shard_number,
+    shard_schema,
+    write_shard,
+)
 from retriever.skipped import ERRORS_FILE, SkippedImages, read_skipped, skipped_entry, write_skipped
 
 JOB_FILE = "_embed_job.json"
@@ -132,7 +140,11 @@ def embed_items(
     if not items:
         raise UserError("Nothing to embed: the source is empty.")
     out = Path(out_dir).expanduser()
-    schema = shard_schema(encoder.identity, cfg.dtype)
+    # A streamed manifest knows its columns' types; other sources are typed over every item's values.
+    fields = getattr(items, "metadata_fields", None)
+    if fields is None:
+        fields = metadata_fields(it.metadata for it in items)
+    schema = shard_schema(encoder.identity, cfg.dtype, fields)
     job = {
         "retriever_version": __version__,
         "source_sha256": _source_digest(items),
@@ -141,6 +153,8 @@ def embed_items(
         "dtype": cfg.dtype,
         "model": encoder.identity.to_dict(),
     }
+    if fields:  # absent without metadata, so folders embedded before metadata columns still resume
+        job["metadata_columns"] = {f.name: str(f.type) for f in fields}
     parts.check_part(cfg.part, cfg.num_parts)
     _check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,7 +193,7 @@ def _embed_locked(
     n_seen = truncated = 0
     for k, batches in _decoded_shards(items, todo, encoder, cfg):
         chunk = _shard_items(items, k, cfg.shard_size)
-        ids, paths, captions, vecs, shard_errors = [], [], [], [], []
+        ids, paths, captions, vecs, shard_errors, metas = [], [], [], [], [], []
         for batch in batches:
             for pos, reason in batch.errors:
                 it = chunk[pos]
@@ -194,6 +208,7 @@ def _embed_locked(
                     ids.append(chunk[pos].index)
                     paths.append(chunk[pos].path)
                     captions.append(chunk[pos].caption)
+                    metas.append({metadata_key(key): v for key, v in chunk[pos].metadata.items()})
             n_seen += len(batch.indices) + len(batch.errors)
             if progress:
                 progress(n_seen, n_todo)
@@ -212,7 +227,7 @@ def _embed_locked(
         errors.extend(shard_errors)
         write_skipped(out, errors, errors_name)
         write_shard(
-            out / parts.shard_file(k, cfg.part, cfg.num_parts), schema, ids, paths, captions, img, txt, has_text
+            out / parts.shard_file(k, cfg.part, cfg.num_parts), schema, ids, paths, captions, img, txt, has_text, metas
         )
 
     seconds = time.perf_counter() - t0

@@ -8,6 +8,7 @@ from typing import Any
 
 from retriever.errors import UserError
 from retriever.indexes.manifest import MANIFEST, read_index_manifest
+from retriever.indexes.rows import file_schema
 from retriever.parts import ERRORS_PREFIX, errors_files, parts_status
 from retriever.shards import ShardSet
 from retriever.skipped import read_skipped
@@ -30,7 +31,10 @@ def folder_info(path: str | Path, check: bool = False) -> dict[str, Any]:
         for entry in m.indexes.values():
             check_index(p, entry, deep=check)
         size = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
-        return {"kind": "index", "path": str(p.resolve()), "bytes": size, **m.to_dict()}
+        d = {"kind": "index", "path": str(p.resolve()), "bytes": size, **m.to_dict()}
+        for name, entry in m.indexes.items():  # what --where can filter on and hits carry
+            d["indexes"][name]["columns"] = {f.name: str(f.type) for f in file_schema(p / entry.rows_file)}
+        return d
     ss = ShardSet(p)
     files = errors_files(p)  # _errors.jsonl, or one per part when embedded in parts
     n_errors = sum(len(read_skipped(p, f.name)) for f in files)
@@ -43,6 +47,7 @@ def folder_info(path: str | Path, check: bool = False) -> dict[str, Any]:
         "bytes": sum(s.path.stat().st_size for s in ss.shards),
         "skipped_images": n_errors,
         "errors_file": (str(files[0]) if len(files) == 1 else str(p / f"{ERRORS_PREFIX}*.jsonl")) if n_errors else None,
+        "metadata_columns": {f.name: str(f.type) for f in ss.metadata_fields},
         **{k: v for k, v in ss.meta.items()},
         "parts": parts_status(p),
     }

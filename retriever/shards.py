@@ -7,6 +7,8 @@ Schema (one row per image):
     caption          string, null when the image has none
     image_embedding  fixed_size_list<float32|float16>[dim], L2-normalised
     text_embedding   fixed_size_list<float32|float16>[dim], null when caption is null
+    …                metadata columns (SourceItem.metadata: manifest columns, folder facts,
+                     sidecar fields), one Arrow type per column inferred over the collection
 
 The schema metadata key `retriever` holds JSON: model identity, dim, dtype, normalisation and the
 retriever version, so a shard folder says which model made it.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,12 @@ def shard_number(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def shard_schema(identity: ModelIdentity, dtype: str = "float32") -> pa.Schema:
+BASE_COLUMNS = ("id", "path", "caption", "image_embedding", "text_embedding")
+
+
+def shard_schema(
+    identity: ModelIdentity, dtype: str = "float32", metadata_fields: Sequence[pa.Field] = ()
+) -> pa.Schema:
     if dtype not in DTYPES:
         raise UserError(f"Unknown embedding dtype {dtype!r}; choose float32 or float16.")
     vec = pa.list_(DTYPES[dtype], identity.embed_dim)
@@ -65,6 +72,7 @@ def shard_schema(identity: ModelIdentity, dtype: str = "float32") -> pa.Schema:
             pa.field("caption", pa.string()),
             pa.field("image_embedding", vec, nullable=False),
             pa.field("text_embedding", vec),
+            *metadata_fields,
         ],
         metadata={METADATA_KEY: json.dumps(meta).encode()},
     )
@@ -79,9 +87,13 @@ def write_shard(
     image_embeddings: np.ndarray,
     text_embeddings: np.ndarray,
     text_valid: np.ndarray,
+    metadata: Sequence[Mapping[str, Any]] | None = None,
 ) -> None:
-    """Write one shard atomically. `text_valid[i]` is False where row i has no caption."""
+    """Write one shard atomically. `text_valid[i]` is False where row i has no caption;
+    `metadata[i]` holds row i's values for the schema's metadata columns (missing keys: null)."""
     vec_type = schema.field("image_embedding").type
+    extra = [f for f in schema if f.name not in BASE_COLUMNS]
+    rows_meta = metadata if metadata is not None else [{}] * len(ids)
     table = pa.Table.from_arrays(
         [
             pa.array(ids, pa.int64()),
@@ -89,11 +101,50 @@ def write_shard(
             pa.array(captions, pa.string()),
             _fixed_list(image_embeddings, vec_type),
             _fixed_list(text_embeddings, vec_type, mask=~np.asarray(text_valid, bool)),
+            *(_column([m.get(f.name) for m in rows_meta], f.type) for f in extra),
         ],
         schema=schema,
     )
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=4096, compression="zstd")
+
+
+def metadata_fields(rows: Iterable[Mapping[str, Any]]) -> list[pa.Field]:
+    """One Arrow field per metadata key seen in `rows`, typed over every value of the column:
+    whatever Arrow infers for JSON-able scalars (ints, floats, bools, strings, timestamps), text
+    where the values are mixed or nested. Keys that clash with the shard's own columns get a
+    `source_` prefix (see `metadata_key`)."""
+    values: dict[str, list] = {}
+    for m in rows:
+        for key, v in m.items():
+            values.setdefault(metadata_key(key), []).append(v)
+    fields = []
+    for name, vals in values.items():
+        try:
+            t = pa.array(vals).type
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+            t = pa.string()
+        if pa.types.is_null(t):
+            t = pa.string()
+        elif not (pa.types.is_primitive(t) or pa.types.is_string(t) or pa.types.is_timestamp(t)):
+            t = pa.string()  # lists and structs: kept as their JSON text
+        fields.append(pa.field(name, t))
+    return fields
+
+
+def metadata_key(key: str) -> str:
+    key = str(key)
+    return f"source_{key}" if key in BASE_COLUMNS else key
+
+
+def _column(values: list, t: pa.DataType) -> pa.Array:
+    if pa.types.is_string(t):  # mixed or nested values are kept as text
+        values = [None if v is None else _text(v) for v in values]
+    return pa.array(values, t)
+
+
+def _text(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v, default=str)
 
 
 def _fixed_list(vectors: np.ndarray, vec_type: pa.DataType, mask: np.ndarray | None = None) -> pa.Array:
@@ -151,6 +202,16 @@ class ShardSet:
             shards.append(ShardInfo(f, pf.metadata.num_rows, _count_valid(pf, "text_embedding")))
         self.shards: list[ShardInfo] = shards
         self.identity = ModelIdentity.from_dict(self.meta["model"])
+
+    @property
+    def metadata_fields(self) -> list[pa.Field]:
+        """The shards' metadata columns (those beyond id, path, caption and the embeddings)."""
+        schema = pq.ParquetFile(self.shards[0].path).schema_arrow
+        return [f for f in schema if f.name not in BASE_COLUMNS]
+
+    @property
+    def column_names(self) -> list[str]:
+        return [*BASE_COLUMNS, *(f.name for f in self.metadata_fields)]
 
     @property
     def dim(self) -> int:

@@ -32,13 +32,13 @@ def test_embed_index_search_info(built, emoji_folder):
 
     items = read_source(emoji_folder)
     res = run("search", built / "index", items[3].caption, "--modality", "text", "-k", "3", "--json")
-    hits = json.loads(res.stdout)
+    hits = json.loads(res.stdout)["hits"]
     assert hits[0]["id"] == 3 and hits[0]["caption"] == items[3].caption and len(hits) == 3
-    res = run("search", built / "index", "--image", items[10].path, "--json")
-    hits = json.loads(res.stdout)
+    res = run("search", built / "index", "--image", items[10].path, "--json", "--keep-query")
+    hits = json.loads(res.stdout)["hits"]
     assert hits[0]["id"] == 10 and hits[0]["score"] > 0.999 and len(hits) == 10
     res = run("search", built / "index", "--image", items[10].path, "--modality", "text", "--json")
-    assert len(json.loads(res.stdout)) == 10
+    assert len(json.loads(res.stdout)["hits"]) == 10
     table = run("search", built / "index", "a red apple", "-k", "2").stdout
     assert "rank" in table and "score" in table
     info = json.loads(run("info", built / "shards", "--json").stdout)

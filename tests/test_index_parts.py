@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
@@ -21,9 +22,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, tiny_model):
-    """3000 random unit vectors in 10 shards (enough for 76 IVF lists), captions on every other row."""
+    """3000 random unit vectors in 10 shards (enough for 76 IVF lists), captions on every other row,
+    metadata columns `camera` (text, null every seventh row) and `year`."""
     out = tmp_path_factory.mktemp("ip") / "s"
-    schema = shard_schema(tiny_model.identity)
+    fields = [pa.field("camera", pa.string()), pa.field("year", pa.int64())]
+    schema = shard_schema(tiny_model.identity, metadata_fields=fields)
     rng = np.random.default_rng(0)
     for k in range(10):
         ids = list(range(k * 300, (k + 1) * 300))
@@ -33,7 +36,8 @@ def shards(tmp_path_factory, tiny_model):
         txt /= np.linalg.norm(txt, axis=1, keepdims=True)
         has = np.array([i % 2 == 0 for i in ids])
         caps = [f"caption {i}" if h else None for i, h in zip(ids, has)]
-        write_shard(out / shard_name(k), schema, ids, [f"/x/{i}.jpg" for i in ids], caps, img, txt, has)
+        metas = [{"camera": None if i % 7 == 0 else f"cam{i % 3}", "year": 2000 + i % 20} for i in ids]
+        write_shard(out / shard_name(k), schema, ids, [f"/x/{i}.jpg" for i in ids], caps, img, txt, has, metas)
     return out
 
 
@@ -58,6 +62,10 @@ def test_parts_merged_equal_one_process_build(shards, tmp_path, tiny_model, kind
     for m in ("image", "text"):
         assert a.indexes[m].count == b.indexes[m].count and a.indexes[m].factory == b.indexes[m].factory
         assert a.indexes[m].search_params == b.indexes[m].search_params
+        # the merged rows file is the one-process build's: same columns (metadata included), same rows
+        rows_a, rows_b = (pa.ipc.open_file(str(d / f"{m}.rows.arrow")).read_all() for d in (one, merged))
+        assert rows_b.schema.names == ["id", "path", "caption", "camera", "year"]
+        assert rows_a.equals(rows_b)
     ra, rb = Retriever(one, tiny_model), Retriever(merged, tiny_model)
     vecs = ShardSet(shards).sample_vectors("image", 20, seed=3)
     for modality in ("image", "text"):
@@ -68,9 +76,16 @@ def test_parts_merged_equal_one_process_build(shards, tmp_path, tiny_model, kind
     assert ra.manifest.indexes["image"].search_params["nprobe"] < ra.manifest.indexes["image"].count  # approximate
     hits_a = ra.search_vectors(vecs[:3], k=5, modality="text")
     hits_b = rb.search_vectors(vecs[:3], k=5, modality="text")
-    assert [[(h.id, h.path, h.caption) for h in q] for q in hits_a] == [
-        [(h.id, h.path, h.caption) for h in q] for q in hits_b
+    assert [[(h.id, h.path, h.caption, h.metadata) for h in q] for q in hits_a] == [
+        [(h.id, h.path, h.caption, h.metadata) for h in q] for q in hits_b
     ]
+    assert hits_b[0][0].metadata.keys() == {"camera", "year"}
+    where = "camera = 'cam1' and year >= 2010"  # --where over the merged index's metadata columns
+    fa = ra.search_vectors(vecs[:3], k=5, modality="image", where=where)
+    fb = rb.search_vectors(vecs[:3], k=5, modality="image", where=where)
+    assert [[h.id for h in q] for q in fa] == [[h.id for h in q] for q in fb]
+    assert all(h.metadata["camera"] == "cam1" and h.metadata["year"] >= 2010 for q in fb for h in q)
+    assert all(len(q) == 5 for q in fb)
 
 
 def test_merge_refuses_unfinished_parts_and_mixed_n(shards, tmp_path):

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 import faiss
@@ -44,9 +45,12 @@ def test_manifest_records_model_counts_and_rows(index_dir, shards, tiny_model):
 def test_image_to_image_finds_itself_with_score_one(index_dir, tiny_model, emoji_folder):
     r = Retriever(index_dir, tiny_model)
     for item in read_source(emoji_folder)[::9]:
-        hit = r.search(image=item.path, k=3)[0]
+        hit = r.search(image=item.path, k=3, keep_query=True)[0]
         assert hit.id == item.index and hit.path == item.path
         assert hit.score == pytest.approx(1.0, abs=1e-4)
+        left_out = r.search(image=item.path, k=3)  # by default a query image is not its own hit
+        assert item.index not in [h.id for h in left_out] and len(left_out) == 3
+        assert left_out.report.excluded_query_items == 1
 
 
 def test_caption_text_search_finds_its_row_first_in_text_index(index_dir, tiny_model, emoji_folder):
@@ -66,7 +70,7 @@ def test_image_to_text_and_k_larger_than_index(index_dir, tiny_model, emoji_fold
 def test_retriever_loads_the_model_named_in_the_manifest(index_dir, emoji_folder):
     r = Retriever(index_dir)  # no model given: rebuilt from the manifest's identity
     item = read_source(emoji_folder)[5]
-    assert r.search(image=item.path, k=1)[0].id == item.index
+    assert r.search(image=item.path, k=1, keep_query=True)[0].id == item.index
 
 
 def test_mismatched_model_is_refused(tiny, index_dir, tmp_path):
@@ -139,6 +143,19 @@ def test_light_imports_do_not_import_torch(code):
     probe = f"import sys\n{code}\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_folder_facts_flow_from_source_through_shards_into_hits(index_dir, shards, tiny_model, emoji_folder):
+    from retriever.shards import ShardSet
+
+    item = read_source(emoji_folder)[4]
+    assert {f.name for f in ShardSet(shards).metadata_fields} == {"dir", "bytes", "mtime"}
+    with Retriever(index_dir, tiny_model) as r:
+        hit = r.search(image=item.path, k=1, keep_query=True)[0]
+        assert hit.metadata["dir"] == item.metadata["dir"] and hit.metadata["bytes"] == os.path.getsize(item.path)
+        assert hit.to_dict()["metadata"]["mtime"].endswith("+00:00")
+        only = r.search(image=item.path, k=5, where=f"dir = '{item.metadata['dir']}'")
+        assert len(only) == 5 and {h.metadata["dir"] for h in only} == {item.metadata["dir"]}
 
 
 def test_vector_search_does_not_import_torch(index_dir):

@@ -215,7 +215,12 @@ finally:
 
 @pytest.mark.parametrize("query", ["text", "image"])
 def test_cli_search_in_fresh_process_imports_no_torch(tiny_index, emoji_items, query):
-    args = [emoji_items[3].captions[0], "--modality", "text"] if query == "text" else ["--image", emoji_items[10].path]
+    # --keep-query: the query image itself is the expected best hit (left out of results by default)
+    args = (
+        [emoji_items[3].captions[0], "--modality", "text"]
+        if query == "text"
+        else ["--image", emoji_items[10].path, "--keep-query"]
+    )
     res = subprocess.run(
         [sys.executable, "-c", _NO_TORCH_SEARCH, "search", str(tiny_index), *args, "-k", "3", "--json"],
         capture_output=True,
@@ -226,7 +231,7 @@ def test_cli_search_in_fresh_process_imports_no_torch(tiny_index, emoji_items, q
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     assert lines[-1] == "HEAVY=[]", lines[-1]
-    hits = json.loads("\n".join(lines[:-1]))
+    hits = json.loads("\n".join(lines[:-1]))["hits"]
     if query == "text":
         assert hits[0]["caption"] == emoji_items[3].captions[0]
     else:

@@ -376,7 +376,7 @@ def test_cli_search_over_http_prints_the_same_results(serve_index, tiny_model, t
             app, ["search", url, "red heart", "-k", "4", "--json", "--api-key-file", str(tmp_path / "key")]
         )
         assert res.exit_code == 0, res.output
-        got = json.loads(res.stdout)
+        got = json.loads(res.stdout)["hits"]  # the shape of a local search's --json
         assert [g["id"] for g in got] == [w.id for w in want]
         assert got[0]["path"].startswith(f"{url}/v1/indexes/emoji/items/")
         res = runner.invoke(

@@ -242,7 +242,7 @@ def test_cli_train_eval_embed_index_search(tiny, small_manifest, tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["search", str(tmp_path / "index"), "grinning face", "-k", "3", "--json"])
     assert r.exit_code == 0, r.output
-    hits = json.loads(r.output)
+    hits = json.loads(r.output)["hits"]
     assert len(hits) == 3 and all(h["path"].endswith(".png") for h in hits)
 
     r = runner.invoke(app, ["train", str(small_manifest), "--out", str(run), "--model", tiny.config])

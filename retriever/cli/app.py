@@ -7,7 +7,20 @@ import sys
 
 import typer
 
-from retriever.cli import demo, embed, evaluate, export, export_onnx, import_, index, info, search, serve, train
+from retriever.cli import (
+    dedup,
+    demo,
+    embed,
+    evaluate,
+    export,
+    export_onnx,
+    import_,
+    index,
+    info,
+    search,
+    serve,
+    train,
+)
 from retriever.cli.common import quiet_library_logs
 
 app = typer.Typer(
@@ -35,6 +48,7 @@ app.command(name="info")(info.info)
 app.command(name="train")(train.train)
 app.command(name="eval")(evaluate.eval_cmd)
 app.command(name="demo")(demo.demo)
+app.command(name="dedup")(dedup.dedup)
 app.command(name="import")(import_.import_cmd)
 app.command(name="export")(export.export)
 app.command(name="export-onnx")(export_onnx.export_onnx)

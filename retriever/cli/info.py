@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from retriever.cli.common import JsonOpt, out, user_errors
@@ -41,6 +42,8 @@ def info(
             "errors_file",
         ):
             table.add_row(key, str(d[key]))
+        cols = d.get("metadata_columns") or {}
+        table.add_row("metadata columns", escape(", ".join(f"{k} ({v})" for k, v in cols.items()) or "none"))
         if d.get("parts"):
             st = d["parts"]
             row = f"{len(st['complete'])} of {st['num_parts']} complete"
@@ -57,6 +60,8 @@ def info(
         for name, m in d["indexes"].items():
             params = ", ".join(f"{k}={v}" for k, v in m["search_params"].items()) or "exact"
             table.add_row(f"{name} index", f"{m['count']} vectors, {m['factory']} ({params}), built on {m['built_on']}")
+            if m.get("columns"):
+                table.add_row("  columns", escape(", ".join(f"{k} ({v})" for k, v in m["columns"].items())))
             if m.get("ivfdata_file"):
                 table.add_row("  inverted lists", f"on disk, memory-mapped ({m['ivfdata_file']})")
             if m.get("rerank") == "mmap":

@@ -7,6 +7,9 @@ batch, and the result stays in Arrow buffers: a `ManifestItems` sequence builds 
 only when it is asked for. Peak memory is then about the bytes of the kept columns (measured in
 benchmarks/bench_manifest.py).
 
+CSV/TSV cells are read as bytes; each metadata column is then typed over all its cells with Arrow
+casts (integer, number, true/false, else text; blank cells null), so --where compares numbers.
+
 Row order is kept: item ids are positions of first appearance, exactly as before, so resumes
 and shard ids do not change. Rows naming the same image merge, their captions kept in order.
 """
@@ -76,6 +79,14 @@ class ManifestItems(Sequence):
     def __len__(self) -> int:
         return len(self._paths)
 
+    @property
+    def metadata_fields(self) -> list[pa.Field]:
+        """The shard fields of the metadata columns, read off the Arrow types: what
+        `shards.metadata_fields` infers from every item's values, without a pass over the rows."""
+        from retriever.shards import metadata_key
+
+        return [pa.field(metadata_key(c), _shard_type(col.col.type)) for c, col in self._meta.items()]
+
     @overload
     def __getitem__(self, i: int) -> Any: ...
     @overload
@@ -112,6 +123,17 @@ class ManifestItems(Sequence):
                 caps = _captions_of(cell)  # checked to be text when read (_honest_captions)
             out.append(SourceItem(lo + j, p, tuple(caps), {c: _text(v[j]) for c, v in metas.items()}))
         return out
+
+
+def _shard_type(t: pa.DataType) -> pa.DataType:
+    """The type Arrow gives the column's Python values (int64, float64, bool, string)."""
+    if pa.types.is_integer(t):
+        return pa.int64()
+    if pa.types.is_floating(t):
+        return pa.float64()
+    if pa.types.is_boolean(t):
+        return pa.bool_()
+    return pa.string()
 
 
 def _text(value: Any) -> Any:
@@ -156,10 +178,45 @@ def read_manifest_streaming(
     if len(table) and pc.count_distinct(table.column("path")).as_py() != len(table):
         table, groups = _merge_duplicates(table, cap_col)
     table = table.drop_columns(["_row"])
+    if kind != "parquet":  # CSV cells arrive as bytes: type each metadata column over all its cells
+        for name in meta_cols:
+            table = table.set_column(table.schema.get_field_index(name), name, typed_column(table.column(name)))
     items = ManifestItems(table, cap_col, groups)
     items.skipped = skipped
     pa.default_memory_pool().release_unused()
     return items
+
+
+def typed_column(cells: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A CSV column's cells (bytes) as the narrowest type every non-empty cell fits: integer, then
+    number, then true/false, else text; empty (or blank) cells become nulls.
+
+    Decided over the whole column with Arrow casts, not from the first block as pyarrow.csv's own
+    inference does, so a value that only appears late in a large manifest changes the column's
+    type instead of failing the read.
+    """
+    text = _utf8(cells)
+    blank = pc.equal(pc.utf8_trim_whitespace(text), "")
+    text = pc.if_else(blank, pa.scalar(None, pa.string()), text)
+    filled = pc.utf8_trim_whitespace(text)
+    if filled.null_count == len(filled):
+        return text
+    for t in (pa.int64(), pa.float64()):
+        try:
+            return pc.cast(filled, t)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
+    low = pc.utf8_lower(filled)
+    if pc.all(pc.or_(pc.is_null(low), pc.is_in(low, pa.array(["true", "false"])))).as_py():
+        return pc.equal(low, "true")
+    return text
+
+
+def _utf8(cells: pa.ChunkedArray) -> pa.ChunkedArray:
+    try:
+        return pc.cast(cells, pa.string())
+    except pa.ArrowInvalid:  # invalid UTF-8: replacement characters for that column only
+        return pa.chunked_array([pa.array([_text(v) for v in cells.to_pylist()], pa.string())], pa.string())
 
 
 def _keep(t: pa.DataType, kind: str) -> bool:

@@ -7,6 +7,7 @@ the row's `id`, which is what makes ids stable when an interrupted `embed` resum
 from __future__ import annotations
 
 import csv
+import datetime as _dt
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -151,7 +152,7 @@ def read_folder(root: Path) -> SourceList:
             except (OSError, ValueError) as e:
                 items.skipped.append({"path": str(p), "reason": f"caption file {txt.name}: {e}"})
                 continue
-        items.append(SourceItem(len(items), str(p), (caption,) if caption else ()))
+        items.append(SourceItem(len(items), str(p), (caption,) if caption else (), file_facts(root, p)))
     return items
 
 
@@ -171,6 +172,18 @@ def decode_caption(data: bytes) -> str:
     if "\x00" in text:
         raise ValueError("binary data, not text (it holds NUL characters)")
     return text
+
+
+def file_facts(root: Path, p: Path) -> dict[str, Any]:
+    """The metadata columns of a folder's image: its folder relative to the root ("" at the top),
+    size in bytes and modification time (UTC)."""
+    st = p.stat()
+    rel = p.relative_to(root).parent.as_posix()
+    return {
+        "dir": "" if rel == "." else rel,
+        "bytes": st.st_size,
+        "mtime": _dt.datetime.fromtimestamp(st.st_mtime, _dt.timezone.utc).replace(microsecond=0),
+    }
 
 
 def read_source_manifest(
@@ -210,7 +223,8 @@ def read_source_manifest(
     cap_col = _pick_column(columns, caption_column, CAPTION_COLUMN_GUESSES, "caption", path, required=False)
     base = path.resolve().parent
     by_path: dict[str, list[str]] = {}
-    metadata: dict[str, dict[str, Any]] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    extra = [c for c in columns if c not in (img_col, cap_col)]
     for row in rows:
         raw = row.get(img_col)
         if raw is None or str(raw).strip() == "":
@@ -222,12 +236,12 @@ def read_source_manifest(
         except ValueError as e:
             out.skipped.append({"path": key, "reason": f"caption: {e}"})
             continue
-        metadata.setdefault(key, {k: v for k, v in row.items() if k not in (img_col, cap_col)})
+        meta.setdefault(key, {c: row.get(c) for c in extra})  # rows naming one image: the first row's values
         caps = by_path.setdefault(key, [])
         for c in captions:
             if c not in caps:
                 caps.append(c)
-    out.extend(SourceItem(i, p, tuple(c), metadata[p]) for i, (p, c) in enumerate(by_path.items()))
+    out.extend(SourceItem(i, p, tuple(c), meta[p]) for i, (p, c) in enumerate(by_path.items()))
     return out
 
 

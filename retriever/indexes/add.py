@@ -31,6 +31,7 @@ from retriever.identity import ModelIdentity
 from retriever.indexes.build import BuildProgress, add_batches
 from retriever.indexes.files import check_index, open_rows, read_index_file
 from retriever.indexes.manifest import MANIFEST, IndexManifest, read_index_manifest
+from retriever.indexes.rows import file_schema
 from retriever.indexes.settings import configure_faiss
 from retriever.locks import folder_lock
 from retriever.parts import missing_parts
@@ -103,13 +104,17 @@ def _add_locked(index_dir: Path, new_shards, renumber: bool, batch_size: int, pr
                 continue
             index = read_index_file(index_dir, old)
             old_ivf = index if old.ivfdata_file else None
-            batches = _shift_ids(ss.iter_vectors(modality, batch_size, extra_columns=("id", "path", "caption")), offset)
+            # Rows keep the index's columns: new shards' extra columns are dropped, missing ones null.
+            schema = file_schema(index_dir / old.rows_file)
+            wanted = [c for c in schema.names if c in ss.column_names]
+            batches = _shift_ids(ss.iter_vectors(modality, batch_size, extra_columns=wanted), offset)
             index = add_batches(
                 index,
                 entry,
                 tmp,
                 batches,
                 n_new,
+                schema=schema,
                 first_row=old.count,
                 old_rows=index_dir / old.rows_file,
                 old_ivf=old_ivf,

@@ -25,13 +25,13 @@ from retriever.indexes import gpu, ondisk, tune
 from retriever.indexes import memory as select
 from retriever.indexes.choose import FLAT_MAX, IndexSpec, choose_index
 from retriever.indexes.manifest import MANIFEST, MODALITIES, IndexManifest, ModalityIndex, check_replaceable
-from retriever.indexes.rerank import OWN_PARAMS, VectorStore, VectorWriter, search_index
+from retriever.indexes.open import set_search_params
+from retriever.indexes.rerank import VectorStore, VectorWriter, search_index
+from retriever.indexes.rows import conform, iter_file_batches, rows_schema
 from retriever.indexes.settings import configure_faiss
 from retriever.locks import folder_lock
 from retriever.parts import missing_parts
 from retriever.shards import ShardSet
-
-ROWS_SCHEMA = pa.schema([("id", pa.int64()), ("path", pa.string()), ("caption", pa.string())])
 
 # Called with (modality, vectors_added, total).
 BuildProgress = Callable[[str, int, int], None]
@@ -163,20 +163,6 @@ def new_index(spec: IndexSpec, dim: int) -> faiss.Index:
     return index
 
 
-def set_search_params(index: faiss.Index, params: dict) -> None:
-    params = {k: v for k, v in (params or {}).items() if k not in OWN_PARAMS}
-    if not params:
-        return
-    on_gpu = gpu.device_name(index) == "gpu"
-    if on_gpu:  # a CPU coarse quantizer's parameters were set before the index moved (gpu.py)
-        params = gpu.gpu_search_params(params)
-        if not params:
-            return
-    desc = ",".join(f"{k}={v}" for k, v in params.items())
-    space = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
-    space.set_index_parameters(index, desc)
-
-
 def _place_for_build(spec: IndexSpec, dim: int, total: int, cfg: BuildConfig) -> tuple[faiss.Index, bool]:
     """The new index, on one GPU when that helps and fits: (index, whether it is on a GPU).
 
@@ -234,13 +220,15 @@ def _build_one(ss: ShardSet, modality: str, spec: IndexSpec, out: Path, cfg: Bui
         built_on="gpu" if on_gpu else "cpu",
         rerank=spec.rerank,
     )
-    batches = ss.iter_vectors(modality, cfg.batch_size, extra_columns=("id", "path", "caption"))
+    schema = rows_schema(ss.metadata_fields)
+    batches = ss.iter_vectors(modality, cfg.batch_size, extra_columns=schema.names)
     index = add_batches(
         index,
         entry,
         out,
         batches,
         total,
+        schema=schema,
         on_disk=spec.on_disk,
         progress=progress,
         block_rows=select.block_rows(spec, total, ss.dim),
@@ -269,6 +257,7 @@ def add_batches(
     batches: Iterator[tuple[np.ndarray, pa.RecordBatch]],
     count: int,
     *,
+    schema: pa.Schema | None = None,
     first_row: int = 0,
     on_disk: bool = False,
     old_rows: Path | None = None,
@@ -283,6 +272,7 @@ def add_batches(
     into a fresh .ivfdata. Returns the index holding old and new rows.
     """
     rows_path = out / entry.rows_file
+    schema = schema or rows_schema()
     writer_vec = None
     if entry.rerank == "mmap":
         name = f"{entry.modality}.vectors.npy" if first_row == 0 else f"{entry.modality}.vectors.{first_row}.npy"
@@ -296,9 +286,9 @@ def add_batches(
     blocks: list[Path] = []
     block = None
     added = 0
-    with pa.OSFile(str(rows_path), "wb") as sink, pa.ipc.new_file(sink, ROWS_SCHEMA) as writer:
+    with pa.OSFile(str(rows_path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         if old_rows is not None:
-            for b in _file_batches(old_rows):
+            for b in iter_file_batches(old_rows):
                 writer.write_batch(b)
         for vectors, meta in batches:
             vectors = np.ascontiguousarray(vectors)
@@ -314,7 +304,7 @@ def add_batches(
                 index.add(vectors)  # in RAM, faiss numbers rows ntotal…, which is first_row + added
             if writer_vec is not None:
                 writer_vec.write(vectors)
-            writer.write_batch(pa.record_batch([meta.column(c) for c in ROWS_SCHEMA.names], schema=ROWS_SCHEMA))
+            writer.write_batch(conform(meta, schema))
             added += len(vectors)
             if progress:
                 progress(entry.modality, added, count)
@@ -334,12 +324,6 @@ def add_batches(
             p.unlink()
         index = ondisk.open_on_disk(out / entry.file)
     return index
-
-
-def _file_batches(path: Path):
-    reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-    for i in range(reader.num_record_batches):
-        yield reader.get_batch(i)
 
 
 def _write_block(block: faiss.Index, out: Path, i: int) -> Path:

@@ -38,9 +38,10 @@ from retriever.atomic import atomic_dir, clean_stale_siblings, write_json_atomic
 from retriever.errors import UserError
 from retriever.indexes import memory as select
 from retriever.indexes import ondisk
-from retriever.indexes.build import ROWS_SCHEMA, BuildConfig, add_batches, new_index, plan_index
+from retriever.indexes.build import BuildConfig, add_batches, new_index, plan_index
 from retriever.indexes.choose import IndexSpec
 from retriever.indexes.manifest import MANIFEST, MODALITIES, IndexManifest, ModalityIndex, check_replaceable
+from retriever.indexes.rows import rows_schema
 from retriever.locks import folder_lock
 from retriever.parts import missing_parts
 from retriever.shards import ShardSet
@@ -143,6 +144,7 @@ def build_part(shards: str | Path | ShardSet, out_dir: str | Path, part: int, nu
     view.shards = ss.shards[lo:hi]
     t0 = time.perf_counter()
     entries = {}
+    schema = rows_schema(ss.metadata_fields)  # the columns a one-process build's rows file has
     with atomic_dir(done_dir) as tmp:
         for m, spec_d in plan["specs"].items():
             spec = IndexSpec(**spec_d)
@@ -155,8 +157,9 @@ def build_part(shards: str | Path | ShardSet, out_dir: str | Path, part: int, nu
                     faiss.read_index(str(tmp / f"{m}.trained.faiss")),
                     entry,
                     tmp,
-                    view.iter_vectors(m, cfg.batch_size, extra_columns=("id", "path", "caption")),
+                    view.iter_vectors(m, cfg.batch_size, extra_columns=schema.names),
                     count,
+                    schema=schema,
                     first_row=first,
                     on_disk=True,
                     block_rows=select.block_rows(spec, max(count, 1), ss.dim),
@@ -259,7 +262,7 @@ def _merge_locked(out: Path) -> IndexManifest:
 
 def _concat_rows(files: list[Path], dest: Path) -> None:
     """The parts' rows files end to end (their schema: id, path, caption and any metadata columns)."""
-    schema = pa.ipc.open_file(pa.memory_map(str(files[0]), "r")).schema if files else ROWS_SCHEMA
+    schema = pa.ipc.open_file(pa.memory_map(str(files[0]), "r")).schema if files else rows_schema()
     with pa.OSFile(str(dest), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for f in files:
             reader = pa.ipc.open_file(pa.memory_map(str(f), "r"))

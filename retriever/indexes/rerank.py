@@ -146,12 +146,14 @@ def search_index(
     store: VectorStore | None = None,
     *,
     max_k: int | None = None,
+    faiss_params: faiss.SearchParameters | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """faiss search, then exact re-ranking when the index keeps its vectors in a VectorStore.
 
     max_k: the most results faiss can return per search of this index (2048 on a GPU, see
     gpu.max_k). A k above it is refused; re-ranking candidates (RFlat's k·k_factor_rf, or
     k·rerank_k_factor from disk) are capped to it, which can only lower recall a little.
+    faiss_params: per-call faiss SearchParameters (e.g. a larger nprobe for post-filtering).
     """
     k = min(k, index.ntotal)
     if max_k is not None and k > max_k:
@@ -161,14 +163,14 @@ def search_index(
         )
     factor = int((params or {}).get("rerank_k_factor", 0))
     if store is None or factor < 1:
-        return _search(index, queries, k, max_k)
+        return _search(index, queries, k, max_k, faiss_params)
     kk = min(index.ntotal, k * max(1, factor), max_k or index.ntotal)
     # Re-rank in chunks: the gathered candidates cost nq·kk·d·4 bytes.
     chunk = max(1, (64 << 20) // max(1, kk * store.d * 4))
     out_s, out_r = [], []
     for lo in range(0, len(queries), chunk):
         q = queries[lo : lo + chunk]
-        _, cand = _search(index, q, kk, max_k)
+        _, cand = _search(index, q, kk, max_k, faiss_params)
         s, r = rerank(store, q, cand, k)
         out_s.append(s)
         out_r.append(r)
@@ -182,8 +184,10 @@ def capped_refine_factor(k: int, k_factor: float, max_k: int | None) -> float:
     return max(1.0, math.floor(max_k / k * 1000) / 1000)
 
 
-def _search(index: faiss.Index, queries: np.ndarray, k: int, max_k: int | None):
+def _search(index: faiss.Index, queries: np.ndarray, k: int, max_k: int | None, faiss_params=None):
     """index.search, keeping an RFlat wrapper's base search within max_k results."""
+    if faiss_params is not None:  # per-call parameters (CPU only: open.more_effort gives none on a GPU)
+        return index.search(queries, k, params=faiss_params)
     outer = faiss.downcast_index(index)
     if max_k is not None and isinstance(outer, (faiss.IndexRefine, faiss.IndexRefineFlat)):
         factor = capped_refine_factor(k, outer.k_factor, max_k)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from retriever.identity import ModelIdentity
 from retriever.shards import shard_name, shard_schema, write_shard
@@ -64,9 +65,10 @@ def write_synthetic_shards(
     captions_every: int = 0,
 ) -> Path:
     """Write n generated rows as shards part-00000… (ids first_id…); every `captions_every`-th row
-    gets a caption and a text vector (0: none). Returns the folder."""
+    gets a caption and a text vector (0: none). Each row has a metadata column `bucket` = id mod
+    1000, so `bucket < 50` selects 5% of the rows, spread over every cluster. Returns the folder."""
     folder = Path(folder)
-    schema = shard_schema(gen.identity())
+    schema = shard_schema(gen.identity(), metadata_fields=[pa.field("bucket", pa.int64())])
     for s, lo in enumerate(range(0, n, shard_rows)):
         m = min(shard_rows, n - lo)
         img = gen.sample(m, stream=stream * 1_000_003 + s)
@@ -75,6 +77,14 @@ def write_synthetic_shards(
         txt = np.where(has_text[:, None], img, 0).astype(np.float32)
         captions = [f"caption {i}" if t else None for i, t in zip(ids, has_text)]
         write_shard(
-            folder / shard_name(s), schema, ids.tolist(), [f"img/{i}.jpg" for i in ids], captions, img, txt, has_text
+            folder / shard_name(s),
+            schema,
+            ids.tolist(),
+            [f"img/{i}.jpg" for i in ids],
+            captions,
+            img,
+            txt,
+            has_text,
+            [{"bucket": int(i) % 1000} for i in ids],
         )
     return folder

@@ -127,7 +127,7 @@ class ServedIndex:
 
 
 def _id_map(retriever: Retriever, modality: str) -> tuple[np.ndarray, np.ndarray]:
-    batches, _ = retriever._rows_batches(modality)
+    batches = retriever._opened(modality).rows.batches
     ids = np.concatenate([b.column("id").to_numpy() for b in batches]) if batches else np.zeros(0, np.int64)
     order = np.argsort(ids, kind="stable")
     return ids[order].astype(np.int64), order.astype(np.int64)
@@ -135,7 +135,7 @@ def _id_map(retriever: Retriever, modality: str) -> tuple[np.ndarray, np.ndarray
 
 def _collection_roots(retriever: Retriever, modality: str) -> tuple[Path, ...]:
     """The deepest folder holding every recorded image path (resolved): files outside it are never served."""
-    batches, _ = retriever._rows_batches(modality)
+    batches = retriever._opened(modality).rows.batches
     parents = {os.path.dirname(p) for b in batches for p in b.column("path").to_pylist() if p}
     if not parents:
         return ()
@@ -154,9 +154,7 @@ def open_index(name: str, path: Path, models: ModelCache, generation: int = 1) -
     if shared is not None:
         retriever.query_encoder = shared
     for modality in retriever.modalities:
-        retriever._index(modality)
-        retriever._rows_batches(modality)
-        retriever._store(modality)
+        retriever._opened(modality)  # faiss index, rows file and re-rank store
     item_modality = "image" if "image" in retriever.modalities else retriever.modalities[0]
     ids, rows = _id_map(retriever, item_modality)
     served = ServedIndex(name, path, retriever, signature, generation, ids, rows, item_modality)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,7 +50,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    # Not mkdtemp: its 0700 would make every index and model folder private whatever the umask
+    # (a search service under another account could not read them). mkdir applies the umask.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
     try:
         yield tmp
         old = None
@@ -63,6 +66,46 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clean_stale_siblings(path: str | os.PathLike) -> list[str]:
+    """Remove what killed writers of `path` left beside it; returns one line per thing done.
+
+    Only call this while holding the folder's lock (retriever.locks): then every `.NAME.XXXX.tmp`
+    (a half-built folder or file) and `.NAME.XXXX.old` (a replaced folder not yet deleted) belongs
+    to a dead process. A crash between atomic_dir's two renames leaves no `path` and an `.old`:
+    that old folder is put back rather than deleted.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.[0-9a-z_]+\.(tmp|old)$")
+    found = sorted(p for p in path.parent.iterdir() if pattern.match(p.name))
+    done = []
+    olds = [p for p in found if p.name.endswith(".old")]
+    if not path.exists() and len(olds) == 1:
+        os.replace(olds[0], path)
+        done.append(f"restored {path} from {olds[0].name} (a writer died while swapping it)")
+        found.remove(olds[0])
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        done.append(f"removed {p.name} left by a killed writer")
+    return done
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.[0-9a-z_]{8}\.(tmp|old)$")
+
+
+def clean_stale_in(folder: str | os.PathLike) -> list[str]:
+    """clean_stale_siblings for every target whose leftovers lie directly in `folder` (under its lock)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    targets = sorted({m["name"] for p in folder.iterdir() if (m := _LEFTOVER.match(p.name))})
+    return [line for name in targets for line in clean_stale_siblings(folder / name)]
 
 
 def _fsync_file(path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,16 +22,19 @@ import torch
 
 from retriever import __version__, parts
 from retriever.atomic import write_json_atomic
+from retriever.data.images import DEFAULT_MAX_PIXELS
 from retriever.data.loading import DecodedBatch, ImageDataset, collate_decoded, default_workers
 from retriever.data.sources import SourceItem
 from retriever.errors import ConfigError, UserError
-from retriever.models.encode import encode_image_tensors, encode_texts
+from retriever.locks import folder_lock
+from retriever.models.encode import count_truncated, encode_image_tensors, encode_texts
 from retriever.models.load import LoadedModel
 from retriever.shards import (
     DTYPES,
     SHARD_GLOB,
     metadata_fields,
     metadata_key,
+    shard_number,
     shard_schema,
     write_shard,
 )
@@ -57,6 +61,7 @@ class EmbedConfig:
     num_workers: int = field(default_factory=default_workers)
     dtype: str = "float32"
     overwrite: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # images decoding to more pixels are skipped and reported
     num_parts: int = 1  # the items' shards are split among this many independent parts (see parts.py)
     part: int = 0  # which of them this run writes
 
@@ -83,6 +88,9 @@ class EmbedResult:
     seconds: float
     images_per_second: float
     skipped: SkippedImages = field(default_factory=SkippedImages)  # all runs' skipped images
+    repairs: list[str] = field(default_factory=list)  # what this run cleaned up after a killed one
+    truncated_captions: int = 0  # captions (in shards written by this run) longer than the text context
+    text_context: int | None = None  # the tokenizer's context length, in tokens
 
 
 # Called after each batch with (images_done_in_this_run, total_to_do_in_this_run).
@@ -96,6 +104,8 @@ def embed_items(
     config: EmbedConfig | None = None,
     progress: ProgressFn | None = None,
     *,
+    wait: bool = False,
+    on_message: Callable[[str], None] | None = None,
     skipped: Sequence[dict] = (),
     onnx=None,
 ) -> EmbedResult:
@@ -107,8 +117,15 @@ def embed_items(
         out_dir: the shard folder; finished shards of an identical earlier run are kept.
         config: shard size, batch sizes, workers, storage dtype, part (`EmbedConfig`).
         progress: called after each batch with (images done, images to do) of this run.
+        wait: if another process is writing this run's files in `out_dir` (the folder, or this
+            part of it), wait for it instead of refusing. The folder must be new, empty or a shard
+            folder, and is locked while this runs (per part when `config.num_parts` > 1, so parts
+            run side by side while two writers of one part still exclude each other).
+        on_message: called with a sentence when waiting, and for each thing removed under the
+            lock: this run's temp files of killed runs, and its unreadable shards (then redone).
         skipped: entries the source reader left out ({"path", "reason"}: a bad tar, a key without
-            an image); they are listed in the errors file with the images that failed to decode.
+            an image, a caption that is not text; see `SourceList.skipped`); they are listed in the
+            errors file with the images that failed to decode.
         onnx: an OnnxEncoder (retriever.onnx.runtime) of the same model to run the forward passes
             on onnxruntime; decoding and preprocessing stay the torch path's, so shards are interchangeable.
 
@@ -139,11 +156,25 @@ def embed_items(
     if fields:  # absent without metadata, so folders embedded before metadata columns still resume
         job["metadata_columns"] = {f.name: str(f.type) for f in fields}
     parts.check_part(cfg.part, cfg.num_parts)
+    _check_out_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock_tag = parts.tag(cfg.part, cfg.num_parts)  # "" for a one-process run: the folder's lock
+    with folder_lock(out, inside=True, tag=lock_tag, wait=wait, on_wait=on_message, what="embedding into"):
+        return _embed_locked(items, encoder, out, cfg, schema, job, progress, on_message, skipped, onnx)
+
+
+def _embed_locked(
+    items, encoder, out: Path, cfg: EmbedConfig, schema, job, progress, on_message, skipped, onnx
+) -> EmbedResult:
     if cfg.num_parts > 1:
         job.update(num_parts=cfg.num_parts, part=cfg.part)
         _prepare_part_dir(out, job, cfg.overwrite)
     else:
         _prepare_out_dir(out, job, cfg.overwrite)
+    repairs = _remove_leftovers(out, cfg.part, cfg.num_parts)
+    for line in repairs:
+        if on_message:
+            on_message(line)
     errors_name = parts.errors_file(cfg.part, cfg.num_parts)
 
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
@@ -159,7 +190,7 @@ def embed_items(
 
     t0 = time.perf_counter()
     n_todo = sum(len(_shard_items(items, k, cfg.shard_size)) for k in todo)
-    n_seen = 0
+    n_seen = truncated = 0
     for k, batches in _decoded_shards(items, todo, encoder, cfg):
         chunk = _shard_items(items, k, cfg.shard_size)
         ids, paths, captions, vecs, shard_errors, metas = [], [], [], [], [], []
@@ -191,6 +222,7 @@ def embed_items(
                 if onnx is None
                 else onnx.encode_texts(texts, cfg.text_batch_size)
             )
+            truncated += count_truncated(encoder.tokenizer, texts)
         # Errors first: if we die between the two writes, the rerun redoes this shard and rewrites them.
         errors.extend(shard_errors)
         write_skipped(out, errors, errors_name)
@@ -209,6 +241,9 @@ def embed_items(
         seconds=seconds,
         images_per_second=n_seen / seconds if seconds > 0 and n_seen else 0.0,
         skipped=SkippedImages(errors, str(out / errors_name) if errors else None),
+        repairs=repairs,
+        truncated_captions=truncated,
+        text_context=getattr(encoder.tokenizer, "context_length", None),
     )
 
 
@@ -228,7 +263,7 @@ def _decoded_shards(items, todo, encoder: LoadedModel, cfg: EmbedConfig):
     if not batch_plan:
         return
     loader = torch.utils.data.DataLoader(
-        ImageDataset(paths, encoder.preprocess),
+        ImageDataset(paths, encoder.preprocess, cfg.max_pixels),
         batch_sampler=[idx for _, idx in batch_plan],
         num_workers=cfg.num_workers,
         collate_fn=collate_decoded,
@@ -272,9 +307,15 @@ def _prepare_out_dir(out: Path, job: dict, overwrite: bool) -> None:
     job_path = out / JOB_FILE
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder.")
+    if out.is_dir() and parts.parts_status(out) is not None:
+        # Its parts hold their own locks, not this one: replacing their shards could race a running part.
+        raise UserError(f"{out} holds a --num-parts embed; a one-process run needs its own --out folder.")
     existing = list(out.glob(SHARD_GLOB)) if out.is_dir() else []
     if job_path.is_file():
-        old = json.loads(job_path.read_text())
+        try:
+            old = json.loads(job_path.read_bytes())
+        except ValueError:
+            old = None  # damaged: cannot show the shards match this job, so treat them as another job's
         if old != job:
             if not overwrite:
                 raise UserError(
@@ -288,10 +329,62 @@ def _prepare_out_dir(out: Path, job: dict, overwrite: bool) -> None:
             raise UserError(f"{out} already holds shards not made by this job; use a new --out or --overwrite.")
         for p in existing:
             p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # left by a run killed mid-write (no `finally` survives kill -9)
-        stale.unlink(missing_ok=True)
     write_json_atomic(job_path, job)
+
+
+# What a shard folder may hold besides its shards: ours (one-process or part-tagged job and
+# errors files), or hidden (temp files, the locks, .DS_Store).
+_SHARD_FOLDER_FILE = re.compile(r"^(_embed_job|_errors)(-p\d+of\d+)?\.(json|jsonl)$")
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse an --out that is a file or a folder of something else (issue 10: never mix into user data)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder.")
+    if not out.is_dir():
+        return
+    strangers = sorted(
+        p.name
+        for p in out.iterdir()
+        if not _SHARD_FOLDER_FILE.match(p.name) and not p.name.startswith(".") and shard_number(p.name) is None
+    )
+    if strangers:
+        raise UserError(
+            f"--out {out} is not a shard folder (it holds {', '.join(strangers[:3])}); choose a new or empty folder."
+        )
+
+
+def _is_own(name: str, part: int, num_parts: int) -> bool:
+    """Whether a file of the shard folder (or its temp file) is this run's: this part's (its name
+    carries the tag -pIofN), or, for a one-process run, one whose name carries no part tag."""
+    found = parts.part_of_name(name)
+    return found == (part, num_parts) if num_parts > 1 else found is None
+
+
+def _remove_leftovers(out: Path, part: int = 0, num_parts: int = 1) -> list[str]:
+    """Under this run's lock: delete its temp files of killed runs and its shards that cannot be read.
+
+    Only a dead process can have left one of this run's `.*.tmp` here, because a live one would
+    hold the same lock; other parts' files are never touched (they may be writing now). A shard
+    that Parquet cannot open (a disk filled up, a copy cut short) is deleted so that this run
+    redoes it instead of counting it as done.
+    """
+    import pyarrow.parquet as pq
+
+    done = []
+    for stale in sorted(out.glob(".*.tmp")):  # no `finally` survives kill -9
+        if _is_own(stale.name, part, num_parts):
+            stale.unlink(missing_ok=True)
+            done.append(f"Removed {stale.name}, left in {out} by a killed run.")
+    for shard in sorted(out.glob(SHARD_GLOB)):
+        if not _is_own(shard.name, part, num_parts):
+            continue
+        try:
+            pq.ParquetFile(shard).metadata  # noqa: B018 (reading the footer is the check)
+        except Exception as e:  # noqa: BLE001 (any failure to read the footer means the file is damaged)
+            shard.unlink()
+            done.append(f"Removed unreadable shard {shard.name} ({type(e).__name__}); it is embedded again.")
+    return done
 
 
 def _prepare_part_dir(out: Path, job: dict, overwrite: bool) -> None:
@@ -311,9 +404,7 @@ def _prepare_part_dir(out: Path, job: dict, overwrite: bool) -> None:
         if own_job.is_file() and json.loads(own_job.read_text()) != job:
             raise UserError(f"{out} holds this part's shards made with other arguments; use a new --out.")
     out.mkdir(parents=True, exist_ok=True)
-    tag = parts.tag(job["part"], job["num_parts"])
-    for stale in out.glob(f".*{tag}.*.tmp"):  # this part's leftovers only: other parts may be writing now
-        stale.unlink(missing_ok=True)
+    # This part's leftover temp files are removed by _remove_leftovers, under this part's lock.
     write_json_atomic(out / parts.job_file(job["part"], job["num_parts"]), job)
 
 

@@ -14,12 +14,22 @@ from retriever.shards import ShardSet
 from retriever.skipped import read_skipped
 
 
-def folder_info(path: str | Path) -> dict[str, Any]:
+def folder_info(path: str | Path, check: bool = False) -> dict[str, Any]:
+    """What `retriever info` shows; an index's files are opened first, so a damaged one is refused.
+
+    Args:
+        path: a shard folder or an index folder.
+        check: read each faiss index whole, as a search would (the default reads headers only).
+    """
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"{p} does not exist.")
     if (p / MANIFEST).is_file():
+        from retriever.indexes.files import check_index
+
         m = read_index_manifest(p)
+        for entry in m.indexes.values():
+            check_index(p, entry, deep=check)
         size = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
         d = {"kind": "index", "path": str(p.resolve()), "bytes": size, **m.to_dict()}
         for name, entry in m.indexes.items():  # what --where can filter on and hits carry

@@ -361,13 +361,16 @@ class Retriever:
         if not images:
             return np.zeros((0, self._dim()), np.float32)
         values = [Path(i).expanduser() if isinstance(i, str) else i for _, i in images]
+        from PIL import Image
+
+        unreadable = (OSError, ValueError, Image.DecompressionBombError)
         try:
             return self.encode_images(values)
-        except (OSError, ValueError):
+        except unreadable:
             for (qi, raw), value in zip(images, values):  # find the culprit
                 try:
                     self.encode_images([value])
-                except (OSError, ValueError) as e:
+                except unreadable as e:
                     msg = f"The query image {raw} is not a readable image ({e})."
                     raise QueryError(first + qi, UserError(msg)) from None
             raise

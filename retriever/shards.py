@@ -185,7 +185,13 @@ class ShardSet:
         self.meta: dict[str, Any] = {}
         shards = []
         for f in files:
-            pf = pq.ParquetFile(f)
+            try:
+                pf = pq.ParquetFile(f)
+            except (pa.ArrowException, OSError) as e:
+                raise UserError(
+                    f"Shard {f} cannot be read ({type(e).__name__}: {str(e).strip()[:120]}); it is damaged, rerun "
+                    "`retriever embed` with the same arguments to redo it."
+                ) from None
             meta = read_shard_meta(pf.schema_arrow, f)
             if not self.meta:
                 self.meta = meta
@@ -269,7 +275,14 @@ def read_shard_meta(schema: pa.Schema, path: Path | str = "shard") -> dict[str, 
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise UserError(f"{path} is not a retriever shard (no '{METADATA_KEY.decode()}' schema metadata).")
-    return json.loads(raw)
+    try:
+        meta = json.loads(raw)
+        meta["model"], meta["dim"]  # noqa: B018 (what every reader needs)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(
+            f"{path} has damaged retriever metadata ({type(e).__name__}); rerun `retriever embed`."
+        ) from None
+    return meta
 
 
 def _count_valid(pf: pq.ParquetFile, column: str) -> int:

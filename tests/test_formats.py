@@ -179,8 +179,10 @@ def test_streamed_manifest_keeps_order_metadata_and_merges(tmp_path, emoji_items
             w = csv.DictWriter(f, list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-        # Invalid UTF-8 in one caption costs a replacement character, not the file.
-        path.write_bytes(path.read_bytes().replace(b"c3", b"c3\xff"))
+        # Invalid UTF-8 in a metadata cell costs a replacement character, not the file; in a caption
+        # it costs that row, reported (issue 10's honest-caption rule): no mojibake is embedded.
+        bad_caption = f"{emoji_items[5].path},".encode() + b"c5\xff,s5,5\n"
+        path.write_bytes(path.read_bytes().replace(b"s3", b"s3\xff") + bad_caption)
     else:
         pq.write_table(pa.Table.from_pylist(rows), path)
     items = read_source(path)
@@ -190,7 +192,11 @@ def test_streamed_manifest_keeps_order_metadata_and_merges(tmp_path, emoji_items
     assert items[1].captions == ("c1", "again")
     # CSV cells are typed per column; Parquet keeps its column's own type (text here)
     assert items[1].metadata == {"source": "s1", "score": 1 if kind == "csv" else "1"}
-    assert items[3].caption.startswith("c3")
+    assert items[3].caption == "c3" and items[3].metadata["source"].startswith("s3")
+    if kind == "csv":
+        assert [(e["path"], e["reason"][:18]) for e in items.skipped] == [
+            (str(Path(emoji_items[5].path)), "caption: not UTF-8")
+        ]
     assert [it.path for it in items[1:3]] == [items[1].path, items[2].path]
     res = embed_items(items, tiny_model, tmp_path / "s", EmbedConfig(num_workers=0))
     assert res.rows == 5 and pq.read_table(tmp_path / "s").column("caption").to_pylist()[1] == "c1"

@@ -91,10 +91,18 @@ PrecisionOpt = typer.Option(
     None, "--precision", help="fp32 (CPU), fp16 or bf16 (GPU; default bf16 where supported, else fp16)."
 )
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
+WaitOpt = typer.Option(
+    False, "--wait", help="If another retriever process is writing the same folder, wait for it instead of refusing."
+)
 WorkersOpt = typer.Option(
     None,
     help="Image-decoding worker processes (default: cores - 2, at most 4, on a CPU-only machine; 0 decodes in the main process).",
 )
+
+
+def note(message: str) -> None:
+    """A line about what a command is doing (waiting for a lock, cleaning after a killed run), on stderr."""
+    err.print(message, highlight=False)
 
 
 def workers_or_default(n: int | None) -> int:

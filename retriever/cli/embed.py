@@ -13,9 +13,11 @@ from retriever.cli.common import (
     ModelOpt,
     PrecisionOpt,
     PretrainedOpt,
+    WaitOpt,
     WorkersOpt,
     err,
     load_encoder,
+    note,
     out,
     print_skipped,
     progress_bar,
@@ -45,6 +47,13 @@ def embed(
     device: str | None = DeviceOpt,
     precision: str | None = PrecisionOpt,
     overwrite: bool = typer.Option(False, help="Replace shards in --out made with other arguments."),
+    max_pixels: int | None = typer.Option(
+        None,
+        "--max-pixels",
+        help="Skip (and report) images that decode to more pixels than this (default 64000000); JPEGs are "
+        "decoded scaled down first. Bounds each decode worker's memory.",
+    ),
+    wait: bool = WaitOpt,
     num_parts: int = typer.Option(
         1, "--num-parts", help="Split the work into this many independent parts (SLURM arrays, several machines)."
     ),
@@ -57,6 +66,7 @@ def embed(
     ),
 ):
     """Embed a collection into Parquet shards (resumes an interrupted run)."""
+    from retriever.data.images import DEFAULT_MAX_PIXELS
     from retriever.data.sources import read_source
     from retriever.embed import EmbedConfig, embed_items
     from retriever.embed_parallel import part_from_environment
@@ -70,6 +80,7 @@ def embed(
         num_workers=workers_or_default(workers),
         dtype=dtype,
         overwrite=overwrite,
+        max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
         num_parts=num_parts,
         part=part,
     )
@@ -87,6 +98,8 @@ def embed(
             out_dir,
             cfg,
             progress=lambda n, total: bar.update(task, completed=n, total=total),
+            wait=wait,
+            on_message=note,
             skipped=getattr(items, "skipped", ()),
             onnx=onnx,
         )
@@ -95,8 +108,18 @@ def embed(
     status = finish_parts(out_dir, dist_info)
     if not dist_info.is_main:
         return  # rank 0 reports for the whole torchrun job
+    not_images = getattr(items, "not_images", 0)  # a folder's files that are not an image type
     if as_json:
-        out.print_json(json.dumps({**result.__dict__, "skipped": result.skipped.to_dict(), "parts": status}))
+        out.print_json(
+            json.dumps(
+                {
+                    **result.__dict__,
+                    "skipped": result.skipped.to_dict(),
+                    "not_images": not_images,
+                    "parts": status,
+                }
+            )
+        )
         return
     which = f"part {part} of {num_parts}: " if num_parts > 1 and not dist_info.enabled else ""
     out.print(
@@ -113,5 +136,13 @@ def embed(
                 if done == status["num_parts"]
                 else f" (not yet: {', '.join(str(p) for p in range(status['num_parts']) if p not in status['complete'])})."
             )
+        )
+    if not_images:
+        err.print(f"{not_images} file(s) in the source are not an image type and were left aside.")
+    if result.truncated_captions:
+        err.print(
+            f"[yellow]{result.truncated_captions} caption(s) are longer than the model's {result.text_context}-token "
+            "context[/yellow]; they were embedded from their first tokens only.",
+            highlight=False,
         )
     print_skipped(result.skipped)

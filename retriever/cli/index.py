@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from retriever.cli.common import IndexType, JsonOpt, err, out, progress_bar, user_errors
+from retriever.cli.common import IndexType, JsonOpt, WaitOpt, err, note, out, progress_bar, user_errors
 from retriever.errors import UserError
 
 
@@ -37,6 +37,7 @@ def index(
         help="With --add: shift new ids past the index's largest id instead of refusing clashing ids.",
     ),
     gpu: bool | None = typer.Option(None, "--gpu/--no-gpu", help="Build on the GPU (default: when faiss sees one)."),
+    wait: bool = WaitOpt,
     part: str | None = typer.Option(
         None,
         "--part",
@@ -53,7 +54,7 @@ def index(
     `retriever index merge INDEX` combines the parts of a `--part I/N` build into INDEX.
     """
     if str(shards) == "merge" and not shards.exists():
-        return _merge(target, as_json)
+        return _merge(target, wait, as_json)
     if part is not None:
         return _build_part(shards, out_dir, part, index_type, max_memory, target_recall, add, as_json)
     from retriever.indexes import BuildConfig, build_index
@@ -83,7 +84,7 @@ def index(
 
         if add:
             assert target is not None  # checked above
-            manifest = add_to_index(target, ss, renumber=renumber, progress=progress)
+            manifest = add_to_index(target, ss, renumber=renumber, progress=progress, wait=wait, on_message=note)
             out_dir = target
         else:
             cfg = BuildConfig(
@@ -95,9 +96,9 @@ def index(
                 k=k,
             )
             assert out_dir is not None  # checked above
-            manifest = build_index(ss, out_dir, cfg, progress=progress)
+            manifest = build_index(ss, out_dir, cfg, progress=progress, wait=wait, on_message=note)
     if onnx:
-        _export_onnx(out_dir)
+        _export_onnx(out_dir, wait)
     if as_json:
         out.print_json(json.dumps(manifest.to_dict()))
         return
@@ -119,12 +120,12 @@ def index(
     out.print(f"{'Updated' if add else 'Wrote'} {out_dir}")
 
 
-def _merge(target: Path | None, as_json: bool) -> None:
+def _merge(target: Path | None, wait: bool, as_json: bool) -> None:
     from retriever.indexes.partitioned import merge_parts
 
     if target is None:
         raise UserError("Name the index to merge: retriever index merge INDEX.")
-    manifest = merge_parts(target)
+    manifest = merge_parts(target, wait=wait, on_message=note)
     if as_json:
         out.print_json(json.dumps(manifest.to_dict()))
         return
@@ -162,12 +163,19 @@ def _build_part(shards, out_dir, part, index_type, max_memory, target_recall, ad
     )
 
 
-def _export_onnx(index_dir: Path) -> None:
-    """ONNX towers beside the index, so `search` needs no torch; a failure costs one line, not the index."""
+def _export_onnx(index_dir: Path, wait: bool) -> None:
+    """ONNX towers beside the index, so `search` needs no torch; a failure costs one line, not the index.
+
+    The export is written into the index folder, so it holds the index's writer lock: an `--add`
+    swapping the folder meanwhile would otherwise drop it or mix it in."""
+    from retriever.locks import folder_lock
     from retriever.onnx.export import export_for_index
 
     try:
-        with err.status("Exporting the model to ONNX for torch-free queries…"):
+        with (
+            folder_lock(index_dir, inside=False, wait=wait, on_wait=note),
+            err.status("Exporting the model to ONNX for torch-free queries…"),
+        ):
             folder, written = export_for_index(index_dir)
     except UserError as e:
         err.print(f"[yellow]No ONNX export ({e}); queries will use torch.[/yellow]", highlight=False)

@@ -15,12 +15,13 @@ from retriever.cli.common import JsonOpt, out, user_errors
 @user_errors
 def info(
     path: Path = typer.Argument(..., help="A shard folder or an index folder."),
+    check: bool = typer.Option(False, "--check", help="Read each index file whole, as a search would (slower)."),
     as_json: bool = JsonOpt,
 ):
     """Describe shards or an index: model, counts, index types and search parameters."""
     from retriever.info import folder_info, to_json
 
-    d = folder_info(path)
+    d = folder_info(path, check=check)
     if as_json:
         out.print_json(to_json(d))
         return

@@ -21,8 +21,18 @@ from retriever.data.locations import open_location
 ImageInput = Union[str, os.PathLike, bytes, Image.Image]  # noqa: UP007 (a runtime alias on 3.10)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+VECTOR_EXTENSIONS = frozenset({".svg", ".svgz"})  # not rasterised here: reported, not dropped
 HEIF_EXTENSIONS = frozenset({".heic", ".heif"})  # when the optional pillow-heif is installed
 _WHITE = (255, 255, 255)
+
+
+# Pixels a decode may produce (after JPEG draft scaling). A 12000×12000 PNG (144 MP, 140 KB on
+# disk, under Pillow's own bomb error threshold) decoded at 1.58 GB peak RSS per worker; 64 MP
+# keeps a worker's decode near 64M × 3 bytes × ~3 copies ≈ 0.6 GB. Measured in benchmarks/RESULTS.md.
+DEFAULT_MAX_PIXELS = 64_000_000
+# JPEGs are decoded at the smallest 1/2, 1/4 or 1/8 scale still at least this big: plenty for a
+# 224–448 px model input, and a 100 MP photo then costs a 1.5 MP decode.
+DRAFT_SIDE = 1024
 
 
 @functools.cache
@@ -37,12 +47,15 @@ def image_extensions() -> frozenset[str]:
     return IMAGE_EXTENSIONS | HEIF_EXTENSIONS
 
 
-def load_image(source: ImageInput) -> Image.Image:
+def load_image(source: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open a path, raw bytes or PIL image and return a fully decoded RGB image.
 
     Args:
         source: a file path, the file's bytes, or a PIL image. EXIF orientation is applied and
             transparency composited onto white.
+        max_pixels: refuse (ValueError) an image that would decode to more pixels than this,
+            before decoding it; JPEGs are first draft-scaled (see DRAFT_SIDE). None: no limit
+            beyond Pillow's own decompression-bomb guard.
 
     Raises OSError / ValueError / Image.DecompressionBombError for undecodable input; callers that
     process batches catch these and report the file rather than stopping.
@@ -57,6 +70,14 @@ def load_image(source: ImageInput) -> Image.Image:
         img = Image.open(open_location(source))
     if getattr(img, "is_animated", False):
         img.seek(0)  # first frame of GIF / animated WebP
+    if img.format == "JPEG" and min(img.size) > 2 * DRAFT_SIDE:
+        scale = min(img.size) / DRAFT_SIDE
+        img.draft(img.mode, (int(img.size[0] / scale), int(img.size[1] / scale)))
+    if max_pixels is not None and img.size[0] * img.size[1] > max_pixels:
+        w, h = img.size
+        raise ValueError(
+            f"image is {w}×{h} = {w * h / 1e6:.0f} MP, over the limit of {max_pixels / 1e6:g} MP (--max-pixels)"
+        )
     img.load()  # decode now, so truncated files fail here and not inside the model's transform
     img = ImageOps.exif_transpose(img)
     return to_rgb(img)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from retriever.data.images import load_image
+from retriever.data.images import DEFAULT_MAX_PIXELS, load_image
 
 
 def default_workers() -> int:
@@ -50,16 +50,22 @@ class DecodedBatch:
 class ImageDataset(torch.utils.data.Dataset):
     """Decodes and preprocesses images in DataLoader workers, turning failures into records."""
 
-    def __init__(self, paths: Sequence[str], preprocess: Callable[[Image.Image], torch.Tensor]):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
         self.paths = list(paths)
         self.preprocess = preprocess
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            return i, self.preprocess(load_image(self.paths[i])), None
+            return i, self.preprocess(load_image(self.paths[i], self.max_pixels)), None
         except Exception as e:  # any decoder failure is data, not a crash (bombs, truncation, junk)
             return i, None, f"{type(e).__name__}: {e}"
 

@@ -73,7 +73,8 @@ class ManifestItems(Sequence):
             c: _Column(table.column(c)) for c in table.column_names if c not in ("path", "_row", caption_column)
         }
         self._paths = _Column(table.column("path"))
-        self.skipped: list[dict] = []
+        self.skipped: list[dict] = []  # rows left out ({"path", "reason"}), as SourceList.skipped
+        self.not_images = 0  # as SourceList: a manifest names images only
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -117,9 +118,9 @@ class ManifestItems(Sequence):
             if self._merged:
                 caps: list[str] = []
                 for value in cell or ():
-                    caps.extend(c for c in _safe_captions(_captions_of, value) if c not in caps)
+                    caps.extend(c for c in _captions_of(value) if c not in caps)
             else:
-                caps = _safe_captions(_captions_of, cell)
+                caps = _captions_of(cell)  # checked to be text when read (_honest_captions)
             out.append(SourceItem(lo + j, p, tuple(caps), {c: _text(v[j]) for c, v in metas.items()}))
         return out
 
@@ -135,16 +136,10 @@ def _shard_type(t: pa.DataType) -> pa.DataType:
     return pa.string()
 
 
-def _safe_captions(captions_of, value: Any) -> list[str]:
-    """A cell that is not text (a struct, a number) gives no caption; ids cannot shift by skipping it."""
-    try:
-        return captions_of(_text(value))
-    except ValueError:
-        return []
-
-
 def _text(value: Any) -> Any:
-    """CSV cells are read as bytes (so bad UTF-8 costs a replacement character, not the file)."""
+    """CSV metadata cells are read as bytes (so bad UTF-8 costs a replacement character, not the file).
+
+    Captions never come here undecoded: `_honest_captions` decodes or refuses them when read."""
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     if isinstance(value, list):
@@ -164,9 +159,11 @@ def read_manifest_streaming(
         keep = [img_col] + ([cap_col] if cap_col else []) + meta_cols
         base = str(path.resolve().parent)
         pieces = []
+        skipped: list[dict] = []
         offset = 0
         for batch in batches(keep):
-            pieces.append(_normalise(batch, img_col, base, offset))
+            piece = _normalise(batch, img_col, base, offset)
+            pieces.append(_honest_captions(piece, cap_col, skipped) if cap_col else piece)
             offset += len(batch)
     except (OSError, pa.ArrowException) as e:
         raise UserError(f"Could not read manifest {path}: {e}") from e
@@ -185,6 +182,7 @@ def read_manifest_streaming(
         for name in meta_cols:
             table = table.set_column(table.schema.get_field_index(name), name, typed_column(table.column(name)))
     items = ManifestItems(table, cap_col, groups)
+    items.skipped = skipped
     pa.default_memory_pool().release_unused()
     return items
 
@@ -282,16 +280,79 @@ def _normalise(batch: pa.RecordBatch, img_col: str, base: str, offset: int) -> p
     return pa.RecordBatch.from_pydict(cols).filter(keep)
 
 
+def _honest_captions(batch: pa.RecordBatch, cap_col: str, skipped: list[dict]) -> pa.RecordBatch:
+    """The batch with its caption column as text, less the rows whose caption is not honest text.
+
+    Bytes (every CSV cell, Parquet binary) are decoded as UTF-8 (a BOM dropped) or BOM-marked
+    UTF-16, in bulk when the whole batch is valid UTF-8; cells holding anything else (a struct, a
+    number, bytes that are not text) are left out and listed in `skipped` as {"path", "reason"},
+    the rule `sources.read_source_manifest` applies to JSONL. Rows are dropped before ids are
+    given, so ids stay positions of first appearance among the rows kept, run after run.
+    """
+    from retriever.data.sources import _captions_of, decode_caption
+
+    col = batch.column(cap_col)
+    t = col.type
+    bad: dict[int, str] = {}
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        text: pa.Array = col.cast(pa.string())
+    elif (pa.types.is_list(t) or pa.types.is_large_list(t)) and (
+        pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)
+    ):
+        text = col.cast(pa.list_(pa.string()))
+    elif pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        text = _decode_bytes(col, decode_caption, bad)
+    else:  # structs, numbers, lists of bytes or structs: cell by cell, as lists of captions
+        cells: list[list[str] | None] = []
+        for i, value in enumerate(col.to_pylist()):
+            try:
+                cells.append(_captions_of(value))
+            except ValueError as e:
+                bad[i] = str(e)
+                cells.append(None)
+        text = pa.array(cells, pa.list_(pa.string()))
+    cols = {n: (text if n == cap_col else batch.column(n)) for n in batch.schema.names}
+    out = pa.RecordBatch.from_pydict(cols)
+    if not bad:
+        return out
+    paths = batch.column("path").to_pylist()
+    skipped.extend({"path": paths[i], "reason": f"caption: {reason}"} for i, reason in sorted(bad.items()))
+    return out.filter(pa.array([i not in bad for i in range(len(batch))]))
+
+
+def _decode_bytes(col: pa.Array, decode_caption: Any, bad: dict[int, str]) -> pa.Array:
+    """Byte cells as text; the reason per cell that is not text goes into `bad`."""
+    try:
+        text = col.cast(pa.string())  # valid UTF-8 throughout: the common case, in bulk
+    except pa.ArrowInvalid:
+        text = None
+    if text is not None and not pc.any(pc.fill_null(pc.match_substring(text, "\x00"), False)).as_py():
+        return pc.replace_substring_regex(text, "^\ufeff", "")  # a BOM, as utf-8-sig drops it
+    cells: list[str | None] = []
+    for i, value in enumerate(col.to_pylist()):
+        try:
+            cells.append(None if value is None else decode_caption(value))
+        except ValueError as e:
+            bad[i] = str(e)
+            cells.append(None)
+    return pa.array(cells, pa.string())
+
+
 def _merge_duplicates(table: pa.Table, cap_col: str | None) -> tuple[pa.Table, pa.Array | None]:
     """One row per path in order of first appearance; captions of all its rows as a list."""
-    aggs = [("_row", "min")] + ([(cap_col, "list")] if cap_col else [])
-    grouped = table.select(["path", "_row", *([cap_col] if cap_col else [])]).group_by("path", use_threads=False)
-    g = grouped.aggregate(aggs)
+    # Rows are grouped by number, not by caption: Arrow's list aggregate has no kernel for list
+    # cells (a Parquet list<string> caption column), and row numbers take any caption type.
+    grouped = table.select(["path", "_row"]).group_by("path", use_threads=False)
+    g = grouped.aggregate([("_row", "min"), ("_row", "list")])
     order = pc.sort_indices(g.column("_row_min"))
     g = g.take(order)
     first = g.column("_row_min")
     # Row positions in `table` of each item's first row (table is in _row order already).
     pos = pc.index_in(first, value_set=table.column("_row"))
     kept = table.take(pos)
-    groups = g.column(f"{cap_col}_list").combine_chunks() if cap_col else None
+    if not cap_col:
+        return kept, None
+    rows = g.column("_row_list").combine_chunks()
+    cells = table.column(cap_col).take(pc.index_in(pc.list_flatten(rows), value_set=table.column("_row")))
+    groups = pa.ListArray.from_arrays(rows.offsets, cells.combine_chunks())
     return kept, groups

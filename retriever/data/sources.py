@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retriever.data.images import IMAGE_EXTENSIONS, image_extensions
+from retriever.data.images import IMAGE_EXTENSIONS, VECTOR_EXTENSIONS, image_extensions
 from retriever.errors import UserError
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 IMAGE_COLUMN_GUESSES = ("image", "image_path", "path", "filepath", "file", "filename", "img")
 CAPTION_COLUMN_GUESSES = ("caption", "text", "captions", "title", "description")
+_IMAGE_SUFFIX_CASES = sorted({e for x in IMAGE_EXTENSIONS for e in (x, x.upper())})
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,19 @@ class SourceItem:
 
 
 class SourceList(list):
-    """Items, plus what reading skipped: `skipped` lists {"path", "reason"} (the format of _errors.jsonl) per bad tar/member/file."""
+    """Items, plus what reading left out, so that every entry ends embedded or accounted for.
 
-    skipped: list[dict] = []
+    Attributes:
+        skipped: {"path", "reason"} per entry left out (the format of _errors.jsonl): a bad tar or
+            member, a caption that is not honest text, a manifest row that is not an object, a
+            vector image, a broken link.
+        not_images: files a folder walk saw that are not an image type (caption .txt files apart).
+    """
+
+    def __init__(self, items=(), skipped: list[dict] | None = None, not_images: int = 0):
+        super().__init__(items)
+        self.skipped: list[dict] = skipped if skipped is not None else []
+        self.not_images = not_images
 
 
 # Folders that hold no samples: NAS thumbnails (Synology @eaDir), macOS resource forks, VCS data.
@@ -76,8 +87,10 @@ def read_source(
         image_column, caption_column: the manifest's columns; guessed from common names when None.
 
     Returns:
-        `SourceItem`s in a stable order; `item.index` is the row id shards and indexes use. For tar
-        and image-Parquet sources a `SourceList` whose `skipped` lists bad tars/members.
+        `SourceItem`s in a stable order; `item.index` is the row id shards and indexes use. The
+        sequence's `skipped` lists the entries left out ({"path", "reason"}: a bad tar or member,
+        a caption that is not text, a vector image, ...) and `not_images` counts a folder's other
+        files; embed writes the first to `_errors.jsonl` and prints the count.
     """
     from retriever.data.formats import read_container_source
 
@@ -95,28 +108,70 @@ def read_source(
     else:
         raise UserError(f"Source {path} is neither a folder nor a manifest ({', '.join(sorted(MANIFEST_SUFFIXES))}).")
     if not items:
-        raise UserError(f"Source {path} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+        left_out = getattr(items, "skipped", [])
+        why = (
+            f"; {len(left_out)} entries were left out, the first {left_out[0]['path']}: {left_out[0]['reason']}"
+            if left_out
+            else ""
+        )
+        raise UserError(f"Source {path} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}){why}.")
     return items
 
 
-def read_folder(root: Path) -> list[SourceItem]:
-    """Every image below `root`, sorted by relative path; captions from same-name `.txt` files."""
+def read_folder(root: Path) -> SourceList:
+    """Every image below `root`, sorted by relative path; captions from same-name `.txt` files.
+
+    Every file the walk sees is accounted for in the result: images whose caption file cannot be
+    read as text, vector images and broken or looping links are `skipped` with a reason; other
+    files (captions apart) are counted in `not_images`.
+    """
+    items = SourceList()
     root = root.resolve()
     exts = image_extensions()
-    files = sorted(
-        (
-            p
-            for p in root.rglob("*")
-            if p.suffix.lower() in exts and not is_hidden(p.relative_to(root).parts) and p.is_file()
-        ),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
-    items = []
-    for i, p in enumerate(files):
+    files = []
+    for p in sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix()):
+        if is_hidden(p.relative_to(root).parts):
+            continue
+        suffix = p.suffix.lower()
+        if p.is_symlink() and not p.exists():
+            items.skipped.append({"path": str(p), "reason": "broken or looping symbolic link"})
+        elif p.is_dir():
+            continue
+        elif suffix in exts:
+            files.append(p)
+        elif suffix in VECTOR_EXTENSIONS:
+            items.skipped.append({"path": str(p), "reason": f"{suffix[1:].upper()} vector images are not supported"})
+        elif not (suffix == ".txt" and any(p.with_suffix(e).exists() for e in _IMAGE_SUFFIX_CASES)):
+            items.not_images += 1
+    for p in files:
         txt = p.with_suffix(".txt")
-        caption = _clean(txt.read_text(encoding="utf-8", errors="replace")) if txt.is_file() else None
-        items.append(SourceItem(i, str(p), (caption,) if caption else (), file_facts(root, p)))
+        caption = None
+        if txt.exists():
+            try:
+                caption = _clean(decode_caption(txt.read_bytes()))
+            except (OSError, ValueError) as e:
+                items.skipped.append({"path": str(p), "reason": f"caption file {txt.name}: {e}"})
+                continue
+        items.append(SourceItem(len(items), str(p), (caption,) if caption else (), file_facts(root, p)))
     return items
+
+
+def decode_caption(data: bytes) -> str:
+    """Caption bytes as text: UTF-8 (a byte-order mark is dropped) or UTF-16 with its BOM.
+
+    Raises ValueError, with the reason, for anything else: guessing a legacy code page would
+    store mojibake as silently as U+FFFD did.
+    """
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        text = data.decode("utf-16")
+    else:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    if "\x00" in text:
+        raise ValueError("binary data, not text (it holds NUL characters)")
+    return text
 
 
 def file_facts(root: Path, p: Path) -> dict[str, Any]:
@@ -136,7 +191,9 @@ def read_source_manifest(
 ) -> Sequence[SourceItem]:
     """Rows of a manifest; rows naming the same image merge, keeping every caption in order.
 
-    CSV/TSV/Parquet stream into Arrow columns (manifests.py); JSONL is read line by line.
+    CSV/TSV/Parquet stream into Arrow columns (manifests.py); JSONL is read line by line. Rows
+    whose caption is not text (a struct, a number, bytes that are not UTF-8) and JSONL lines that
+    are not objects are left out and listed in the result's `skipped`.
     """
     kind = MANIFEST_SUFFIXES[path.suffix.lower()]
     if kind != "jsonl":
@@ -150,9 +207,16 @@ def read_source_manifest(
             image_column,
             caption_column,
         )
-    rows = _read_rows(path)
+    out = SourceList()
+    rows = []
+    for n, row in enumerate(_read_rows(path), 1):
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            reason = str(row) if isinstance(row, _BadRow) else f"row {n} is a {type(row).__name__}, not an object"
+            out.skipped.append({"path": f"{path}:{n}", "reason": reason})
     if not rows:
-        return []
+        return out
     columns = list(rows[0].keys())
     img_col = _pick_column(columns, image_column, IMAGE_COLUMN_GUESSES, "image", path)
     assert img_col is not None  # required=True raises instead of returning None
@@ -167,12 +231,18 @@ def read_source_manifest(
             continue
         p = Path(str(raw).strip()).expanduser()
         key = str(p if p.is_absolute() else (base / p).resolve())
-        caps = by_path.setdefault(key, [])
+        try:
+            captions = _captions_of(row.get(cap_col) if cap_col else None)
+        except ValueError as e:
+            out.skipped.append({"path": key, "reason": f"caption: {e}"})
+            continue
         meta.setdefault(key, {c: row.get(c) for c in extra})  # rows naming one image: the first row's values
-        for c in _captions_of(row.get(cap_col) if cap_col else None):
+        caps = by_path.setdefault(key, [])
+        for c in captions:
             if c not in caps:
                 caps.append(c)
-    return [SourceItem(i, p, tuple(c), meta[p]) for i, (p, c) in enumerate(by_path.items())]
+    out.extend(SourceItem(i, p, tuple(c), meta[p]) for i, (p, c) in enumerate(by_path.items()))
+    return out
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -184,10 +254,21 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
             return pq.read_table(path).to_pylist()
         with open(path, newline="", encoding="utf-8") as f:
             if kind == "jsonl":
-                return [json.loads(line) for line in f if line.strip()]
+                return [_json_line(line, n, path) for n, line in enumerate(f, 1) if line.strip()]
             return list(csv.DictReader(f, delimiter="\t" if kind == "tsv" else ","))
     except (OSError, ValueError) as e:
         raise UserError(f"Could not read manifest {path}: {e}") from e
+
+
+class _BadRow(str):
+    """A manifest row that could not be parsed; its text is the reason (reported, not fatal)."""
+
+
+def _json_line(line: str, n: int, path: Path) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError as e:
+        return _BadRow(f"line {n} is not JSON ({e})")
 
 
 def _pick_column(columns, wanted, guesses, what, path, required=True) -> str | None:
@@ -207,11 +288,20 @@ def _pick_column(columns, wanted, guesses, what, path, required=True) -> str | N
 
 
 def _captions_of(value: Any) -> list[str]:
-    if value is None:
+    """Captions from a manifest cell: text, UTF-8 bytes, or a list of those.
+
+    Anything else (a struct, a number) raises ValueError: str() of it would store a Python repr
+    such as "{'a': 1}" or "b'plain'" as if it were a caption.
+    """
+    if value is None or (isinstance(value, float) and value != value):  # null / NaN: no caption
         return []
     if isinstance(value, (list, tuple)):
-        return [c for c in (_clean(str(v)) for v in value if v is not None) if c]
-    c = _clean(str(value))
+        return [c for v in value if v is not None for c in _captions_of(v)]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = decode_caption(bytes(value))
+    if not isinstance(value, str):
+        raise ValueError(f"a {type(value).__name__} ({str(value)[:40]!r}), not text")
+    c = _clean(value)
     return [c] if c else []
 
 

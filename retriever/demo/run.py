@@ -88,6 +88,7 @@ def run_demo(
     say = status or (lambda s: None)
     workers = default_workers() if cfg.workers is None else cfg.workers
     ws = Path(cfg.workspace).expanduser()
+    check_workspace(ws)
     ws.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
 
@@ -185,6 +186,14 @@ def run_demo(
     )
     write_json_atomic(ws / "report.json", asdict(result))
     return result
+
+
+def check_workspace(ws: Path) -> None:
+    """The demo rewrites its workspace's shards and index: only a new, empty or earlier demo workspace will do."""
+    if ws.exists() and not ws.is_dir():
+        raise UserError(f"--workspace {ws} is a file; choose a new folder.")
+    if ws.is_dir() and any(ws.iterdir()) and not (ws / "data" / "all.jsonl").is_file():
+        raise UserError(f"--workspace {ws} is not a demo workspace (no data/all.jsonl); choose a new or empty folder.")
 
 
 def demo_train_config(

@@ -14,9 +14,10 @@ recorded in the manifest (`shards.added[i].id_offset`): source position = id - i
 from __future__ import annotations
 
 import copy
+import glob
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import faiss
@@ -24,14 +25,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from retriever.atomic import atomic_dir, write_json_atomic
+from retriever.atomic import atomic_dir, clean_stale_siblings, write_json_atomic
 from retriever.errors import UserError
 from retriever.identity import ModelIdentity
-from retriever.indexes import ondisk
 from retriever.indexes.build import BuildProgress, add_batches
+from retriever.indexes.files import check_index, open_rows, read_index_file
 from retriever.indexes.manifest import MANIFEST, IndexManifest, read_index_manifest
 from retriever.indexes.rows import file_schema
 from retriever.indexes.settings import configure_faiss
+from retriever.locks import folder_lock
 from retriever.parts import missing_parts
 from retriever.shards import ShardSet
 
@@ -43,8 +45,13 @@ def add_to_index(
     renumber: bool = False,
     batch_size: int = 16_384,
     progress: BuildProgress | None = None,
+    wait: bool = False,
+    on_message: Callable[[str], None] | None = None,
 ) -> IndexManifest:
     """Append the rows of `new_shards` to an existing index folder without retraining it.
+
+    The folder is locked while it is rewritten (see retriever/locks.py); what killed writers left
+    beside it is removed under the lock first.
 
     Args:
         index_dir: the index folder (`build_index`); rewritten atomically.
@@ -52,13 +59,28 @@ def add_to_index(
         renumber: shift the new row ids past the index's largest id instead of refusing clashing ids.
         batch_size: vectors added per faiss call.
         progress: called with (modality, rows done, rows to do).
+        wait: if another process is writing the index, wait for it instead of refusing.
+        on_message: called with a sentence when waiting and for each leftover removed.
 
     Returns:
         The new `IndexManifest`.
     """
     configure_faiss()
     index_dir = Path(index_dir).expanduser()
+    if not any(index_dir.parent.glob(f".{glob.escape(index_dir.name)}.*.old")):  # else: restored under the lock
+        read_index_manifest(index_dir)  # refuse a non-index before creating a lock file beside it
+    with folder_lock(index_dir, inside=False, wait=wait, on_wait=on_message):
+        for line in clean_stale_siblings(index_dir):
+            if on_message:
+                on_message(line)
+        # Read under the lock: a writer we waited for may have just replaced the index.
+        return _add_locked(index_dir, new_shards, renumber, batch_size, progress)
+
+
+def _add_locked(index_dir: Path, new_shards, renumber: bool, batch_size: int, progress) -> IndexManifest:
     manifest = read_index_manifest(index_dir)
+    for entry in manifest.indexes.values():
+        check_index(index_dir, entry)  # a damaged index is refused before anything is written
     ss = new_shards if isinstance(new_shards, ShardSet) else ShardSet(new_shards)
     missing_parts(ss.folder)
     ModelIdentity.from_dict(manifest.model).check_same(ss.identity, f"Shard folder {ss.folder}")
@@ -80,8 +102,8 @@ def add_to_index(
                     if name:
                         _link(index_dir / name, tmp / name)
                 continue
-            old_ivf = ondisk.open_on_disk(index_dir / old.file) if old.ivfdata_file else None
-            index = old_ivf if old_ivf is not None else faiss.read_index(str(index_dir / old.file))
+            index = read_index_file(index_dir, old)
+            old_ivf = index if old.ivfdata_file else None
             # Rows keep the index's columns: new shards' extra columns are dropped, missing ones null.
             schema = file_schema(index_dir / old.rows_file)
             wanted = [c for c in schema.names if c in ss.column_names]
@@ -124,7 +146,7 @@ def add_to_index(
 def indexed_ids(index_dir: Path, manifest: IndexManifest) -> np.ndarray:
     """Every id in the index (the image rows file has them all; text rows are a subset)."""
     entry = manifest.indexes.get("image") or next(iter(manifest.indexes.values()))
-    reader = pa.ipc.open_file(pa.memory_map(str(index_dir / entry.rows_file), "r"))
+    reader = open_rows(index_dir / entry.rows_file)
     cols = [reader.get_batch(i).column("id").to_numpy() for i in range(reader.num_record_batches)]
     return np.concatenate(cols) if cols else np.zeros(0, np.int64)
 

@@ -19,16 +19,17 @@ import numpy as np
 import pyarrow as pa
 
 from retriever import __version__
-from retriever.atomic import atomic_dir, write_json_atomic
+from retriever.atomic import atomic_dir, clean_stale_siblings, write_json_atomic
 from retriever.errors import ConfigError, UserError
 from retriever.indexes import gpu, ondisk, tune
 from retriever.indexes import memory as select
 from retriever.indexes.choose import FLAT_MAX, IndexSpec, choose_index
-from retriever.indexes.manifest import MANIFEST, MODALITIES, IndexManifest, ModalityIndex
+from retriever.indexes.manifest import MANIFEST, MODALITIES, IndexManifest, ModalityIndex, check_replaceable
 from retriever.indexes.open import set_search_params
 from retriever.indexes.rerank import VectorStore, VectorWriter, search_index
 from retriever.indexes.rows import conform, iter_file_batches, rows_schema
 from retriever.indexes.settings import configure_faiss
+from retriever.locks import folder_lock
 from retriever.parts import missing_parts
 from retriever.shards import ShardSet
 
@@ -77,8 +78,13 @@ def build_index(
     config: BuildConfig | None = None,
     modalities: Sequence[str] = MODALITIES,
     progress: BuildProgress | None = None,
+    *,
+    wait: bool = False,
+    on_message: Callable[[str], None] | None = None,
 ) -> IndexManifest:
     """Build an image index, and a text index where captions exist; write the folder atomically.
+
+    `out_dir` may be new, empty or an existing retriever index (replaced); anything else is refused.
 
     Args:
         shards: a shard folder (`embed_items`) or an open `ShardSet`.
@@ -86,6 +92,9 @@ def build_index(
         config: index type, memory budget, recall target, GPU use (`BuildConfig`).
         modalities: which indexes to build, of "image" and "text".
         progress: called with (modality, rows done, rows to do).
+        wait: if another process is writing `out_dir`, wait for it instead of refusing.
+        on_message: called with a sentence when waiting, and for each thing a killed writer left
+            beside the folder that is removed (under the lock).
 
     Returns:
         The `IndexManifest` written to `out_dir/manifest.json`.
@@ -99,6 +108,16 @@ def build_index(
     specs = {m: plan_index(ss.count(m), ss.dim, cfg) for m in modalities if ss.count(m)}
     if not specs:
         raise UserError(f"{ss.folder} has no rows to index.")
+    check_replaceable(out, ss.folder)
+    with folder_lock(out, inside=False, wait=wait, on_wait=on_message):
+        for line in clean_stale_siblings(out):
+            if on_message:
+                on_message(line)
+        check_replaceable(out, ss.folder)  # again: the folder may have changed while we waited
+        return _build_into(ss, out, specs, cfg, progress)
+
+
+def _build_into(ss: ShardSet, out: Path, specs: dict[str, IndexSpec], cfg: BuildConfig, progress) -> IndexManifest:
     built: dict[str, ModalityIndex] = {}
     with atomic_dir(out) as tmp:
         for modality, spec in specs.items():

@@ -16,6 +16,7 @@ The rows file is uncompressed Arrow so that search memory-maps it and reads only
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,4 +78,48 @@ def read_index_manifest(index_dir: str | Path) -> IndexManifest:
         raise UserError(
             f"{Path(index_dir)} is not a retriever index (no {MANIFEST}); build one with `retriever index`."
         )
-    return IndexManifest.from_dict(json.loads(path.read_text()))
+    try:
+        return IndexManifest.from_dict(json.loads(path.read_bytes()))
+    except UserError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(
+            f"{path} is damaged ({type(e).__name__}: {e}); rebuild the index with `retriever index SHARDS --out "
+            f"{Path(index_dir)}`."
+        ) from None
+
+
+# Names an index folder holds (see the module docstring); anything else means the folder is not ours.
+_INDEX_FILE = re.compile(
+    r"^(manifest\.json|[a-z]+(\.trained)?\.faiss|[a-z]+\.rows\.arrow|[a-z]+\.ivfdata"
+    r"|[a-z]+\.vectors(\.\d+)?\.npy|\.block-\d+\.faiss|\..*\.tmp|onnx)$"  # onnx/: the model's export (retriever.onnx)
+)
+
+
+def check_replaceable(out: str | Path, shards_folder: str | Path | None = None) -> None:
+    """Refuse to replace `out` unless it is absent, an empty folder, or a retriever index.
+
+    An index is recognised by its manifest and by holding nothing but index files, so a folder of
+    photos with a stray manifest.json is not mistaken for one (issue 10: `--out` deleted whatever
+    was there).
+    """
+    out = Path(out).expanduser()
+    if shards_folder is not None and out.exists():
+        a, b = out.resolve(), Path(shards_folder).resolve()
+        if a == b or a in b.parents or b in a.parents:
+            raise UserError(
+                f"--out {out} overlaps the shard folder {shards_folder}; write the index to its own folder."
+            )
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a retriever index; refusing to replace it, choose a new folder.")
+    names = [p.name for p in out.iterdir()]
+    if not names:
+        return
+    strangers = [n for n in names if not _INDEX_FILE.match(n)]
+    if MANIFEST not in names or strangers:
+        shown = ", ".join(sorted(strangers)[:3]) or "no manifest.json"
+        raise UserError(
+            f"--out {out} is not a retriever index ({shown}); refusing to replace it, choose a new or empty folder."
+        )

@@ -24,7 +24,8 @@ import faiss
 import numpy as np
 
 from retriever.errors import UserError
-from retriever.indexes import gpu, ondisk
+from retriever.indexes import gpu
+from retriever.indexes.files import damaged, read_index_file
 from retriever.indexes.manifest import ModalityIndex
 from retriever.indexes.rerank import OWN_PARAMS, VectorStore, rerank, search_index
 from retriever.indexes.rows import RowsFile
@@ -80,9 +81,8 @@ def open_index(index_dir: Path, entry: ModalityIndex, use_gpu: bool | None = Non
     use_gpu: None moves it to the GPU(s) when faiss has GPU support and it fits; True insists
     (a sentence if it cannot); False keeps it on the CPU.
     """
-    path = index_dir / entry.file
     # On-disk inverted lists are memory-mapped from the .ivfdata file beside the index.
-    index = ondisk.open_on_disk(path) if entry.ivfdata_file else faiss.read_index(str(path))
+    index = read_index_file(index_dir, entry)  # a damaged file is one sentence, not a C++ stack
     set_search_params(index, entry.search_params)  # before moving: the GPU clone keeps them
     if use_gpu is not False and not entry.ivfdata_file:
         n_gpus = gpu.gpu_count()
@@ -114,6 +114,10 @@ class OpenIndex:
         files = [index_dir / f for f in entry.vectors_files] if entry.rerank == "mmap" else []
         self.store = VectorStore(files) if files else None
         self.rows = RowsFile(index_dir / entry.rows_file)
+        if self.rows.num_rows != entry.count:
+            raise damaged(
+                self.rows.path, ValueError(f"it holds {self.rows.num_rows} rows, the manifest says {entry.count}")
+            )
         self._direct_map = False
 
     @property

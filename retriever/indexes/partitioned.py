@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import fcntl
 import json
 import shutil
 import time
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -35,14 +34,15 @@ import faiss
 import pyarrow as pa
 
 from retriever import __version__
-from retriever.atomic import atomic_dir, write_json_atomic
+from retriever.atomic import atomic_dir, clean_stale_siblings, write_json_atomic
 from retriever.errors import UserError
 from retriever.indexes import memory as select
 from retriever.indexes import ondisk
 from retriever.indexes.build import BuildConfig, add_batches, new_index, plan_index
 from retriever.indexes.choose import IndexSpec
-from retriever.indexes.manifest import MANIFEST, MODALITIES, IndexManifest, ModalityIndex
+from retriever.indexes.manifest import MANIFEST, MODALITIES, IndexManifest, ModalityIndex, check_replaceable
 from retriever.indexes.rows import rows_schema
+from retriever.locks import folder_lock
 from retriever.parts import missing_parts
 from retriever.shards import ShardSet
 
@@ -97,19 +97,13 @@ def _plan(ss: ShardSet, num_parts: int, cfg: BuildConfig) -> dict:
     }
 
 
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # the kernel releases it if we die
-        yield
-
-
 def prepare(ss: ShardSet, out: Path, num_parts: int, cfg: BuildConfig) -> dict:
     """The staging folder's plan, and trained indexes: made by the first part, checked by the rest."""
     stage = staging_dir(out)
     plan = _plan(ss, num_parts, cfg)
-    with _locked(stage / ".train.lock"):
+    # The first part to arrive trains; the others wait on the same lock (released by the kernel if
+    # the trainer dies), then find the plan and check it.
+    with folder_lock(stage, inside=True, tag="-train", wait=True, what="training the quantizer in"):
         if (stage / PLAN).is_file():
             old = json.loads((stage / PLAN).read_text())
             if old["num_parts"] != num_parts:
@@ -189,9 +183,28 @@ def _entry(m: str, spec: IndexSpec, dim: int) -> ModalityIndex:
     )
 
 
-def merge_parts(out_dir: str | Path) -> IndexManifest:
-    """Combine every part's inverted lists into one on-disk index folder (written atomically)."""
+def merge_parts(
+    out_dir: str | Path, *, wait: bool = False, on_message: Callable[[str], None] | None = None
+) -> IndexManifest:
+    """Combine every part's inverted lists into one on-disk index folder (written atomically).
+
+    Args:
+        out_dir: the index folder the parts were built for (`--out` of `index --part I/N`).
+        wait: if another process is writing the index, wait for it instead of refusing.
+        on_message: called with a sentence when waiting, and for each leftover of a killed writer
+            removed beside the index (under its lock, as `build_index` does).
+    """
     out = Path(out_dir).expanduser()
+    check_replaceable(out)
+    with folder_lock(out, inside=False, wait=wait, on_wait=on_message):
+        for line in clean_stale_siblings(out):
+            if on_message:
+                on_message(line)
+        check_replaceable(out)  # again: the folder may have changed while we waited
+        return _merge_locked(out)
+
+
+def _merge_locked(out: Path) -> IndexManifest:
     stage = staging_dir(out)
     if not (stage / PLAN).is_file():
         raise UserError(

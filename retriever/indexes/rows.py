@@ -60,10 +60,17 @@ class RowsFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._source = pa.memory_map(str(self.path), "r")
-        reader = pa.ipc.open_file(self._source)
-        self.schema: pa.Schema = reader.schema
-        self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        from retriever.indexes.files import damaged
+
+        if not self.path.is_file():
+            raise damaged(self.path, FileNotFoundError("missing"))
+        try:
+            self._source = pa.memory_map(str(self.path), "r")
+            reader = pa.ipc.open_file(self._source)
+            self.schema: pa.Schema = reader.schema
+            self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        except (pa.ArrowException, OSError) as e:
+            raise damaged(self.path, e) from None
         self.starts = np.cumsum([0] + [b.num_rows for b in self.batches])[:-1]
         self.num_rows = int(sum(b.num_rows for b in self.batches))
 

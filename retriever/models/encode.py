@@ -67,6 +67,25 @@ def encode_texts(encoder: LoadedModel, texts: Sequence[str], batch_size: int = 2
     return np.concatenate(out) if out else np.zeros((0, encoder.embed_dim), np.float32)
 
 
+def count_truncated(tokenizer, texts: Sequence[str]) -> int:
+    """How many of `texts` are longer than the tokenizer's context (and so encoded from their start only)."""
+    context = getattr(tokenizer, "context_length", None)
+    if not context:
+        return 0
+    return sum(1 for t in texts if (_token_count(tokenizer, t) or 0) > context)
+
+
+def _token_count(tokenizer, text: str) -> int | None:
+    """Tokens including start/end markers: open_clip's BPE tokenizer, or a wrapped Hugging Face one."""
+    if hasattr(tokenizer, "sot_token_id") and hasattr(tokenizer, "encode"):
+        clean = getattr(tokenizer, "clean_fn", None)
+        return len(tokenizer.encode(clean(text) if clean else text)) + 2
+    hf = getattr(tokenizer, "tokenizer", None)
+    if callable(hf):
+        return len(hf(text)["input_ids"])
+    return None
+
+
 def _normalise(feats: torch.Tensor) -> np.ndarray:
     feats = feats.float()
     feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)

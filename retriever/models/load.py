@@ -309,22 +309,38 @@ def _download_failed_message(model: str, pretrained: str | None) -> str:
 
 def _register_config(model_cfg: dict[str, Any]) -> str:
     """Make a config JSON known to open_clip under a content-derived name (public API only)."""
-    import tempfile
-
     import open_clip
 
     digest = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:16]
     name = f"retriever-cfg-{digest}"
     if open_clip.get_model_config(name) is None:
-        folder = Path(tempfile.gettempdir()) / "retriever-model-configs"
-        folder.mkdir(exist_ok=True)
+        folder = model_config_dir()
         target = folder / f"{name}.json"
-        if not target.exists():
+        text = json.dumps(model_cfg)
+        # Rewritten unless it already holds exactly this config: never trust a file we did not just check.
+        if target.is_symlink() or not target.is_file() or target.read_text() != text:
             tmp = folder / f".{name}.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(model_cfg))
+            tmp.write_text(text)
             os.replace(tmp, target)
         open_clip.add_model_config(target)
     return name
+
+
+def model_config_dir() -> Path:
+    """A per-user folder for generated model configs: $XDG_CACHE_HOME/retriever/model-configs.
+
+    Not a fixed name under /tmp (issue 10): there another local user could plant a config or a
+    symlink under the predictable name before we write it.
+    """
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    folder = Path(base) / "retriever" / "model-configs"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no writable home (a service account): a private temp folder of our own
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="retriever-model-configs-"))
+    return folder
 
 
 def _embed_dim(net: Any, config: dict[str, Any]) -> int:

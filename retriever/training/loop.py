@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,9 +27,10 @@ from typing import Any
 
 import torch
 
-from retriever.atomic import write_json_atomic
+from retriever.atomic import clean_stale_in, write_json_atomic
 from retriever.data.sources import SourceItem, read_source
 from retriever.errors import ConfigError, UserError
+from retriever.locks import folder_lock
 from retriever.metrics import RetrievalMetrics
 from retriever.models.load import LoadedModel, load_model, resolve_device, resolve_precision
 from retriever.skipped import ERRORS_FILE, SkippedImages, skipped_entry, write_skipped
@@ -121,7 +123,7 @@ class _Splits:
 
 
 def load_splits(cfg: TrainConfig) -> _Splits:
-    kw = dict(image_column=cfg.image_column, caption_column=cfg.caption_column)
+    kw: dict[str, Any] = dict(image_column=cfg.image_column, caption_column=cfg.caption_column)
     items = read_source(cfg.source, **kw)
     fractions = [0.0 if cfg.val else cfg.val_fraction, 0.0 if cfg.test else cfg.test_fraction]
     train, val, test = split_items(items, fractions, cfg.split_seed)
@@ -202,6 +204,11 @@ class _Run:
 def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
     """Run (or resume) a training run into `cfg.out`.
 
+    The run folder is locked while training (a second `train` into it is refused), and what a
+    killed run left half-written (`.last.XXXX.tmp` checkpoint folders, temp files) is removed
+    first and reported through `callbacks.on_status`. A run killed before its first checkpoint
+    starts over, with or without `cfg.resume`.
+
     Args:
         cfg: what to train and how (see `TrainConfig`); `cfg.resume` continues the run in `cfg.out`
             exactly where it stopped.
@@ -210,6 +217,21 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
     Returns:
         A `TrainResult`: where the best and last models are, the per-epoch history and test metrics.
     """
+    run_dir = Path(cfg.out).expanduser()
+    if os.environ.get("RANK", "0") != "0" or (run_dir.exists() and not run_dir.is_dir()):
+        return _train(cfg, callbacks)  # other ranks write nothing; _check_run_dir refuses a file
+    if run_dir.is_dir() and _entries(run_dir) and not (run_dir / "run.json").is_file():
+        raise UserError(f"--out {run_dir} is not a training run folder (no run.json); choose a new or empty folder.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(run_dir, inside=True, what="training into"):
+        for sub in (run_dir, run_dir / "features"):
+            for line in clean_stale_in(sub):
+                if callbacks and callbacks.on_status:
+                    callbacks.on_status(line)
+        return _train(cfg, callbacks)
+
+
+def _train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
     cb = callbacks or Callbacks()
     started = time.perf_counter()
     run_dir = Path(cfg.out).expanduser()
@@ -230,7 +252,8 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
         )
     _status(cb, ranks, f"{len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test images")
 
-    saved = load_train_state(run_dir / "last") if cfg.resume else None
+    # A run killed before its first checkpoint has nothing to resume: it starts over (issue 10).
+    saved = load_train_state(run_dir / "last") if cfg.resume and has_checkpoint(run_dir) else None
     encoder = build_start_model(cfg, run_dir, device, precision, ranks, resume=saved is not None)
     model = encoder.model
     if cfg.loss == "siglip":
@@ -531,7 +554,11 @@ def _check_run_dir(run: Path, cfg: TrainConfig, ranks: distributed.DistInfo) -> 
     """A new run needs an empty RUN_DIR; a resume needs the same configuration."""
     saved = run / "run.json"
     mine = cfg.to_dict()
-    if cfg.resume:
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--out {run} is a file, not a run folder; choose a new folder.")
+    if cfg.resume and saved.is_file() and not has_checkpoint(run):
+        pass  # killed before its first checkpoint: checked below as a new run over a restartable folder
+    elif cfg.resume:
         if not saved.is_file():
             raise UserError(f"Cannot resume: {run} has no run.json (was it written by `retriever train`?).")
         theirs = json.loads(saved.read_text())
@@ -543,11 +570,32 @@ def _check_run_dir(run: Path, cfg: TrainConfig, ranks: distributed.DistInfo) -> 
                 f"Cannot resume {run} with different settings ({', '.join(diff)}); use the original options."
             )
         return
-    if run.exists() and any(run.iterdir()):
-        raise UserError(f"{run} already holds a run; pass --resume to continue it, or choose another --out.")
+    if run.exists() and _entries(run) and not _restartable(run):
+        if saved.is_file():
+            raise UserError(f"{run} already holds a run; pass --resume to continue it, or choose another --out.")
+        raise UserError(f"--out {run} is not a training run folder (no run.json); choose a new or empty folder.")
     distributed.barrier()  # every rank checks before rank 0 writes run.json
     if ranks.is_main:
         write_json_atomic(saved, mine)
+
+
+def has_checkpoint(run: Path) -> bool:
+    return (run / "last" / "train_state.pt").is_file()
+
+
+# What a run killed before its first checkpoint can hold; everything in it is rebuilt by a new start.
+_BEFORE_FIRST_CHECKPOINT = {"run.json", "init", "features", "metrics.json", "_errors.jsonl"}
+
+
+def _entries(run: Path) -> set[str]:
+    """What a run folder holds, hidden entries (the lock file, temp files) apart."""
+    return {p.name for p in run.iterdir() if not p.name.startswith(".")}
+
+
+def _restartable(run: Path) -> bool:
+    """A run folder with a run.json but no checkpoint yet: nothing in it is worth keeping."""
+    names = _entries(run)
+    return (run / "run.json").is_file() and not has_checkpoint(run) and names <= _BEFORE_FIRST_CHECKPOINT
 
 
 def _status(cb: Callbacks, ranks: distributed.DistInfo, text: str) -> None:

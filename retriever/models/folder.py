@@ -1,12 +1,11 @@
-"""Training checkpoints: an open_clip `local-dir:` folder plus, for `--resume`, a training state.
+"""The files of an open_clip `local-dir:` model folder, as retriever writes them.
 
 A folder holds `open_clip_config.json` and `open_clip_model.safetensors`, so both
 `retriever.models.load.load_model("local-dir:F")` and plain
 `open_clip.create_model_and_transforms("local-dir:F")` load it. Models with a Hugging Face text
 tower also get their tokenizer files, because open_clip's `get_tokenizer("local-dir:F")` reads the
-tokenizer from F itself. `train_state.pt` holds only tensors and plain containers (optimizer state,
-RNG states as tensors, counters), so it loads with `torch.load(weights_only=True)`: no pickled code
-from a run directory is ever executed. Folders are replaced atomically (`fsutil.atomic_dir`).
+tokenizer from F itself. Training checkpoints (`retriever.training.checkpoint`) are such a folder
+plus a training state.
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
-"""Training checkpoints: an open_clip `local-dir:` folder plus, for `--resume`, a training state.
+"""Training checkpoints: a model folder (`retriever.models.folder`) plus, for `--resume`, a training state.
 
-A folder holds `open_clip_config.json` and `open_clip_model.safetensors`, so both
-`retriever.models.load.load_model("local-dir:F")` and plain
-`open_clip.create_model_and_transforms("local-dir:F")` load it. Models with a Hugging Face text
-tower also get their tokenizer files, because open_clip's `get_tokenizer("local-dir:F")` reads the
-tokenizer from F itself. `train_state.pt` holds only tensors and plain containers (optimizer state,
-RNG states as tensors, counters), so it loads with `torch.load(weights_only=True)`: no pickled code
-from a run directory is ever executed. Folders are replaced atomically (`fsutil.atomic_dir`).
+`train_state.pt` holds only tensors and plain containers (optimizer state, RNG states as tensors,
+counters), so it loads with `torch.load(weights_only=True)`: no pickled code from a run directory is
+ever executed. Folders are replaced atomically (`retriever.atomic.atomic_dir`).
 """
 
 from __future__ import annotations

@@ -29,9 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retriever.errors import UserError
+from retriever.indexes.rows import json_value
 from retriever.serve.images import THUMB_SIZES, BadImage, ThumbnailCache
 from retriever.serve.metrics import Metrics
-from retriever.serve.query import MAX_K, ItemNotFound, Query, Searcher
+from retriever.serve.query import MAX_K, ItemNotFound, Query, Searcher, expression_from_request
 from retriever.serve.state import IndexNotFound, ModelCache, Registry, ServedIndex
 
 log = logging.getLogger("retriever.serve")
@@ -87,6 +88,21 @@ class SearchRequest(BaseModel):
     modality: Literal["image", "text"] = Field("image", description="What to retrieve: images or captions.")
     k: int = Field(10, ge=1, le=MAX_K, description=f"Number of hits, 1..{MAX_K}.")
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description="Drop hits scoring below this cosine.")
+    terms: list[dict[str, Any]] | None = Field(
+        None,
+        max_length=64,
+        description='More terms, as in `Query.from_dict`: [{"text"|"image" (base64)|"id": ..., "weight": 1, '
+        '"negative": false}]; the query vector is the weighted sum, negatives subtracted.',
+    )
+    where: str | None = Field(
+        None, max_length=10_000, description='SQL condition over the index\'s columns, e.g. "year >= 2020".'
+    )
+    dedup: float | None = Field(None, ge=-1.0, le=1.0, description="Fold hits within this cosine of a better hit.")
+    keep_query: bool = Field(False, description="Keep the query's own images and items in the hits.")
+
+    def expression(self) -> bool:
+        """Whether the request uses issue 12's query language (terms or options the batcher lacks)."""
+        return bool(self.terms) or self.where is not None or self.dedup is not None or self.keep_query
 
 
 class Hit(BaseModel):
@@ -97,6 +113,15 @@ class Hit(BaseModel):
     metadata: dict
     image_url: str
     thumbnail_url: str
+    absorbed: int = 0
+
+
+class SearchReport(BaseModel):
+    filter_strategy: str
+    matching_rows: int | None
+    below_min_score: int
+    folded_duplicates: int
+    excluded_query_items: int
 
 
 class SearchResponse(BaseModel):
@@ -106,6 +131,7 @@ class SearchResponse(BaseModel):
     k: int
     took_ms: float
     hits: list[Hit]
+    report: SearchReport | None = None
 
 
 class ErrorBody(BaseModel):
@@ -131,12 +157,16 @@ def hit_json(served: ServedIndex, h) -> dict:
         "metadata": item_metadata(h),
         "image_url": f"{base}/image",
         "thumbnail_url": f"{base}/thumbnail",
+        "absorbed": h.absorbed,
     }
 
 
 def item_metadata(h) -> dict:
-    """What an item tells about itself: the file's name, never its full path on the server."""
-    return {"filename": Path(h.path).name if h.path else None}
+    """What an item tells about itself: its metadata columns and the file's name, never its full
+    path on the server."""
+    meta = {key: json_value(v) for key, v in h.metadata.items()}
+    meta["filename"] = Path(h.path).name if h.path else None
+    return meta
 
 
 # ---------------------------------------------------------------- the guard
@@ -381,8 +411,33 @@ def create_app(config: ServeConfig) -> FastAPI:
             if image is not None:
                 raise UserError("Give exactly one query: text, image, id or vector.")
             image = await fetch_if_allowed(config, req.image_url)
+        if req.expression():
+            return await _run_expression(registry.get(req.index), req, image)
         q = Query(text=req.text, image=image, item_id=req.id, vector=req.vector)
         return await _run_search(registry.get(req.index), q, req.k, req.modality, req.min_score)
+
+    async def _run_expression(served: ServedIndex, req: SearchRequest, image: bytes | None) -> dict:
+        if req.vector is not None:
+            raise UserError("A vector query takes no terms, where, dedup or keep_query; send text, image or id.")
+        body = req.model_dump(include={"text", "id", "terms", "k", "modality", "where", "min_score", "dedup"})
+        body["keep_query"] = req.keep_query
+        q = expression_from_request(body, image)
+        t0 = time.perf_counter()
+        try:
+            hits = await searcher.search_expression(served, q)
+        except UserError as e:  # the library words filters for the CLI's --where
+            e.args = (str(e).replace("--where filter", "where filter"),)
+            raise
+        report = hits.report.to_dict()
+        return {
+            "index": served.name,
+            "modality": q.modality,
+            "query": "terms",
+            "k": q.k,
+            "took_ms": round((time.perf_counter() - t0) * 1000, 3),
+            "hits": [hit_json(served, h) for h in hits],
+            "report": {key: report[key] for key in SearchReport.model_fields},
+        }
 
     @app.post(
         "/v1/search/image",

@@ -4,14 +4,19 @@ between the HTTP layer and `Retriever`. Query expressions and filters plug in he
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from retriever.errors import UserError
-from retriever.search import SearchResult
+from retriever.query import Query as LibQuery
+from retriever.search import Hits, SearchResult
 from retriever.serve.batching import Batcher
-from retriever.serve.images import decode_upload
+from retriever.serve.images import BadImage, decode_upload
 from retriever.serve.state import ServedIndex
 
 MAX_K = 1000  # largest k the native API accepts (422 above); the clip-retrieval routes clamp to it
@@ -106,6 +111,46 @@ class Searcher:
         for rank, h in enumerate(hits, 1):
             h.rank = rank
         return hits
+
+    async def search_expression(self, served: ServedIndex, q: LibQuery) -> Hits:
+        """A query of issue 12's language (weighted/negative terms, where, dedup, keep_query), answered
+        by the library's `Retriever.search` off the event loop: not batched, since its options differ."""
+        if q.modality not in served.retriever.modalities:
+            raise UserError(
+                f"Index {served.name!r} has no {q.modality} index; it has {', '.join(served.retriever.modalities)}."
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, served.retriever.search, q)
+
+
+def expression_from_request(body: Mapping[str, Any], image: bytes | None = None) -> LibQuery:
+    """A library `Query` from a /v1/search body (the `Query.from_dict` shape, `image` values in
+    base64); `image`: the top-level image already decoded (or fetched from image_url).
+
+    Every image term becomes a decoded picture here, so a request can never name a file on the server."""
+    d = {key: v for key, v in body.items() if v is not None and key != "image"}
+    if image is not None:
+        d["terms"] = [{"image": "upload"}, *d.get("terms", [])]
+    q = LibQuery.from_dict(d)
+    terms = list(q.terms)
+    uploads = iter([image] if image is not None else [])
+    for i, t in enumerate(terms):
+        if t.kind == "id" and not -(2**63) <= t.value < 2**63:  # faiss ids are int64
+            raise ItemNotFound(f"No indexed item has id {t.value}.")
+        if t.kind == "image":
+            data = next(uploads, None)
+            terms[i] = replace(t, value=decode_upload(data if data is not None else decode_base64(t.value)))
+    return replace(q, terms=tuple(terms))
+
+
+def decode_base64(value: str) -> bytes:
+    """Image bytes from base64 (a data: URL prefix is allowed)."""
+    if value.startswith("data:") and "," in value:
+        value = value.split(",", 1)[1]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadImage("An image in the query is not valid base64.") from None
 
 
 def _text_batch(served: ServedIndex, modality: str, items: list[tuple[str, int]]) -> list[list[SearchResult]]:

@@ -99,6 +99,12 @@ def test_text_query_loads_k_images_then_more_like_this_and_back(page, server, tm
 
     page.go_back()  # the back button restores the text query and its results
     page.wait_for_url("**q=grinning+face**")
+    # As above, the URL changes before the grid does: wait for the text query's grid to come back.
+    page.wait_for_function(
+        "ids => [...document.querySelectorAll('#results .hit')].map(e => e.dataset.id).join() === ids",
+        arg=",".join(map(str, first)),
+        timeout=20_000,
+    )
     wait_for_results(page)
     assert hit_ids(page) == first
     assert page.input_value("#q") == "grinning face"

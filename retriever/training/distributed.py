@@ -15,25 +15,14 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from retriever.embed_parallel import Rank
 
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+# This process's place in the torchrun job: the library's type (embedding in parts uses it too).
+DistInfo = Rank
 
 
 def init_distributed(device_type: str = "cpu") -> DistInfo:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,9 +31,9 @@ from retriever.models.load import LoadedModel
 from retriever.shards import (
     DTYPES,
     SHARD_GLOB,
+    check_shard_folder,
     metadata_fields,
     metadata_key,
-    shard_number,
     shard_schema,
     write_shard,
 )
@@ -156,7 +155,7 @@ def embed_items(
     if fields:  # absent without metadata, so folders embedded before metadata columns still resume
         job["metadata_columns"] = {f.name: str(f.type) for f in fields}
     parts.check_part(cfg.part, cfg.num_parts)
-    _check_out_dir(out)
+    check_shard_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     lock_tag = parts.tag(cfg.part, cfg.num_parts)  # "" for a one-process run: the folder's lock
     with folder_lock(out, inside=True, tag=lock_tag, wait=wait, on_wait=on_message, what="embedding into"):
@@ -330,28 +329,6 @@ def _prepare_out_dir(out: Path, job: dict, overwrite: bool) -> None:
         for p in existing:
             p.unlink()
     write_json_atomic(job_path, job)
-
-
-# What a shard folder may hold besides its shards: ours (one-process or part-tagged job and
-# errors files), or hidden (temp files, the locks, .DS_Store).
-_SHARD_FOLDER_FILE = re.compile(r"^(_embed_job|_errors)(-p\d+of\d+)?\.(json|jsonl)$")
-
-
-def _check_out_dir(out: Path) -> None:
-    """Refuse an --out that is a file or a folder of something else (issue 10: never mix into user data)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder.")
-    if not out.is_dir():
-        return
-    strangers = sorted(
-        p.name
-        for p in out.iterdir()
-        if not _SHARD_FOLDER_FILE.match(p.name) and not p.name.startswith(".") and shard_number(p.name) is None
-    )
-    if strangers:
-        raise UserError(
-            f"--out {out} is not a shard folder (it holds {', '.join(strangers[:3])}); choose a new or empty folder."
-        )
 
 
 def _is_own(name: str, part: int, num_parts: int) -> bool:

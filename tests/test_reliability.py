@@ -574,3 +574,105 @@ def test_add_after_a_writer_died_between_the_two_renames_restores_and_adds(shard
     res = run("index", "--add", "--renumber", shards / "a", index)
     assert "restored" in res.output and not old.exists()
     assert json.loads((index / "manifest.json").read_text())["shards"]["rows"] == 74
+
+
+# Issue 10, second pass: import and export follow the --out rule and take the writer lock.
+
+
+@pytest.fixture()
+def exported(shards, tmp_path) -> Path:
+    run("export", shards / "a", "--format", "clip-retrieval", "--out", tmp_path / "cr")
+    return tmp_path / "cr"
+
+
+def import_(exported: Path, out: Path, *extra, code=0):
+    return run("import", "clip-retrieval", exported, "--out", out, "--model", TINY_CONFIG, *extra, code=code)
+
+
+def test_import_out_refuses_a_foreign_folder_and_a_file(exported, tmp_path):
+    """On main import wrote its shards into a folder of the user's files and crashed on a file."""
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("my thesis")
+    res = import_(exported, user, code=1)
+    assert "not a shard folder" in res.output and len(res.output.strip().splitlines()) == 1
+    assert tree(user) == {"notes.txt": b"my thesis"}
+    f = tmp_path / "file"
+    f.write_text("keep")
+    assert "not a folder" in import_(exported, f, code=1).output
+    assert f.read_text() == "keep"
+
+
+def test_import_replaces_a_shard_folder_only_with_overwrite(shards, exported, tmp_path):
+    out = tmp_path / "s"
+    shutil.copytree(shards / "all", out)
+    before = tree(out)
+    assert "--overwrite" in import_(exported, out, code=1).output
+    assert tree(out) == before
+    import_(exported, out, "--overwrite")
+    from retriever.shards import ShardSet
+
+    assert ShardSet(out).num_rows == 10  # the import, whole; none of the 64 rows left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".s.") and p.suffix in (".tmp", ".old")]
+
+
+def test_import_takes_the_writer_lock_and_cleans_a_killed_imports_leftovers(exported, tmp_path):
+    out = tmp_path / "s"
+    holder = hold_lock(out, inside=False, seconds=30)
+    try:
+        res = import_(exported, out, code=1)
+        assert f"pid {holder.pid}" in res.output and not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    leftover = tmp_path / ".s.1234abcd.tmp"  # what a killed import leaves (atomic_dir's temp folder)
+    leftover.mkdir()
+    (leftover / "part-00000.parquet").write_bytes(b"half")
+    res = import_(exported, out)
+    assert "left by a killed writer" in res.output and not leftover.exists()
+
+
+def test_import_refuses_a_folder_an_embed_is_writing(shards, exported, tmp_path):
+    out = tmp_path / "s"
+    shutil.copytree(shards / "a", out)
+    holder = hold_lock(out, inside=True, seconds=30)  # embed's lock, inside the shard folder
+    try:
+        assert f"pid {holder.pid}" in import_(exported, out, "--overwrite", code=1).output
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_export_out_refuses_foreign_folders_the_shards_and_a_file(shards, exported, tmp_path):
+    """On main export replaced whatever --out was: a folder of the user's files was deleted."""
+    user = tmp_path / "mine"
+    (user / "photos").mkdir(parents=True)
+    (user / "photos" / "cat.jpg").write_bytes(b"meow")
+    (user / "img_emb").mkdir()
+    (user / "img_emb" / "notes.txt").write_text("not an export")
+    before = tree(user)
+    f = tmp_path / "file"
+    f.write_text("keep")
+    copy = tmp_path / "copy"
+    shutil.copytree(shards / "a", copy)
+    for target, words in ((user, "not a clip-retrieval folder"), (f, "is a file"), (copy, "overlaps the shard folder")):
+        res = run("export", copy, "--format", "clip-retrieval", "--out", target, code=1)
+        assert words in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert tree(user) == before and f.read_text() == "keep" and (copy / "part-00000.parquet").is_file()
+    run("export", shards / "b", "--format", "clip-retrieval", "--out", exported)  # an earlier export is replaced
+    import pyarrow.parquet as pq
+
+    paths = pq.read_table(exported / "metadata" / "metadata_0.parquet").column("image_path").to_pylist()
+    assert len(paths) == 10 and set(paths).isdisjoint(
+        pq.read_table(shards / "a" / "part-00000.parquet").column("path").to_pylist()
+    )
+
+
+def test_export_takes_the_writer_lock(shards, exported):
+    holder = hold_lock(exported, inside=False, seconds=30)
+    try:
+        res = run("export", shards / "b", "--format", "clip-retrieval", "--out", exported, code=1)
+        assert f"pid {holder.pid}" in res.output and "--wait" in res.output
+    finally:
+        holder.kill()
+        holder.wait()

@@ -341,7 +341,9 @@ def test_train_killed_before_its_first_checkpoint_restarts(emoji_folder, tmp_pat
 
 def damage(path: Path, how: str) -> None:
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if how == "truncate" else os.urandom(max(64, len(data) // 4)))
+    path.write_bytes(
+        {"truncate": data[: len(data) // 2], "random": os.urandom(max(64, len(data) // 4)), "empty": b""}[how]
+    )
 
 
 @pytest.mark.parametrize("how", ["truncate", "random"])
@@ -357,7 +359,7 @@ def test_damaged_shard_is_one_sentence_and_embed_redoes_it(shards, emoji_folder,
     run("index", out, "--out", tmp_path / "i")
 
 
-@pytest.mark.parametrize("how", ["truncate", "random"])
+@pytest.mark.parametrize("how", ["truncate", "random", "empty"])
 @pytest.mark.parametrize("name", ["image.faiss", "image.rows.arrow"])
 def test_damaged_index_file_is_one_sentence_everywhere(shards, index, name, how):
     damage(index / name, how)
@@ -676,3 +678,108 @@ def test_export_takes_the_writer_lock(shards, exported):
     finally:
         holder.kill()
         holder.wait()
+
+
+# Damaged files of a partitioned build (index --part / index merge) and of rows files: one sentence.
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory, tiny_model) -> Path:
+    """Shards of 1200 random vectors (enough for IVF) and both parts of a 2-part build, kept pristine."""
+    import numpy as np
+
+    from retriever.shards import shard_name, shard_schema, write_shard
+
+    root = tmp_path_factory.mktemp("staged")
+    schema = shard_schema(tiny_model.identity)
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        ids = list(range(k * 300, (k + 1) * 300))
+        img = rng.normal(size=(300, tiny_model.embed_dim)).astype(np.float32)
+        img /= np.linalg.norm(img, axis=1, keepdims=True)
+        paths = [f"/x/{i}.jpg" for i in ids]
+        write_shard(root / "s" / shard_name(k), schema, ids, paths, [None] * 300, img, 0 * img, np.zeros(300, bool))
+    for i in (0, 1):
+        run("index", root / "s", "--out", root / "idx", "--part", f"{i}/2", "--index-type", "ivf")
+    shutil.move(root / "idx.parts", root / "pristine")
+    return root
+
+
+def fresh_stage(staged: Path, tmp_path: Path) -> tuple[Path, Path]:
+    shutil.copytree(staged / "pristine", tmp_path / "idx.parts")
+    return tmp_path / "idx", tmp_path / "idx.parts"
+
+
+def one_sentence(output: str) -> str:
+    """The command's own output: faiss's C++ stderr line about moved on-disk files is not ours."""
+    lines = [x for x in output.strip().splitlines() if x.strip() and not x.startswith("IO_FLAG_ONDISK")]
+    assert len(lines) == 1 and "Traceback" not in output, output
+    return lines[0]
+
+
+@pytest.mark.parametrize("how", ["truncate", "random", "empty"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "plan.json",
+        "trained/image.trained.faiss",
+        "part-0of2/done.json",
+        "part-0of2/image.faiss",
+        "part-1of2/image.rows.arrow",
+    ],
+)
+def test_damaged_staged_build_file_is_one_sentence_for_merge(staged, tmp_path, name, how):
+    """On main: a JSONDecodeError, faiss RuntimeError or ArrowInvalid traceback."""
+    index, stage = fresh_stage(staged, tmp_path)
+    damage(stage / name, how)
+    line = one_sentence(run("index", "merge", index, code=1).output)
+    assert f"{Path(name).name} cannot be read" in line and "delete" in line, line
+    assert not index.exists()
+
+
+@pytest.mark.parametrize("how", ["truncate", "empty"])
+def test_truncated_ivfdata_of_a_part_is_one_sentence_not_a_sigbus(staged, tmp_path, how):
+    """faiss memory-maps .ivfdata without checking its size: on main the merge died of SIGBUS (rc -7)."""
+    index, stage = fresh_stage(staged, tmp_path)
+    damage(stage / "part-0of2" / "image.ivfdata", how)
+    p = cli("index", "merge", index)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 1, (p.returncode, stderr)
+    line = one_sentence(stdout + stderr)
+    assert "image.ivfdata cannot be read" in line and "part 0 of 2" in line, line
+
+
+@pytest.mark.parametrize("how", ["truncate", "random", "empty"])
+@pytest.mark.parametrize("name", ["plan.json", "trained/image.trained.faiss"])
+def test_damaged_plan_or_quantizer_is_one_sentence_for_a_part(staged, tmp_path, name, how):
+    index, stage = fresh_stage(staged, tmp_path)
+    shutil.rmtree(stage / "part-1of2")
+    damage(stage / name, how)
+    line = one_sentence(
+        run("index", staged / "s", "--out", index, "--part", "1/2", "--index-type", "ivf", code=1).output
+    )
+    assert f"{Path(name).name} cannot be read" in line and f"delete {stage}" in line, line
+
+
+def test_incomplete_done_file_is_one_sentence(staged, tmp_path):
+    index, stage = fresh_stage(staged, tmp_path)
+    (stage / "part-1of2" / "done.json").write_text('{"part": 1, "entries": {}}')
+    line = one_sentence(run("index", "merge", index, code=1).output)
+    assert "done.json cannot be read (incomplete" in line and "part 1 of 2" in line, line
+    again = run("index", staged / "s", "--out", index, "--part", "1/2", "--index-type", "ivf", code=1)
+    assert "done.json cannot be read" in one_sentence(again.output)  # not taken as a finished part
+    shutil.rmtree(stage / "part-1of2")  # the sentence's advice works
+    run("index", staged / "s", "--out", index, "--part", "1/2", "--index-type", "ivf")
+    run("index", "merge", index)
+
+
+@pytest.mark.parametrize("how", ["truncate", "random", "empty"])
+def test_rows_file_readers_give_one_sentence(index, how):
+    from retriever.errors import UserError
+    from retriever.indexes.rows import file_schema, iter_file_batches
+
+    damage(index / "image.rows.arrow", how)
+    with pytest.raises(UserError, match="image.rows.arrow cannot be read"):
+        file_schema(index / "image.rows.arrow")
+    with pytest.raises(UserError, match="image.rows.arrow cannot be read"):
+        list(iter_file_batches(index / "image.rows.arrow"))

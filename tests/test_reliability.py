@@ -783,3 +783,16 @@ def test_rows_file_readers_give_one_sentence(index, how):
         file_schema(index / "image.rows.arrow")
     with pytest.raises(UserError, match="image.rows.arrow cannot be read"):
         list(iter_file_batches(index / "image.rows.arrow"))
+
+
+def test_truncated_ivfdata_of_an_on_disk_index_is_one_sentence(staged, tmp_path):
+    """A search or info over an on-disk index whose .ivfdata was cut short died of SIGBUS on main."""
+    index = tmp_path / "idx"
+    run("index", staged / "s", "--out", index, "--index-type", "ivf", "--on-disk", "--no-onnx")
+    damage(index / "image.ivfdata", "truncate")
+    for args in (["info", index], ["search", index, "a face", "--model", TINY_CONFIG]):
+        p = cli(*args)
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == 1, (args, p.returncode, stderr)
+        line = one_sentence(stdout + stderr)
+        assert "image.ivfdata cannot be read" in line and "rebuild" in line, line

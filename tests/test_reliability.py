@@ -796,3 +796,32 @@ def test_truncated_ivfdata_of_an_on_disk_index_is_one_sentence(staged, tmp_path)
         assert p.returncode == 1, (args, p.returncode, stderr)
         line = one_sentence(stdout + stderr)
         assert "image.ivfdata cannot be read" in line and "rebuild" in line, line
+
+
+# `search --image` names --max-pixels in its refusal: search now has that option (the library's keyword).
+
+
+@pytest.mark.parametrize("model", [["--model", TINY_CONFIG], []])  # torch, and the index's own encoder (ONNX)
+def test_search_max_pixels_option_sets_the_query_image_limit(emoji_folder, index, model):
+    image = sorted(emoji_folder.rglob("*.png"))[0]  # 72×72 = 5184 pixels
+    run("search", index, "--image", image, *model)
+    res = run("search", index, "--image", image, "--max-pixels", "5000", *model, code=1)
+    assert "over the limit of 0.005 MP (--max-pixels)" in res.output and len(res.output.strip().splitlines()) == 1
+    run("search", index, "--image", image, "--max-pixels", "6000", *model)
+    assert "--max-pixels" in run("search", "--help").output
+
+
+def test_retriever_max_pixels_defaults_to_the_decode_limit(index, tiny_model, tmp_path):
+    from PIL import Image
+
+    from retriever.data.images import DEFAULT_MAX_PIXELS
+    from retriever.errors import UserError
+    from retriever.search import Retriever
+
+    big = tmp_path / "big.png"
+    Image.new("L", (300, 300), 128).save(big)
+    with Retriever(index, tiny_model) as r:
+        assert r.max_pixels == DEFAULT_MAX_PIXELS
+        r.search(image=big, k=1)
+    with Retriever(index, tiny_model, max_pixels=300 * 300 - 1) as r, pytest.raises(UserError, match="max-pixels"):
+        r.search(image=big, k=1)

@@ -24,6 +24,7 @@ from retriever.cli.common import (
     user_errors,
     workers_or_default,
 )
+from retriever.data import DEFAULT_MAX_PIXELS
 
 
 @user_errors
@@ -50,7 +51,7 @@ def embed(
     max_pixels: int | None = typer.Option(
         None,
         "--max-pixels",
-        help="Skip (and report) images that decode to more pixels than this (default 64000000); JPEGs are "
+        help=f"Skip (and report) images that decode to more pixels than this (default {DEFAULT_MAX_PIXELS}); JPEGs are "
         "decoded scaled down first. Bounds each decode worker's memory.",
     ),
     wait: bool = WaitOpt,
@@ -66,7 +67,6 @@ def embed(
     ),
 ):
     """Embed a collection into Parquet shards (resumes an interrupted run)."""
-    from retriever.data.images import DEFAULT_MAX_PIXELS
     from retriever.data.sources import read_source
     from retriever.embed import EmbedConfig, embed_items
     from retriever.embed_parallel import part_from_environment

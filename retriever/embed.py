@@ -189,7 +189,7 @@ def _embed_locked(
 
     t0 = time.perf_counter()
     n_todo = sum(len(_shard_items(items, k, cfg.shard_size)) for k in todo)
-    n_seen = truncated = 0
+    n_seen = truncated = rows_written = 0
     for k, batches in _decoded_shards(items, todo, encoder, cfg):
         chunk = _shard_items(items, k, cfg.shard_size)
         ids, paths, captions, vecs, shard_errors, metas = [], [], [], [], [], []
@@ -228,9 +228,10 @@ def _embed_locked(
         write_shard(
             out / parts.shard_file(k, cfg.part, cfg.num_parts), schema, ids, paths, captions, img, txt, has_text, metas
         )
+        rows_written += len(ids)
 
     seconds = time.perf_counter() - t0
-    rows = _count_rows(out)
+    rows = rows_written + count_rows(out, [parts.shard_file(k, cfg.part, cfg.num_parts) for k in sorted(done)])
     return EmbedResult(
         out_dir=str(out),
         rows=rows,
@@ -385,7 +386,15 @@ def _prepare_part_dir(out: Path, job: dict, overwrite: bool) -> None:
     write_json_atomic(out / parts.job_file(job["part"], job["num_parts"]), job)
 
 
-def _count_rows(out: Path) -> int:
+def count_rows(out: Path, names: Sequence[str] | None = None) -> int:
+    """Rows of the named shards of `out` (default: all of them), from their Parquet footers: one small
+    read per file, none of the rows.
+
+    embed_items counts only its own kept shards (and adds the rows it wrote): another part's may be
+    written, repaired or damaged meanwhile, and counting them made a part's result depend on how far
+    the others had got."""
     import pyarrow.parquet as pq
 
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob(SHARD_GLOB))
+    if names is None:
+        names = sorted(p.name for p in out.glob(SHARD_GLOB))
+    return sum(pq.ParquetFile(out / name).metadata.num_rows for name in names)

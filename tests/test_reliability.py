@@ -825,3 +825,31 @@ def test_retriever_max_pixels_defaults_to_the_decode_limit(index, tiny_model, tm
         r.search(image=big, k=1)
     with Retriever(index, tiny_model, max_pixels=300 * 300 - 1) as r, pytest.raises(UserError, match="max-pixels"):
         r.search(image=big, k=1)
+
+
+def test_a_parts_row_count_reads_only_its_own_footers(emoji_folder, tiny_model, tmp_path, monkeypatch):
+    """A part's result counts its own rows (written now, or kept: from their footers). On main it read
+    every part's shards, so another part's damaged shard failed this part after its work was done,
+    and the count depended on how far the other parts had got."""
+    import pyarrow.parquet as pq
+
+    from retriever.data.sources import read_source
+    from retriever.embed import EmbedConfig, embed_items
+
+    items = read_source(emoji_folder)[:10]
+    out = tmp_path / "p"
+    first = embed_items(items, tiny_model, out, part_cfg(0))
+    assert first.rows == 6 and first.shards_written == 3  # shards 0, 2, 4 of 2 rows: before part 1 ran
+    assert embed_items(items, tiny_model, out, part_cfg(1)).rows == 4
+    (out / "part-00001-p1of2.parquet").write_bytes(os.urandom(200))  # the other part's shard, damaged
+    opened = []
+    real = pq.ParquetFile
+    monkeypatch.setattr(pq, "ParquetFile", lambda p, *a, **k: opened.append(Path(p).name) or real(p, *a, **k))
+    again = embed_items(items, tiny_model, out, part_cfg(0))  # every shard kept: counted from footers
+    assert (again.rows, again.shards_written, again.shards_resumed) == (6, 0, 3)
+    assert "part-00001-p1of2.parquet" not in opened
+    one = embed_items(items, tiny_model, tmp_path / "one", EmbedConfig(shard_size=4, num_workers=0))
+    assert (
+        one.rows == 10
+        and embed_items(items, tiny_model, tmp_path / "one", EmbedConfig(shard_size=4, num_workers=0)).rows == 10
+    )

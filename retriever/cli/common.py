@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import sys
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -152,6 +154,12 @@ def print_skipped(skipped: SkippedImages, samples: int = 5) -> None:
     err.print(f"[yellow]{skipped.summary()}[/yellow]", highlight=False)
     for e in skipped.entries[:samples]:
         err.print(f"  {e['path']}: {e['reason']}", highlight=False)
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """A dataclass's plain field defaults by name, for option defaults taken from the library
+    (fields without a default, or with a default factory, are left out)."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
 def path_str(p: Path | None) -> str | None:

@@ -16,7 +16,6 @@ import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retriever.errors import UserError
 from retriever.indexes.rows import json_value
+from retriever.serve.config import ServeConfig
 from retriever.serve.images import THUMB_SIZES, BadImage, ThumbnailCache
 from retriever.serve.metrics import Metrics
 from retriever.serve.query import MAX_K, ItemNotFound, Query, Searcher, expression_from_request
@@ -39,30 +39,6 @@ log = logging.getLogger("retriever.serve")
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/healthz", "/", "/favicon.ico")  # reachable without the key: no data behind them
 SESSION_COOKIE = "retriever_session"
-
-
-@dataclass
-class ServeConfig:
-    """Everything `retriever serve` decides at start-up.
-
-    indexes: (name, folder) pairs, served in this order (the first is the default).
-    api_key: when set, every route but /healthz and the page's files needs `Authorization: Bearer KEY`.
-    cors_origins: origins allowed to call from a browser (the clip front on another port); none by default.
-    max_upload: largest request body in bytes (413 above).
-    batching / batch_window_ms: dynamic batching of text queries.
-    watch_seconds: how often manifests are checked for a reload (0: only POST .../reload).
-    allow_image_urls: fetch `image_url` queries (public addresses only, timeout, size cap); off by default.
-    """
-
-    indexes: list[tuple[str, Path]]
-    api_key: str | None = None
-    cors_origins: list[str] = field(default_factory=list)
-    max_upload: int = 20 << 20
-    batching: bool = True
-    batch_window_ms: float = 3.0
-    watch_seconds: float = 2.0
-    allow_image_urls: bool = False
-    model: object | None = None  # an already loaded encoder to share (tests, benchmarks)
 
 
 class BodyTooLarge(StarletteHTTPException):

@@ -6,8 +6,9 @@ from retriever import train, TrainConfig, evaluate, add_to_index
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from retriever.lazy import lazy_attributes
 
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load on first use below
     from retriever.data.images import load_image
@@ -98,7 +99,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module 'retriever' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import typer
 
-from retriever.cli.common import JsonOpt, WorkersOpt, err, out, progress_bar, user_errors, workers_or_default
+from retriever.cli.common import (
+    JsonOpt,
+    WorkersOpt,
+    config_from_options,
+    err,
+    out,
+    progress_bar,
+    user_errors,
+    workers_or_default,
+)
 from retriever.demo.run import DemoConfig
 
 # Option defaults are the library's: one source of truth (demo/run.py imports torch only when it runs).
@@ -38,19 +47,12 @@ def demo(
     as_json: bool = JsonOpt,
 ):
     """Offline end to end on Twemoji: compose the default model, fine-tune, report held-out recall, index, query."""
+    options = dict(locals())  # the flags are DemoConfig's fields (and --domain)
     from retriever.cli.render import TrainDisplay
     from retriever.demo.report import print_report
     from retriever.demo.run import run_demo
 
-    cfg = DemoConfig(
-        workspace=str(workspace),
-        limit=limit,
-        epochs=epochs,
-        seed=seed,
-        workers=workers_or_default(workers),
-        unlock_text_last=unlock_text_last,
-        unlock_image_last=unlock_image_last,
-    )
+    cfg = config_from_options(DemoConfig, options, workers=workers_or_default(workers))
     show = err.is_terminal or os.environ.get("RETRIEVER_PROGRESS") == "1"
     with TrainDisplay(err, enabled=show) as display, progress_bar() as bar:
         task = bar.add_task("Embedding", total=None, visible=False)

@@ -569,21 +569,15 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def validation(_: Request, exc: RequestValidationError):
         return err(422, _one_sentence(exc.errors()))
 
-    @app.exception_handler(IndexNotFound)
-    async def no_index(_: Request, exc: IndexNotFound):
-        return err(404, str(exc))
+    def says(status: int):
+        async def handler(_: Request, exc: Exception):
+            return err(status, str(exc))
 
-    @app.exception_handler(ItemNotFound)
-    async def no_item(_: Request, exc: ItemNotFound):
-        return err(404, str(exc))
+        return handler
 
-    @app.exception_handler(KTooLarge)
-    async def bad_number(_: Request, exc: KTooLarge):
-        return err(422, str(exc))
-
-    @app.exception_handler(UserError)
-    async def user_error(_: Request, exc: UserError):
-        return err(400, str(exc))
+    # Errors whose message is already the sentence to show.
+    for exc_type, status in ((IndexNotFound, 404), (ItemNotFound, 404), (KTooLarge, 422), (UserError, 400)):
+        app.add_exception_handler(exc_type, says(status))
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(_: Request, exc: BodyTooLarge):

@@ -272,7 +272,7 @@ async def _send_json(send, status: int, error: str, headers=()):
 
 def create_app(config: ServeConfig) -> FastAPI:
     """Open every index (loading each model once) and return the application."""
-    models = ModelCache(config.model)
+    models = ModelCache(config.model, config.backend)
     registry = Registry(models)
     for name, path in config.indexes:
         registry.add(name, Path(path))

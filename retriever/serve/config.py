@@ -18,6 +18,8 @@ class ServeConfig:
     batching / batch_window_ms: dynamic batching of text queries.
     watch_seconds: how often manifests are checked for a reload (0: only POST .../reload).
     allow_image_urls: fetch `image_url` queries (public addresses only, timeout, size cap); off by default.
+    backend: what encodes queries: "auto" (the index's ONNX export when usable, else torch), "onnx"
+        (refuse to start without a usable export) or "torch" (the model itself, e.g. on a GPU).
     """
 
     indexes: list[tuple[str, Path]]
@@ -28,4 +30,5 @@ class ServeConfig:
     batch_window_ms: float = 3.0
     watch_seconds: float = 2.0
     allow_image_urls: bool = False
+    backend: str = "auto"
     model: object | None = None  # an already loaded encoder to share (tests, benchmarks)

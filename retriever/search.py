@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import faiss
 import numpy as np
 
-from retriever.data import DEFAULT_MAX_PIXELS
+from retriever.data.limits import DEFAULT_MAX_PIXELS
 from retriever.errors import UserError
 from retriever.identity import ModelIdentity
 from retriever.indexes.manifest import IndexManifest, ModalityIndex, read_index_manifest

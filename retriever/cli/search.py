@@ -15,13 +15,18 @@ from retriever.cli.common import (
     Modality,
     PretrainedOpt,
     err,
+    field_defaults,
     load_encoder,
     out,
     progress_bar,
     user_errors,
 )
-from retriever.data import DEFAULT_MAX_PIXELS
+from retriever.data.limits import DEFAULT_MAX_PIXELS
 from retriever.errors import UserError
+from retriever.query import Query, Term
+
+# Option defaults are the library's: one source of truth (query.py is torch-free).
+QUERY = field_defaults(Query)
 
 
 @user_errors
@@ -38,16 +43,18 @@ def search(
     and_image: list[str] = typer.Option([], "--and-image", help="Add an image file term (repeatable)."),
     not_image: list[str] = typer.Option([], "--not-image", help="Subtract an image file term (repeatable)."),
     where: str | None = typer.Option(
-        None,
+        QUERY["where"],
         "--where",
         help="SQL condition over the index's columns (see `retriever info`), e.g. \"dir LIKE 'cats/%'\".",
     ),
-    min_score: float | None = typer.Option(None, "--min-score", help="Drop hits whose cosine score is below this."),
+    min_score: float | None = typer.Option(
+        QUERY["min_score"], "--min-score", help="Drop hits whose cosine score is below this."
+    ),
     dedup: float | None = typer.Option(
-        None, "--dedup", help="Fold hits within this cosine of a better hit into it, e.g. 0.95."
+        QUERY["dedup"], "--dedup", help="Fold hits within this cosine of a better hit into it, e.g. 0.95."
     ),
     keep_query: bool = typer.Option(
-        False, "--keep-query", help="Keep the query's own images and items in the results."
+        QUERY["keep_query"], "--keep-query", help="Keep the query's own images and items in the results."
     ),
     queries: Path | None = typer.Option(
         None, "--queries", help="File of queries: one text per line, or JSONL objects (see README)."
@@ -55,8 +62,8 @@ def search(
     out_file: Path | None = typer.Option(
         None, "--out", "-o", help="With --queries: JSONL results file (default stdout)."
     ),
-    modality: Modality = typer.Option(Modality.image, help="What to retrieve: image (default) or text (captions)."),
-    k: int = typer.Option(10, "-k", help="Number of results."),
+    modality: Modality = typer.Option(Modality(QUERY["modality"]), help="What to retrieve: image or text (captions)."),
+    k: int = typer.Option(QUERY["k"], "-k", help="Number of results."),
     model: str | None = typer.Option(
         None, "--model", "-m", help="Model to encode the query (default: the one named in the index)."
     ),
@@ -68,11 +75,11 @@ def search(
         "--backend",
         help="Query encoder: auto (the index's ONNX export when one matches, else torch), onnx (error without one) or torch.",
     ),
-    max_pixels: int | None = typer.Option(
-        None,
+    max_pixels: int = typer.Option(
+        DEFAULT_MAX_PIXELS,  # Retriever's keyword default
         "--max-pixels",
-        help=f"Refuse a query image that decodes to more pixels than this (default {DEFAULT_MAX_PIXELS}); JPEGs are "
-        "decoded scaled down first.",
+        help="Refuse a query image that decodes to more pixels than this (0: no limit but Pillow's own); "
+        "JPEGs are decoded scaled down first.",
     ),
     server: str | None = typer.Option(None, "--server", help="Query this running server (http://HOST:PORT)."),
     api_key_file: Path | None = typer.Option(None, help="API key file for a server that needs one."),
@@ -92,7 +99,7 @@ def search(
             "--dedup": dedup is not None,
             "--keep-query": keep_query,
             "--queries": queries is not None,
-            "--max-pixels": max_pixels is not None,  # the server applies its own limit
+            "--max-pixels": max_pixels != DEFAULT_MAX_PIXELS,  # the server applies its own limit
         }
         extra = [flag for flag, used in local_only.items() if used]
         if extra:
@@ -107,7 +114,6 @@ def search(
             return
         _print_hits(results, f"{modality.value} results for {query or image} ({server or index_dir})")
         return
-    from retriever.query import Query
     from retriever.search import Retriever
 
     options = dict(modality=modality.value, k=k, where=where, min_score=min_score, dedup=dedup, keep_query=keep_query)
@@ -134,8 +140,7 @@ def search(
         )
     _check_images(parsed if queries is not None else [(None, one)], queries)
     encoder = load_encoder(model, pretrained, device) if model else None
-    limit = max_pixels or DEFAULT_MAX_PIXELS
-    with Retriever(Path(index_dir), encoder, device=device, backend=backend, max_pixels=limit) as r:
+    with Retriever(Path(index_dir), encoder, device=device, backend=backend, max_pixels=max_pixels or None) as r:
         terms = [t for _, q in parsed for t in q.terms] if queries is not None else list(one.terms)
         towers = {t.kind for t in terms} - {"id"}  # id:N terms use stored vectors: no model needed
         if towers:
@@ -187,8 +192,6 @@ def _print_hits(hits, title: str) -> None:
 def read_queries(path: Path, options: dict) -> list:
     """Every query of a --queries file, checked before anything runs: one text per line, or a
     JSON object per line (a line starting with `{`); blank lines and `#` comments are skipped."""
-    from retriever.query import Query, Term
-
     if not path.is_file():
         raise UserError(f"Queries file {path} does not exist.")
     parsed, lines = [], []

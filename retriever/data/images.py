@@ -16,7 +16,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from retriever.data import DEFAULT_MAX_PIXELS
+from retriever.data.limits import DEFAULT_MAX_PIXELS
 from retriever.data.locations import open_location
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image]  # noqa: UP007 (a runtime alias on 3.10)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retriever.data import DEFAULT_MAX_PIXELS
+from retriever.data.limits import DEFAULT_MAX_PIXELS
 from retriever.errors import UserError
 from retriever.identity import ModelIdentity
 from retriever.onnx import EXPORT_JSON

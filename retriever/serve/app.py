@@ -14,11 +14,13 @@ import binascii
 import hashlib
 import hmac
 import logging
+import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi import Query as QueryParam
@@ -399,7 +401,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         return Response(data, media_type=media, headers={"cache-control": "private, max-age=3600"})
 
     @app.post("/v1/search", tags=["search"], responses=ERRORS, response_model=SearchResponse)
-    async def search(req: SearchRequest) -> dict:
+    async def search(req: SearchRequest, request: Request) -> dict:
         """Search by `text`, `image` (base64), `id` (more like this) or `vector`: exactly one."""
         image = None
         if req.image is not None:
@@ -410,7 +412,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         if req.image_url is not None:
             if image is not None:
                 raise UserError("Give exactly one query: text, image, id or vector.")
-            image = await fetch_if_allowed(config, req.image_url)
+            image = await image_from_url(config, registry, str(request.base_url), req.image_url)
         if req.expression():
             return await _run_expression(registry.get(req.index), req, image)
         q = Query(text=req.text, image=image, item_id=req.id, vector=req.vector)
@@ -545,6 +547,37 @@ PAGE_HEADERS = {
 
 class KTooLarge(UserError):
     """k out of range (422, like the JSON API's validation)."""
+
+
+OWN_ITEM_IMAGE = re.compile(r"/v1/indexes/([^/]+)/items/(-?[0-9]+)/(?:image|thumbnail)")
+
+
+def own_item(registry: Registry, base_url: str, url: str) -> tuple[ServedIndex, int] | None:
+    """(index, id) when `url` is this server's own image or thumbnail URL of an item, as its hits hand
+    them out; None for any other URL. The clip front's "similar" button sends a hit's `url` back as
+    `image_url`: the server answers that from the index and fetches nothing, so it needs neither
+    --allow-image-urls nor an exception to the no-loopback rule."""
+    try:
+        parts, base = urlsplit(url), urlsplit(base_url)
+    except ValueError:
+        return None
+    prefix = base.path.rstrip("/")
+    if (parts.scheme, parts.netloc.lower()) != (base.scheme, base.netloc.lower()) or not parts.path.startswith(prefix):
+        return None
+    match = OWN_ITEM_IMAGE.fullmatch(unquote(parts.path[len(prefix) :]))
+    if match is None:
+        return None
+    return registry.get(match[1]), int(match[2])
+
+
+async def image_from_url(config: ServeConfig, registry: Registry, base_url: str, url: str) -> bytes:
+    """The image bytes an `image_url` query names: an item of this server read from its file, else
+    the URL fetched when the operator allowed that (a 400 sentence otherwise)."""
+    item = own_item(registry, base_url, url)
+    if item is None:
+        return await fetch_if_allowed(config, url)
+    served, item_id = item
+    return await asyncio.get_running_loop().run_in_executor(None, _served_file(served, item_id).read_bytes)
 
 
 async def fetch_if_allowed(config: ServeConfig, url: str) -> bytes:

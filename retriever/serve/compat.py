@@ -5,8 +5,11 @@ Its clients send JSON with no Content-Type (`ClipClient`, via requests' `data=`)
 
 Field by field (request of POST /knn-service):
   text | image (base64) | embedding_input   the query; "" counts as absent, as in clip_back
-  image_url                                 fetched only with --allow-image-urls (public addresses,
-                                            timeout, size cap: serve/fetch.py); otherwise 400
+  image_url                                 this server's own item URL (a hit's `url`, which the front's
+                                            "similar" button sends back): answered from the index, no
+                                            fetch; any other URL is fetched only with
+                                            --allow-image-urls (public addresses, timeout, size cap:
+                                            serve/fetch.py), otherwise 400
   modality ("image" | "text"), indice_name  as clip_back (indice_name defaults to the first index)
   num_images, num_result_ids                as clip_back: num_result_ids hits are returned, the first
                                             num_images with metadata; both clamped to MAX_K
@@ -33,7 +36,7 @@ from fastapi.responses import JSONResponse
 
 from retriever.errors import UserError
 from retriever.serve.images import BadImage
-from retriever.serve.query import MAX_K, Query, Searcher
+from retriever.serve.query import MAX_K, Query, Searcher, item_query_vector
 from retriever.serve.state import Registry, ServedIndex
 
 DEDUP_THRESHOLD = 0.94  # clip_back's get_non_uniques threshold
@@ -75,11 +78,9 @@ def add_compat_routes(app: FastAPI, registry: Registry, searcher: Searcher, conf
         num_result_ids = _count(body, "num_result_ids", num_images)
         url = body.get("image_url")
         if url and body.get("text") in (None, "") and body.get("image") in (None, ""):
-            from retriever.serve.app import fetch_if_allowed
-
             if not isinstance(url, str):
                 raise UserError("image_url must be a string.")
-            q = Query(image=await fetch_if_allowed(config, url))
+            q = await _url_query(served, str(request.base_url), url)
         else:
             q = _query(body)
         want = max(num_images, num_result_ids)
@@ -112,6 +113,20 @@ def add_compat_routes(app: FastAPI, registry: Registry, searcher: Searcher, conf
             h = served.item(i)
             out.append({"id": i, "metadata": _meta(served, base, h) if h is not None else {}})
         return JSONResponse(out)
+
+    async def _url_query(served: ServedIndex, base_url: str, url: str) -> Query:
+        """The query of an image_url. The front's "similar" button sends back a hit's own `url`: an
+        item of the searched index is searched with its stored vector (what clip_back gets by
+        encoding the downloaded image, the item itself included); other URLs go through
+        `image_from_url` (this server's files, or a fetch only with --allow-image-urls)."""
+        from retriever.serve.app import image_from_url, own_item
+
+        item = own_item(registry, base_url, url)
+        if item is not None and item[0] is served:
+            loop = asyncio.get_running_loop()
+            vec = await loop.run_in_executor(None, item_query_vector, served, item[1])
+            return Query(vector=vec[0].tolist())
+        return Query(image=await image_from_url(config, registry, base_url, url))
 
 
 def _meta(served: ServedIndex, base: str, h) -> dict:

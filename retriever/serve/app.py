@@ -427,11 +427,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         """A query of the query language (a /v1/search body's shape), answered by `Retriever.search`."""
         q = expression_from_request(body, image)
         t0 = time.perf_counter()
-        try:
-            hits = await searcher.search_expression(served, q)
-        except UserError as e:  # the library words filters for the CLI's --where
-            e.args = (str(e).replace("--where filter", "where filter"),)
-            raise
+        hits = await searcher.search_expression(served, q)
         report = hits.report.to_dict()
         return {
             "index": served.name,

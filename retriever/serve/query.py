@@ -120,7 +120,11 @@ class Searcher:
                 f"Index {served.name!r} has no {q.modality} index; it has {', '.join(served.retriever.modalities)}."
             )
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, served.retriever.search, q)
+        try:
+            return await loop.run_in_executor(None, served.retriever.search, q)
+        except UserError as e:  # the library words filters for the CLI's --where
+            e.args = (str(e).replace("--where filter", "where filter"),)
+            raise
 
 
 def expression_from_request(body: Mapping[str, Any], image: bytes | None = None) -> LibQuery:

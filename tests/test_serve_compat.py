@@ -176,9 +176,7 @@ def test_front_similar_button_sends_a_hits_own_url_answered_without_fetching(cli
     assert client.post("/knn-service", content=json.dumps(body)).status_code == 404
 
 
-def test_knn_service_takes_retrievers_terms_and_where_without_changing_its_answer_shape(
-    client, serve_index, tiny_model
-):  # noqa: F811
+def test_knn_service_takes_terms_and_where_in_clip_backs_answer_shape(client, serve_index, tiny_model):  # noqa: F811
     """Extras clip-retrieval's clients never send: `terms` and `where` go through Retriever.search with
     the clip query first (its own items kept, `deduplicate` as the library's fold at 0.94); the
     answer keeps clip_back's shape, and requests without them are unchanged."""

@@ -33,6 +33,9 @@ def serve(
         None, "--model", "-m", help="Model to encode queries (default: the one named in each index)."
     ),
     pretrained: str | None = typer.Option(None, "--pretrained", "-p", help="Pretrained tag or weights file."),
+    backend: str = typer.Option(
+        "auto", help="Query encoder: auto (the index's ONNX export if usable), onnx (required), or torch."
+    ),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ):
     """Serve indexes over HTTP: a web page at /, the API at /v1 (docs at /docs), clip-retrieval's routes."""
@@ -62,6 +65,7 @@ def serve(
         batch_window_ms=batch_window_ms,
         watch_seconds=watch_seconds,
         allow_image_urls=allow_image_urls,
+        backend=backend,
         model=encoder,
     )
     with err.status("Loading model and indexes…"):

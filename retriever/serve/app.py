@@ -55,6 +55,8 @@ class ServeConfig:
     batching / batch_window_ms: dynamic batching of text queries.
     watch_seconds: how often manifests are checked for a reload (0: only POST .../reload).
     allow_image_urls: fetch `image_url` queries (public addresses only, timeout, size cap); off by default.
+    backend: what encodes queries: "auto" (the index's ONNX export when usable, else torch), "onnx"
+        (refuse to start without a usable export) or "torch" (the model itself, e.g. on a GPU).
     """
 
     indexes: list[tuple[str, Path]]
@@ -65,6 +67,7 @@ class ServeConfig:
     batch_window_ms: float = 3.0
     watch_seconds: float = 2.0
     allow_image_urls: bool = False
+    backend: str = "auto"
     model: object | None = None  # an already loaded encoder to share (tests, benchmarks)
 
 
@@ -299,7 +302,7 @@ async def _send_json(send, status: int, error: str, headers=()):
 
 def create_app(config: ServeConfig) -> FastAPI:
     """Open every index (loading each model once) and return the application."""
-    models = ModelCache(config.model)
+    models = ModelCache(config.model, config.backend)
     registry = Registry(models)
     for name, path in config.indexes:
         registry.add(name, Path(path))

@@ -27,7 +27,7 @@ def encode_image_tensors(encoder: LoadedModel, pixels: torch.Tensor) -> np.ndarr
 def encode_token_batch(encoder: LoadedModel, tokens: torch.Tensor) -> np.ndarray:
     encoder.model.eval()
     text = getattr(encoder.model, "text", None)
-    if type(text).__name__ == "HFTextEncoder":
+    if text is not None and type(text).__name__ == "HFTextEncoder":
         # An HF tower masks its padding, so trailing columns that are padding in every row change
         # nothing: dropping them makes a short query cost a fraction of a full-context pass.
         # (open_clip's own text transformer adds its whole positional table and keeps its length.)

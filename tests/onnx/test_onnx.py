@@ -228,7 +228,7 @@ def test_cli_search_in_fresh_process_imports_no_torch(tiny_index, emoji_items, q
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=Path(__file__).parent.parent,
+        cwd=Path(__file__).parents[2],
     )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
@@ -349,7 +349,7 @@ def test_server_answers_text_and_image_queries_without_torch(tiny_index, emoji_i
         capture_output=True,
         text=True,
         timeout=180,
-        cwd=Path(__file__).parent.parent,
+        cwd=Path(__file__).parents[2],
     )
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])

@@ -8,8 +8,8 @@ environment variable points at a separate install, and otherwise skips with one 
   back end (torch, faiss, flask); ClipClient itself needs only requests.
 - RETRIEVER_CLIP_FRONT_DIR: the front's built static files (index.html, main.*.js, assets/), e.g. the
   `front/build` folder that the clip-retrieval wheel installs into site-packages. Needs playwright and
-  Chromium, like test_serve_browser.py.
-The replays in test_serve_compat.py pin the same requests byte for byte and always run.
+  Chromium, like serve/test_serve_browser.py.
+The replays in serve/test_serve_compat.py pin the same requests byte for byte and always run.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ def demo(
         0, help="Also tune the last N MiniLM layers (end to end; much slower on CPU)."
     ),
     unlock_image_last: int = typer.Option(
-        0, help="Also tune the last N EfficientNet blocks (end to end; much slower on CPU)."
+        0, help="Also tune the last N EfficientNet blocks (on cached maps below them)."
     ),
     seed: int = typer.Option(0, help="Seed of the concept split and the training."),
     domain: str | None = typer.Option(

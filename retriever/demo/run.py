@@ -46,7 +46,7 @@ class DemoConfig:
     cache_views: int = 1  # cached tower passes per training image: the eval view + N-1 geometric views
     caption_templates: tuple[str, ...] = ()  # training captions under each prompt template
     unlock_text_last: int = 0  # > 0: also tune the last MiniLM layers (end to end, slower)
-    unlock_image_last: int = 0  # > 0: also tune the last EfficientNet blocks
+    unlock_image_last: int = 0  # > 0: also tune the last EfficientNet blocks (on cached maps below them)
     workers: int | None = None  # image-decoding processes; None: data.default_workers()
     examples: tuple[str, ...] = EXAMPLE_TEXT_QUERIES
 
@@ -221,7 +221,8 @@ def demo_train_config(
     if model is None:
         image_weights, text_folder = default_tower_paths()
         image_tower, text_tower = DEFAULT_IMAGE_TOWER, f"hf:{text_folder}"
-    unlocked = bool(cfg.unlock_image_last or cfg.unlock_text_last)
+    # Unlocked image blocks train on cached maps below them; an unlocked text layer needs the full towers.
+    cached = not cfg.unlock_text_last
     return TrainConfig(
         source=str(source),
         val=str(val),
@@ -238,8 +239,8 @@ def demo_train_config(
         lock_text=True,
         unlock_image_last=cfg.unlock_image_last,
         unlock_text_last=cfg.unlock_text_last,
-        cache_features=not unlocked,
-        cache_views=1 if unlocked else cfg.cache_views,
+        cache_features=cached,
+        cache_views=cfg.cache_views if cached else 1,
         caption_templates=list(cfg.caption_templates),
         augment=False,
         seed=seed,

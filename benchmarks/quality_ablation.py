@@ -61,6 +61,7 @@ class Recipe:
     unlock: int = 0  # > 0: also train the trunk's last block + conv_head on cached stage-5 maps
     trunk_lr: float | None = None  # lr of the unlocked trunk block (None: lr)
     bn_train: bool = True  # unlocked BatchNorms use batch statistics (as a partly unlocked trunk does)
+    hard_clusters: int = 0  # > 0: batches of similar concepts (k-means over caption features, Robinson et al.)
     init: str | None = None  # "emoji": start from the heads trained on the emoji cache (--init-features)
     refit: bool = False  # after choosing the epoch on val, retrain on train+val for that many epochs
     old_protocol: bool = False  # today's demo before issue 14: train on train+val, pick the epoch on held-out
@@ -235,6 +236,21 @@ def _train_mode(heads: Heads, r: Recipe) -> None:
                 m.eval()
 
 
+def _kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 20) -> torch.Tensor | None:
+    """Cluster ids of the rows of x (cosine k-means, seeded); None for k = 0."""
+    if not k:
+        return None
+    x = F.normalize(x.float(), dim=-1)
+    g = torch.Generator().manual_seed(seed)
+    centres = x[torch.randperm(len(x), generator=g)[:k]]
+    for _ in range(iters):
+        ids = (x @ centres.T).argmax(dim=1)
+        for c in range(k):
+            if (ids == c).any():
+                centres[c] = F.normalize(x[ids == c].mean(0), dim=-1)
+    return ids
+
+
 def train_recipe(data: Data, r: Recipe) -> Run:
     return _fit(data, r)[0]
 
@@ -279,9 +295,15 @@ def _fit(data: Data, r: Recipe) -> tuple[Run, Heads]:
     rng = random.Random(r.seed)
     maps = data.maps(r.views) if r.unlock else None
     step, best, history = 0, None, []
+    clusters = _kmeans(text[[per[0] for per in data.text_rows(train_idx, ("{}",))]], r.hard_clusters, r.seed)
     for epoch in range(1, epochs + 1):
         order = list(range(len(train_idx)))
         rng.shuffle(order)
+        if clusters is not None:  # whole clusters in a shuffled order: a batch holds a few groups of look-alikes
+            keys = list(range(r.hard_clusters))
+            rng.shuffle(keys)
+            rank = {k: i for i, k in enumerate(keys)}
+            order.sort(key=lambda p: rank[int(clusters[p])])
         for b in range(steps_per_epoch):
             pos = order[b * batch : (b + 1) * batch]
             views = [rng.randrange(r.views) for _ in pos]
@@ -409,15 +431,27 @@ def grid(name: str) -> list[Recipe]:
     if name == "views":  # several cached views per image (one drawn per epoch), test-time view averaging
         return [
             replace(base, name=f"views {v} tta {t}", views=v, tta=t)
-            for v, t in ((4, 1), (4, 4), (8, 1), (8, 8), (1, 4))
+            for v, t in ((3, 1), (3, 3), (1, 3), (4, 1), (4, 4))
+        ]
+    if name == "hard":  # hard-negative batches: k-means clusters of the captions' text features
+        return [
+            replace(base, name="hard batches, 16 clusters", hard_clusters=16),
+            replace(base, name="hard batches, 64 clusters", hard_clusters=64),
         ]
     if name == "today":  # today's recipe, seed 0 (a check that the cache reproduces the earlier figures)
         return [base]
     if name == "steps":  # more optimizer steps for the same data: smaller batches, or a floor on steps
         return [
-            replace(base, name="batch <= n/10", min_steps_per_epoch=10),
+            replace(base, name="batch <= n/8", min_steps_per_epoch=8),
             replace(base, name="min 300 steps", min_steps=300),
-            replace(base, name="batch <= n/10, epochs 15", min_steps_per_epoch=10, epochs=15),
+        ]
+    if name == "steps-seeds":
+        return [replace(base, name="batch <= n/8", min_steps_per_epoch=8, seed=s) for s in (1, 2)]
+    if name == "fontawesome-seeds":
+        fa = replace(base, init="emoji")
+        return [
+            *[replace(fa, name="fa: today", seed=s) for s in (1, 2)],
+            *[replace(fa, name="fa: batch <= n/8", min_steps_per_epoch=8, seed=s) for s in (1, 2)],
         ]
     if name == "fontawesome":  # fine-tune the emoji heads on Font Awesome (run with --features on its cache)
         fa = replace(base, init="emoji")
@@ -430,9 +464,9 @@ def grid(name: str) -> list[Recipe]:
         ]
     if name == "unlock":  # the trunk's last block + conv_head trained on cached stage-5 maps
         return [
-            replace(base, name="unlock 1 block", unlock=1),
-            replace(base, name="unlock 1 block, trunk lr 1e-4", unlock=1, trunk_lr=1e-4),
-            replace(base, name="unlock 1 block, frozen BN stats", unlock=1, bn_train=False),
+            replace(base, name="unlock 1 block, 15 epochs", unlock=1, epochs=15),
+            replace(base, name="unlock 1 block, 15 epochs, trunk lr 1e-4", unlock=1, epochs=15, trunk_lr=1e-4),
+            replace(base, name="15 epochs", epochs=15),
         ]
     raise SystemExit(f"unknown grid {name}")
 

@@ -41,6 +41,9 @@ class DemoConfig:
     embed_dim: int = 512
     epochs: int = 30
     batch_size: int = 256
+    # Small training sets still get this many optimizer steps per epoch: the batch shrinks to
+    # n_train // min_steps_per_epoch (Font Awesome's 511 icons: 63, not 1 step of 256 per epoch).
+    min_steps_per_epoch: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.1
     cache_views: int = 1  # cached tower passes per training image: the eval view + N-1 geometric views
@@ -233,7 +236,7 @@ def demo_train_config(
         image_weights=image_weights,
         embed_dim=cfg.embed_dim,
         epochs=epochs,
-        batch_size=min(cfg.batch_size, n_train),
+        batch_size=demo_batch_size(cfg, n_train),
         optim=OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=0.05),
         lock_image=True,
         lock_text=True,
@@ -246,6 +249,12 @@ def demo_train_config(
         seed=seed,
         workers=workers,
     )
+
+
+def demo_batch_size(cfg: DemoConfig, n_train: int) -> int:
+    """`cfg.batch_size`, made smaller for small sets so an epoch has `cfg.min_steps_per_epoch` steps."""
+    per_epoch = n_train // max(1, cfg.min_steps_per_epoch)
+    return max(2, min(cfg.batch_size, per_epoch, n_train))
 
 
 def demo_splits(items: list[EmojiImage], cfg: DemoConfig):

@@ -467,6 +467,7 @@ def grid(name: str) -> list[Recipe]:
             replace(base, name="unlock 1 block, 15 epochs", unlock=1, epochs=15),
             replace(base, name="unlock 1 block, 15 epochs, trunk lr 1e-4", unlock=1, epochs=15, trunk_lr=1e-4),
             replace(base, name="15 epochs", epochs=15),
+            replace(base, name="unlock 1 block, 15 epochs, views 3", unlock=1, epochs=15, views=3),
         ]
     raise SystemExit(f"unknown grid {name}")
 

@@ -15,6 +15,9 @@ Four parts, each printed as a table:
    onnxruntime fp32 (and int8 dynamic quantisation with --int8), same batch, same thread count,
    alternating, for the demo model and ViT-B-32 (random init: no weights offline).
 4. With --int8: the demo's held-out recall (text->image R@1/R@5 on its val split) for fp32 and int8.
+5. Text queries on the export: the runtime dropping the padding columns a batch does not use
+   (`dynamic_length` exports) against the same batch padded to the full context, one query and a
+   batch of 32 (the server's micro-batches), alternating; ms per query and the largest difference.
 """
 
 from __future__ import annotations
@@ -182,6 +185,35 @@ def embed_part(workspace: Path, batch: int, rounds: int, int8: bool, vit: bool) 
     return {"batch": batch, "threads": threads, "models": out, "heldout_recall": recall}
 
 
+def text_lengths(workspace: Path, queries: list[str], rounds: int) -> dict:
+    from retriever.onnx.runtime import OnnxEncoder, drop_padding_columns
+
+    folder = next(d for d in (workspace / "index" / "onnx", workspace / "run" / "best" / "onnx") if d.is_dir())
+    enc = OnnxEncoder(folder)
+    if not enc.text_info.get("dynamic_length"):
+        raise SystemExit(f"{folder} was exported for a fixed token length; re-export it (retriever export-onnx).")
+    pad = int(enc.text_info["tokenizer"].get("pad_id", 0))
+    sess = enc._session("text")
+    name = sess.get_inputs()[0].name
+    out: dict = {}
+    for batch in (1, 32):
+        tokens = enc.tokenizer(queries[:batch])
+        short = drop_padding_columns(tokens, pad)
+        times: dict[str, list[float]] = {"full": [], "dropped": []}
+        results = {}
+        for _ in range(rounds):
+            for kind, t in (("full", tokens), ("dropped", short)):
+                start = time.perf_counter()
+                results[kind] = sess.run(None, {name: t})[0]
+                times[kind].append(time.perf_counter() - start)
+        full, dropped = (min(times[k]) * 1000 / batch for k in ("full", "dropped"))
+        out[str(batch)] = {"tokens_full": int(tokens.shape[1]), "tokens_dropped": int(short.shape[1]),
+                           "full_ms_per_query": round(full, 3), "dropped_ms_per_query": round(dropped, 3),
+                           "speedup": round(full / dropped, 2),
+                           "max_abs_diff": float(np.abs(results["full"] - results["dropped"]).max())}  # fmt: skip
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workspace", type=Path, default=Path("/tmp/demo15"), help="A `retriever demo` workspace.")
@@ -191,7 +223,7 @@ def main() -> None:
     ap.add_argument("--embed-rounds", type=int, default=5)
     ap.add_argument("--int8", action="store_true", help="Also int8 dynamic quantisation and its recall change.")
     ap.add_argument("--no-vit", action="store_true", help="Skip ViT-B-32 (its export takes minutes).")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["cold", "agreement", "embed"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["cold", "agreement", "embed", "text"])
     ap.add_argument("--json", type=Path, help="Write the results here.")
     args = ap.parse_args()
 
@@ -229,6 +261,15 @@ def main() -> None:
             for backend, r in hr.items():
                 if backend != "val_images":
                     print(f"{backend:<18} R@1 {r['t2i_R@1']:.3f}  R@5 {r['t2i_R@5']:.3f}")
+    if "text" not in args.skip:
+        captions = [json.loads(x)["caption"] for x in (ws / "data" / "val.jsonl").read_text().splitlines()]
+        queries = [c[0] if isinstance(c, list) else c for c in captions]
+        results["text"] = text_lengths(ws, queries, args.embed_rounds * 4)
+        print(f"\nText queries on the export (best of {args.embed_rounds * 4}, alternating):")
+        print(f"{'batch':>5} {'tokens':>9} {'full ms/q':>10} {'dropped ms/q':>13} {'speed-up':>9} {'max diff':>9}")
+        for b, r in results["text"].items():
+            print(f"{b:>5} {r['tokens_full']:>4}->{r['tokens_dropped']:<4} {r['full_ms_per_query']:>10.2f} "
+                  f"{r['dropped_ms_per_query']:>13.2f} {r['speedup']:>9.2f} {r['max_abs_diff']:>9.1e}")  # fmt: skip
     results["load_average_after"] = os.getloadavg()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,11 @@ batch: the tiny test model over 100k random vectors written as shards under its 
 1,000 text queries through Retriever.search_batch (what `--queries` calls) against the raw loop
 (encode_texts in chunks + faiss index.search, no metadata), side by side; plus the CLI with
 --queries (whole process, model load included) and single CLI calls (a few, per-call cost).
+
+threads: single queries over flat indexes (d=512) of a few sizes, through the library's search
+(`indexes/rerank.search_index`: one faiss thread when the search is small) against the same call
+with faiss's whole OpenMP pool, alternating, with a CPU burner on one core (what a server's
+encoder, or any other process, does to the second core) and without it.
 """
 
 from __future__ import annotations
@@ -309,12 +314,58 @@ def bench_batch(args) -> dict:
     return row
 
 
+def _burn(seconds: float) -> subprocess.Popen:
+    """A child that keeps one core busy for `seconds` (stands in for any other work on the machine)."""
+    code = f"import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def bench_threads(args) -> dict:
+    import faiss
+
+    from retriever.indexes import settings
+    from retriever.indexes.rerank import search_index
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for busy in (False, True):
+        burner = _burn(3600) if busy else None
+        try:
+            for n in (2_000, 20_000, 200_000):
+                index = faiss.IndexFlatIP(512)
+                index.add(rng.standard_normal((n, 512)).astype(np.float32))
+                q = rng.standard_normal((1, 512)).astype(np.float32)
+                times: dict[str, list[float]] = {"rule": [], "pool": []}
+                for _ in range(args.repeat * 10):
+                    for name in ("rule", "pool"):
+                        limit = settings.SMALL_SEARCH_WORK if name == "rule" else 0
+                        settings.SMALL_SEARCH_WORK, saved = limit, settings.SMALL_SEARCH_WORK
+                        t = time.perf_counter()
+                        search_index(index, q, 10)
+                        times[name].append(time.perf_counter() - t)
+                        settings.SMALL_SEARCH_WORK = saved
+                rule, pool = (float(np.median(times[k])) * 1000 for k in ("rule", "pool"))
+                rows.append({"busy_core": busy, "n": n, "threads_rule": 1 if n * 512 < settings.SMALL_SEARCH_WORK
+                             else faiss.omp_get_max_threads(), "rule_ms": round(rule, 3),
+                             "pool_ms": round(pool, 3), "pool_over_rule": round(pool / rule, 2)})  # fmt: skip
+        finally:
+            if burner is not None:
+                burner.kill()
+    print(f"\nOne query, flat d=512, median of {args.repeat * 10}, faiss pool {faiss.omp_get_max_threads()} threads")
+    print("| other core | vectors | threads (rule) | rule ms | pool ms | pool / rule |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {'busy' if r['busy_core'] else 'idle'} | {r['n']:,} | {r['threads_rule']} | {r['rule_ms']} "
+              f"| {r['pool_ms']} | {r['pool_over_rule']} |")  # fmt: skip
+    return {"threads": rows}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     if len(sys.argv) > 1 and sys.argv[1] == "_child_dedup":
         child_dedup(sys.argv[2], sys.argv[3], float(sys.argv[4]))
         return
-    p.add_argument("what", choices=["filter", "dedup", "batch"])
+    p.add_argument("what", choices=["filter", "dedup", "batch", "threads"])
     p.add_argument("--threshold", type=float, default=0.99)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--single-calls", type=int, default=5)
@@ -329,8 +380,10 @@ def main() -> None:
     args = p.parse_args()
     import faiss
 
-    faiss.omp_set_num_threads(args.threads)
-    result = {"filter": bench_filter, "dedup": bench_dedup, "batch": bench_batch}[args.what](args)
+    if args.what != "threads":  # that mode compares thread counts itself
+        faiss.omp_set_num_threads(args.threads)
+    benches = {"filter": bench_filter, "dedup": bench_dedup, "batch": bench_batch, "threads": bench_threads}
+    result = benches[args.what](args)
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(result, indent=2))

@@ -38,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from retriever.indexes.rows import iter_file_batches  # noqa: E402
 from retriever.search import Retriever  # noqa: E402
 
 
@@ -72,10 +73,10 @@ def build_tiny_index(workdir: Path) -> Path:
 class Server:
     """`python -m retriever serve INDEX` as a child process on a free loopback port."""
 
-    def __init__(self, index: Path, batching: bool):
+    def __init__(self, index: Path, batching: bool, backend: str = "auto"):
         self.port = free_port()
         cmd = [sys.executable, "-m", "retriever", "serve", f"bench={index}", "--port", str(self.port),
-               "--watch-seconds", "0", "--log-level", "warning"]  # fmt: skip
+               "--watch-seconds", "0", "--log-level", "warning", "--backend", backend]  # fmt: skip
         if not batching:
             cmd.append("--no-batching")
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -170,13 +171,14 @@ def main() -> None:
     ap.add_argument("--soak-seconds", type=float, default=0.0, help="Soak duration (0: skip).")
     ap.add_argument("--soak-only", action="store_true", help="Run only the soak (phase 4).")
     ap.add_argument("--json", type=Path, help="Write the measurements here.")
+    ap.add_argument("--backend", default="auto", help="Query encoder, in-process and in the server: auto, onnx, torch.")
     args = ap.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
     index = args.index or build_tiny_index(Path(tmp.name))
-    retriever = Retriever(index)
+    retriever = Retriever(index, backend=args.backend)
     retriever.model  # noqa: B018 (load before timing)
-    batches, _ = retriever._rows_batches("image")
+    batches = list(iter_file_batches(index / retriever.manifest.indexes["image"].rows_file))
     captions = [c for b in batches for c in b.column("caption").to_pylist() if c]
     rng = random.Random(0)
     texts = [f"{rng.choice(['a', 'the', 'one', 'some'])} {c}" for c in captions] or ["a photo"]
@@ -184,7 +186,7 @@ def main() -> None:
     ids = [i for b in batches for i in b.column("id").to_pylist()]
     paths = [p for b in batches for p in b.column("path").to_pylist()]
     text_bodies = [json.dumps({"index": "bench", "text": t, "k": args.k}).encode() for t in texts]
-    results: dict = {"index": str(index), "model": retriever.identity.label(), "seconds": args.seconds,
+    results: dict = {"index": str(index), "model": retriever.identity.label(), "backend": args.backend, "seconds": args.seconds,
                      "loadavg_before": os.getloadavg()}  # fmt: skip
 
     def inproc(i: int):
@@ -193,7 +195,7 @@ def main() -> None:
     print(f"index {index}: {len(ids)} items, model {retriever.identity.label()}")
     rows = []
     if args.soak_only:
-        server = Server(index, batching=True)
+        server = Server(index, batching=True, backend=args.backend)
         try:
             results["soak"] = soak(server, text_bodies, ids, paths, args)
         finally:
@@ -203,7 +205,7 @@ def main() -> None:
     results["inprocess_8"] = run_clients(8, args.seconds, inproc)
     rows.append(("in-process Retriever.search", results["inprocess_8"]))
 
-    server = Server(index, batching=True)
+    server = Server(index, batching=True, backend=args.backend)
     try:
         run_clients(4, 2.0, lambda i: http_caller(server.port, text_bodies, i))  # warm-up
         for n in args.clients:
@@ -213,7 +215,7 @@ def main() -> None:
             results["soak"] = soak(server, text_bodies, ids, paths, args)
     finally:
         server.stop()
-    server = Server(index, batching=False)
+    server = Server(index, batching=False, backend=args.backend)
     try:
         run_clients(4, 2.0, lambda i: http_caller(server.port, text_bodies, i))
         for n in (8, 32):

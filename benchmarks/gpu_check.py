@@ -117,7 +117,7 @@ def check_env():
 
 def check_defaults():
     if not _cuda():
-        raise Skip("torch sees no CUDA GPU: the CPU defaults (cpu, fp32) are covered by tests/test_gpu_torch.py")
+        raise Skip("torch sees no CUDA GPU: the CPU defaults (cpu, fp32) are covered by tests/models/test_gpu_torch.py")
     from retriever.models.load import load_model, resolve_device, resolve_precision
 
     dev = resolve_device(None)
@@ -132,7 +132,9 @@ def check_defaults():
 
 def check_pinned():
     if not _cuda():
-        raise Skip("pinning needs a CUDA device; tests/test_gpu_torch.py checks the DecodedBatch hook on the CPU")
+        raise Skip(
+            "pinning needs a CUDA device; tests/models/test_gpu_torch.py checks the DecodedBatch hook on the CPU"
+        )
     from retriever.data.loading import DecodedBatch, collate_decoded
 
     class Pixels(torch.utils.data.Dataset):

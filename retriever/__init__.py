@@ -6,19 +6,22 @@ from retriever import train, TrainConfig, evaluate, add_to_index
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from retriever.lazy import lazy_attributes
 
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load on first use below
     from retriever.data.images import load_image
     from retriever.data.sources import SourceItem, read_source
     from retriever.dedup import find_duplicates
-    from retriever.embed import EmbedConfig, EmbedResult, embed_items
+    from retriever.embed import EmbedResult, embed_items
+    from retriever.embed_config import EmbedConfig
     from retriever.errors import ConfigError, UserError
     from retriever.evaluation import EvalResult, evaluate
     from retriever.identity import ModelIdentity
-    from retriever.indexes import BuildConfig, build_index
+    from retriever.indexes import build_index
     from retriever.indexes.add import add_to_index
+    from retriever.indexes.config import BuildConfig
     from retriever.models.encode import encode_images, encode_texts
     from retriever.models.load import LoadedModel, load_model
     from retriever.query import Query, Term
@@ -40,11 +43,11 @@ _EXPORTS = {
     "read_source": "data.sources",
     "SourceItem": "data.sources",
     "embed_items": "embed",
-    "EmbedConfig": "embed",
+    "EmbedConfig": "embed_config",
     "EmbedResult": "embed",
     "ShardSet": "shards",
     "build_index": "indexes",
-    "BuildConfig": "indexes",
+    "BuildConfig": "indexes.config",
     "add_to_index": "indexes.add",
     "Retriever": "search",
     "SearchResult": "search",
@@ -96,7 +99,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module 'retriever' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

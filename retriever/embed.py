@@ -22,15 +22,14 @@ import torch
 
 from retriever import __version__, parts
 from retriever.atomic import write_json_atomic
-from retriever.data.images import DEFAULT_MAX_PIXELS
-from retriever.data.loading import DecodedBatch, ImageDataset, collate_decoded, default_workers
+from retriever.data.loading import DecodedBatch, ImageDataset, collate_decoded
 from retriever.data.sources import SourceItem
-from retriever.errors import ConfigError, UserError
+from retriever.embed_config import EmbedConfig
+from retriever.errors import UserError
 from retriever.locks import folder_lock
 from retriever.models.encode import count_truncated, encode_image_tensors, encode_texts
 from retriever.models.load import LoadedModel
 from retriever.shards import (
-    DTYPES,
     SHARD_GLOB,
     metadata_fields,
     metadata_key,
@@ -41,39 +40,6 @@ from retriever.shards import (
 from retriever.skipped import ERRORS_FILE, SkippedImages, read_skipped, skipped_entry, write_skipped
 
 JOB_FILE = "_embed_job.json"
-
-
-@dataclass
-class EmbedConfig:
-    """How `embed_items` writes shards.
-
-    Args:
-        shard_size: rows per Parquet shard (the unit of resuming).
-        batch_size: images per encoder batch; text_batch_size: captions per text-encoder batch.
-        num_workers: image-decoding worker processes (0: decode in the main process).
-        dtype: embedding storage, "float32" or "float16".
-        overwrite: discard shards made with other arguments instead of refusing.
-    """
-
-    shard_size: int = 10_000
-    batch_size: int = 32
-    text_batch_size: int = 256
-    num_workers: int = field(default_factory=default_workers)
-    dtype: str = "float32"
-    overwrite: bool = False
-    max_pixels: int | None = DEFAULT_MAX_PIXELS  # images decoding to more pixels are skipped and reported
-    num_parts: int = 1  # the items' shards are split among this many independent parts (see parts.py)
-    part: int = 0  # which of them this run writes
-
-    def validate(self) -> None:
-        """Raise `ConfigError` (naming the parameter) for settings that cannot work."""
-        for name in ("shard_size", "batch_size", "text_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1.", name)
-        if self.num_workers < 0:
-            raise ConfigError("num_workers must be 0 or more.", "num_workers")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be {' or '.join(DTYPES)}, not {self.dtype!r}.", "dtype")
 
 
 @dataclass

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -154,5 +157,22 @@ def print_skipped(skipped: SkippedImages, samples: int = 5) -> None:
         err.print(f"  {e['path']}: {e['reason']}", highlight=False)
 
 
-def path_str(p: Path | None) -> str | None:
-    return None if p is None else str(p)
+def field_defaults(cls: type) -> dict[str, Any]:
+    """A dataclass's plain field defaults by name, for option defaults taken from the library
+    (fields without a default, or with a default factory, are left out)."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def config_from_options(cls: type, options: Mapping[str, Any], **overrides: Any) -> Any:
+    """`cls` filled from a command's options (its `locals()`): every option named like a field passes
+    through (paths as text, choices as their value); `overrides` set the fields named otherwise.
+    Fields with no option keep their defaults."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: _plain(v) for k, v in options.items() if k in names}
+    return cls(**{**values, **overrides})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    return value.value if isinstance(value, Enum) else value

@@ -8,23 +8,36 @@ from pathlib import Path
 
 import typer
 
-from retriever.cli.common import JsonOpt, WorkersOpt, err, out, progress_bar, user_errors, workers_or_default
+from retriever.cli.common import (
+    JsonOpt,
+    WorkersOpt,
+    config_from_options,
+    err,
+    out,
+    progress_bar,
+    user_errors,
+    workers_or_default,
+)
+from retriever.demo.run import DemoConfig
+
+# Option defaults are the library's: one source of truth (demo/run.py imports torch only when it runs).
+DEMO = DemoConfig()
 
 
 @user_errors
 def demo(
     workspace: Path = typer.Option(
-        Path("retriever-demo"), help="Folder for data, model, shards, index and report (a rerun reuses them)."
+        Path(DEMO.workspace), help="Folder for data, model, shards, index and report (a rerun reuses them)."
     ),
-    limit: int | None = typer.Option(None, help="Use only N emoji (a quick, reduced demo)."),
-    epochs: int = typer.Option(30, help="Fine-tuning epochs (heads and temperature on cached tower outputs)."),
+    limit: int | None = typer.Option(DEMO.limit, help="Use only N emoji (a quick, reduced demo)."),
+    epochs: int = typer.Option(DEMO.epochs, help="Fine-tuning epochs (heads and temperature on cached tower outputs)."),
     unlock_text_last: int = typer.Option(
-        0, help="Also tune the last N MiniLM layers (end to end; much slower on CPU)."
+        DEMO.unlock_text_last, help="Also tune the last N MiniLM layers (end to end; much slower on CPU)."
     ),
     unlock_image_last: int = typer.Option(
-        0, help="Also tune the last N EfficientNet blocks (on cached maps below them)."
+        DEMO.unlock_image_last, help="Also tune the last N EfficientNet blocks (on cached maps below them)."
     ),
-    seed: int = typer.Option(0, help="Seed of the concept split and the training."),
+    seed: int = typer.Option(DEMO.seed, help="Seed of the concept split and the training."),
     domain: str | None = typer.Option(
         None,
         help="Then fine-tune the demo model on a second domain (fontawesome: Font Awesome's icons) and "
@@ -34,19 +47,12 @@ def demo(
     as_json: bool = JsonOpt,
 ):
     """Offline end to end on Twemoji: compose the default model, fine-tune, report held-out recall, index, query."""
+    options = dict(locals())  # the flags are DemoConfig's fields (and --domain)
     from retriever.cli.render import TrainDisplay
     from retriever.demo.report import print_report
-    from retriever.demo.run import DemoConfig, run_demo
+    from retriever.demo.run import run_demo
 
-    cfg = DemoConfig(
-        workspace=str(workspace),
-        limit=limit,
-        epochs=epochs,
-        seed=seed,
-        workers=workers_or_default(workers),
-        unlock_text_last=unlock_text_last,
-        unlock_image_last=unlock_image_last,
-    )
+    cfg = config_from_options(DemoConfig, options, workers=workers_or_default(workers))
     show = err.is_terminal or os.environ.get("RETRIEVER_PROGRESS") == "1"
     with TrainDisplay(err, enabled=show) as display, progress_bar() as bar:
         task = bar.add_task("Embedding", total=None, visible=False)

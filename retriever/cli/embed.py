@@ -24,6 +24,11 @@ from retriever.cli.common import (
     user_errors,
     workers_or_default,
 )
+from retriever.embed_config import EmbedConfig
+
+# Option defaults are the library's: one source of truth (embed_config.py is torch-free). The
+# worker count's default needs torch (is there a GPU?), so --workers keeps None for "the default".
+EMBED = EmbedConfig(num_workers=0)
 
 
 @user_errors
@@ -40,24 +45,28 @@ def embed(
     caption_column: str | None = typer.Option(
         None, help="Manifest column with captions (default: caption, text, ...)."
     ),
-    batch_size: int = typer.Option(32, help="Images per model forward."),
-    shard_size: int = typer.Option(10_000, help="Rows per Parquet shard (the unit of resumption)."),
+    batch_size: int = typer.Option(EMBED.batch_size, help="Images per model forward."),
+    shard_size: int = typer.Option(EMBED.shard_size, help="Rows per Parquet shard (the unit of resumption)."),
     workers: int | None = WorkersOpt,
-    dtype: str = typer.Option("float32", help="Embedding storage type: float32 or float16."),
+    dtype: str = typer.Option(EMBED.dtype, help="Embedding storage type: float32 or float16."),
     device: str | None = DeviceOpt,
     precision: str | None = PrecisionOpt,
-    overwrite: bool = typer.Option(False, help="Replace shards in --out made with other arguments."),
+    overwrite: bool = typer.Option(EMBED.overwrite, help="Replace shards in --out made with other arguments."),
     max_pixels: int | None = typer.Option(
-        None,
+        EMBED.max_pixels,
         "--max-pixels",
-        help="Skip (and report) images that decode to more pixels than this (default 64000000); JPEGs are "
-        "decoded scaled down first. Bounds each decode worker's memory.",
+        help="Skip (and report) images that decode to more pixels than this (0: no limit but Pillow's own); "
+        "JPEGs are decoded scaled down first. Bounds each decode worker's memory.",
     ),
     wait: bool = WaitOpt,
     num_parts: int = typer.Option(
-        1, "--num-parts", help="Split the work into this many independent parts (SLURM arrays, several machines)."
+        EMBED.num_parts,
+        "--num-parts",
+        help="Split the work into this many independent parts (SLURM arrays, several machines).",
     ),
-    part: int = typer.Option(0, "--part", help="Which part (0-based) this run writes; under torchrun: the rank."),
+    part: int = typer.Option(
+        EMBED.part, "--part", help="Which part (0-based) this run writes; under torchrun: the rank."
+    ),
     as_json: bool = JsonOpt,
     backend: str = typer.Option(
         "auto",
@@ -66,9 +75,8 @@ def embed(
     ),
 ):
     """Embed a collection into Parquet shards (resumes an interrupted run)."""
-    from retriever.data.images import DEFAULT_MAX_PIXELS
     from retriever.data.sources import read_source
-    from retriever.embed import EmbedConfig, embed_items
+    from retriever.embed import embed_items
     from retriever.embed_parallel import part_from_environment
 
     num_parts, part, device, dist_info = part_from_environment(num_parts, part, device)
@@ -80,7 +88,7 @@ def embed(
         num_workers=workers_or_default(workers),
         dtype=dtype,
         overwrite=overwrite,
-        max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+        max_pixels=max_pixels or None,
         num_parts=num_parts,
         part=part,
     )

@@ -9,6 +9,10 @@ import typer
 
 from retriever.cli.common import IndexType, JsonOpt, WaitOpt, err, note, out, progress_bar, user_errors
 from retriever.errors import UserError
+from retriever.indexes.config import BuildConfig
+
+# Option defaults are the library's: one source of truth (indexes/config.py imports no faiss).
+BUILD = BuildConfig()
 
 
 @user_errors
@@ -17,18 +21,22 @@ def index(
     target: Path | None = typer.Argument(None, help="With --add: the existing index folder to extend."),
     out_dir: Path | None = typer.Option(None, "--out", "-o", help="Index folder to write (replaced atomically)."),
     index_type: IndexType = typer.Option(
-        IndexType.auto,
+        IndexType(BUILD.index_type),
         help="auto: chosen from N, d and --max-memory; flat, hnsw, ivf (IVF-Flat), ivfpq (IVF-PQ + exact re-rank), opq (OPQ + IVF-HNSW + PQ + re-rank).",
     ),
     max_memory: str | None = typer.Option(
         None, "--max-memory", help="RAM budget for the index, e.g. 4G or 512M (default: no limit)."
     ),
     target_recall: float | None = typer.Option(
-        None, "--target-recall", help="Tune search parameters to reach this recall@k against exact search, e.g. 0.95."
+        BUILD.target_recall,
+        "--target-recall",
+        help="Tune search parameters to reach this recall@k against exact search, e.g. 0.95.",
     ),
-    k: int = typer.Option(10, "--k", help="The k of recall@k for --target-recall."),
+    k: int = typer.Option(BUILD.k, "--k", help="The k of recall@k for --target-recall."),
     on_disk: bool = typer.Option(
-        False, "--on-disk", help="Keep IVF inverted lists on disk (memory-mapped) even when RAM would hold them."
+        BUILD.on_disk,
+        "--on-disk",
+        help="Keep IVF inverted lists on disk (memory-mapped) even when RAM would hold them.",
     ),
     add: bool = typer.Option(False, "--add", help="Append SHARDS to the index TARGET without retraining."),
     renumber: bool = typer.Option(
@@ -36,7 +44,9 @@ def index(
         "--renumber",
         help="With --add: shift new ids past the index's largest id instead of refusing clashing ids.",
     ),
-    gpu: bool | None = typer.Option(None, "--gpu/--no-gpu", help="Build on the GPU (default: when faiss sees one)."),
+    gpu: bool | None = typer.Option(
+        BUILD.use_gpu, "--gpu/--no-gpu", help="Build on the GPU (default: when faiss sees one)."
+    ),
     wait: bool = WaitOpt,
     part: str | None = typer.Option(
         None,
@@ -57,7 +67,7 @@ def index(
         return _merge(target, wait, as_json)
     if part is not None:
         return _build_part(shards, out_dir, part, index_type, max_memory, target_recall, add, as_json)
-    from retriever.indexes import BuildConfig, build_index
+    from retriever.indexes import build_index
     from retriever.indexes.add import add_to_index
     from retriever.indexes.memory import parse_memory
     from retriever.shards import ShardSet
@@ -67,7 +77,7 @@ def index(
             raise UserError(
                 "--add takes the new shard folder and the index folder: retriever index --add NEW_SHARDS INDEX."
             )
-        if target_recall is not None or max_memory is not None or index_type != IndexType.auto:
+        if target_recall is not None or max_memory is not None or index_type.value != BUILD.index_type:
             raise UserError("--add keeps the index's type and tuned parameters; rebuild to change them.")
     elif out_dir is None:
         raise UserError("Give the index folder to write with --out (or use --add NEW_SHARDS INDEX).")
@@ -137,7 +147,6 @@ def _merge(target: Path | None, wait: bool, as_json: bool) -> None:
 
 
 def _build_part(shards, out_dir, part, index_type, max_memory, target_recall, add, as_json) -> None:
-    from retriever.indexes import BuildConfig
     from retriever.indexes.memory import parse_memory
     from retriever.indexes.partitioned import build_part, parse_part, staging_dir
 

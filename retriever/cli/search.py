@@ -15,12 +15,17 @@ from retriever.cli.common import (
     Modality,
     PretrainedOpt,
     err,
+    field_defaults,
     load_encoder,
     out,
     progress_bar,
     user_errors,
 )
 from retriever.errors import UserError
+from retriever.query import Query, Term
+
+# Option defaults are the library's: one source of truth (query.py is torch-free).
+QUERY = field_defaults(Query)
 
 
 @user_errors
@@ -37,16 +42,18 @@ def search(
     and_image: list[str] = typer.Option([], "--and-image", help="Add an image file term (repeatable)."),
     not_image: list[str] = typer.Option([], "--not-image", help="Subtract an image file term (repeatable)."),
     where: str | None = typer.Option(
-        None,
+        QUERY["where"],
         "--where",
         help="SQL condition over the index's columns (see `retriever info`), e.g. \"dir LIKE 'cats/%'\".",
     ),
-    min_score: float | None = typer.Option(None, "--min-score", help="Drop hits whose cosine score is below this."),
+    min_score: float | None = typer.Option(
+        QUERY["min_score"], "--min-score", help="Drop hits whose cosine score is below this."
+    ),
     dedup: float | None = typer.Option(
-        None, "--dedup", help="Fold hits within this cosine of a better hit into it, e.g. 0.95."
+        QUERY["dedup"], "--dedup", help="Fold hits within this cosine of a better hit into it, e.g. 0.95."
     ),
     keep_query: bool = typer.Option(
-        False, "--keep-query", help="Keep the query's own images and items in the results."
+        QUERY["keep_query"], "--keep-query", help="Keep the query's own images and items in the results."
     ),
     queries: Path | None = typer.Option(
         None, "--queries", help="File of queries: one text per line, or JSONL objects (see README)."
@@ -54,8 +61,8 @@ def search(
     out_file: Path | None = typer.Option(
         None, "--out", "-o", help="With --queries: JSONL results file (default stdout)."
     ),
-    modality: Modality = typer.Option(Modality.image, help="What to retrieve: image (default) or text (captions)."),
-    k: int = typer.Option(10, "-k", help="Number of results."),
+    modality: Modality = typer.Option(Modality(QUERY["modality"]), help="What to retrieve: image or text (captions)."),
+    k: int = typer.Option(QUERY["k"], "-k", help="Number of results."),
     model: str | None = typer.Option(
         None, "--model", "-m", help="Model to encode the query (default: the one named in the index)."
     ),
@@ -99,7 +106,6 @@ def search(
             return
         _print_hits(results, f"{modality.value} results for {query or image} ({server or index_dir})")
         return
-    from retriever.query import Query
     from retriever.search import Retriever
 
     options = dict(modality=modality.value, k=k, where=where, min_score=min_score, dedup=dedup, keep_query=keep_query)
@@ -178,8 +184,6 @@ def _print_hits(hits, title: str) -> None:
 def read_queries(path: Path, options: dict) -> list:
     """Every query of a --queries file, checked before anything runs: one text per line, or a
     JSON object per line (a line starting with `{`); blank lines and `#` comments are skipped."""
-    from retriever.query import Query, Term
-
     if not path.is_file():
         raise UserError(f"Queries file {path} does not exist.")
     parsed, lines = [], []

@@ -7,8 +7,22 @@ from pathlib import Path
 
 import typer
 
-from retriever.cli.common import err, user_errors
+from retriever.cli.common import err, field_defaults, user_errors
 from retriever.errors import UserError
+from retriever.serve.config import ServeConfig
+
+# Option defaults are the library's: one source of truth (serve/config.py is stdlib only).
+SERVE = field_defaults(ServeConfig)
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def format_size(n: int) -> str:
+    """The shortest size string `parse_size` reads back as n bytes (20M for 20 << 20)."""
+    for unit in ("G", "M", "K"):
+        if n % _SIZE_UNITS[unit] == 0:
+            return f"{n // _SIZE_UNITS[unit]}{unit}"
+    return str(n)
 
 
 @user_errors
@@ -22,23 +36,36 @@ def serve(
     cors_origin: list[str] = typer.Option(
         [], help="Browser origin allowed to call the API (repeatable), e.g. the clip front's http://localhost:1234."
     ),
-    max_upload: str = typer.Option("20M", help="Largest request body (K, M or G suffix); larger ones get 413."),
-    batch_window_ms: float = typer.Option(3.0, help="How long a text query waits to share an encoder pass."),
-    no_batching: bool = typer.Option(False, "--no-batching", help="Encode every text query on its own."),
-    allow_image_urls: bool = typer.Option(
-        False, "--allow-image-urls", help="Fetch image_url queries (public addresses only, 10 s, --max-upload cap)."
+    max_upload: str = typer.Option(
+        format_size(SERVE["max_upload"]), help="Largest request body (K, M or G suffix); larger ones get 413."
     ),
-    watch_seconds: float = typer.Option(2.0, help="How often to check index manifests for a reload (0: never)."),
+    batch_window_ms: float = typer.Option(
+        SERVE["batch_window_ms"], help="How long a text query waits to share an encoder pass."
+    ),
+    no_batching: bool = typer.Option(
+        not SERVE["batching"], "--no-batching", help="Encode every text query on its own."
+    ),
+    allow_image_urls: bool = typer.Option(
+        SERVE["allow_image_urls"],
+        "--allow-image-urls",
+        help="Fetch image_url queries (public addresses only, 10 s, --max-upload cap).",
+    ),
+    watch_seconds: float = typer.Option(
+        SERVE["watch_seconds"], help="How often to check index manifests for a reload (0: never)."
+    ),
     model: str | None = typer.Option(
         None, "--model", "-m", help="Model to encode queries (default: the one named in each index)."
     ),
     pretrained: str | None = typer.Option(None, "--pretrained", "-p", help="Pretrained tag or weights file."),
+    backend: str = typer.Option(
+        SERVE["backend"], help="Query encoder: auto (the index's ONNX export if usable), onnx (required), or torch."
+    ),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ):
     """Serve indexes over HTTP: a web page at /, the API at /v1 (docs at /docs), clip-retrieval's routes."""
     import uvicorn
 
-    from retriever.serve.app import ServeConfig, create_app
+    from retriever.serve.app import create_app
 
     specs = [parse_index_spec(s) for s in indexes]
     key = read_api_key(api_key_file) if api_key_file else None
@@ -62,6 +89,7 @@ def serve(
         batch_window_ms=batch_window_ms,
         watch_seconds=watch_seconds,
         allow_image_urls=allow_image_urls,
+        backend=backend,
         model=encoder,
     )
     with err.status("Loading model and indexes…"):
@@ -89,7 +117,7 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)i?B?\s*", text, re.IGNORECASE)
     if not m:
         raise UserError(f"--max-upload {text!r} is not a size like 20M.")
-    return int(float(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()])
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
 
 
 def read_api_key(path: Path) -> str:

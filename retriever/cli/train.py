@@ -17,14 +17,14 @@ from retriever.cli.common import (
     PrecisionOpt,
     PretrainedOpt,
     WorkersOpt,
+    config_from_options,
     err,
     out,
-    path_str,
     print_skipped,
     user_errors,
     workers_or_default,
 )
-from retriever.training.config import TrainConfig
+from retriever.training.config import OptimConfig, TrainConfig
 
 # Option defaults are the library's: one source of truth (training/config.py is torch-free).
 TRAIN = TrainConfig(source="", out="")
@@ -125,48 +125,17 @@ def train(
     as_json: bool = JsonOpt,
 ):
     """Fine-tune a dual encoder with InfoNCE; the best model by val recall lands in RUN_DIR/best/."""
-    from retriever.training.loop import TrainConfig
+    options = dict(locals())  # the flags are TrainConfig's and OptimConfig's fields
     from retriever.training.loop import train as run_training
-    from retriever.training.optim import OptimConfig
 
-    cfg = TrainConfig(
-        source=str(source),
+    cfg = config_from_options(
+        TrainConfig,
+        options,
         out=str(out_dir),
-        val=path_str(val),
-        test=path_str(test),
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-        split_seed=split_seed,
-        image_column=image_column,
-        caption_column=caption_column,
-        model=model,
-        pretrained=pretrained,
-        image_tower=image_tower,
-        text_tower=text_tower,
-        image_weights=path_str(image_weights),
-        embed_dim=embed_dim,
-        epochs=epochs,
-        batch_size=batch_size,
-        micro_batch=micro_batch,
-        loss=loss.value,
         augment=not no_augment,
-        lock_image=lock_image,
-        unlock_image_last=unlock_image_last,
-        lock_text=lock_text,
-        unlock_text_last=unlock_text_last,
-        cache_features=cache_features,
-        cache_views=cache_views,
         caption_templates=list(caption_template),
-        grad_checkpointing=grad_checkpointing,
-        precision=precision,
-        device=device,
-        seed=seed,
         workers=workers_or_default(workers),
-        logdir=path_str(logdir),
-        resume=resume,
-        save_every=save_every,
-        max_steps=max_steps,
-        optim=OptimConfig(lr=lr, weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip or None),
+        optim=config_from_options(OptimConfig, options, grad_clip=grad_clip or None),
     )
     from retriever.cli.render import TrainDisplay
 

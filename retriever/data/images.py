@@ -16,6 +16,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from retriever.data.limits import DEFAULT_MAX_PIXELS
 from retriever.data.locations import open_location
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image]  # noqa: UP007 (a runtime alias on 3.10)
@@ -26,10 +27,6 @@ HEIF_EXTENSIONS = frozenset({".heic", ".heif"})  # when the optional pillow-heif
 _WHITE = (255, 255, 255)
 
 
-# Pixels a decode may produce (after JPEG draft scaling). A 12000×12000 PNG (144 MP, 140 KB on
-# disk, under Pillow's own bomb error threshold) decoded at 1.58 GB peak RSS per worker; 64 MP
-# keeps a worker's decode near 64M × 3 bytes × ~3 copies ≈ 0.6 GB. Measured in benchmarks/RESULTS.md.
-DEFAULT_MAX_PIXELS = 64_000_000
 # JPEGs are decoded at the smallest 1/2, 1/4 or 1/8 scale still at least this big: plenty for a
 # 224–448 px model input, and a 100 MP photo then costs a 1.5 MP decode.
 DRAFT_SIDE = 1024

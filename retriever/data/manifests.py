@@ -30,7 +30,8 @@ from retriever.errors import UserError
 BATCH_ROWS = 65_536
 
 
-def _is_kept_metadata(t: pa.DataType) -> bool:
+def is_metadata_type(t: pa.DataType) -> bool:
+    """Whether a Parquet column of this type becomes a metadata column: text, numbers, booleans."""
     return (
         pa.types.is_string(t)
         or pa.types.is_large_string(t)
@@ -222,7 +223,7 @@ def _utf8(cells: pa.ChunkedArray) -> pa.ChunkedArray:
 def _keep(t: pa.DataType, kind: str) -> bool:
     if kind != "parquet":
         return True  # CSV columns are all read as bytes
-    return _is_kept_metadata(t)
+    return is_metadata_type(t)
 
 
 def _open(path: Path, kind: str):

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retriever.data.locations import parquet_location
+from retriever.data.manifests import is_metadata_type
 from retriever.errors import UserError
 
 IMAGE_BYTES_COLUMN_GUESSES = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes")
@@ -59,16 +60,6 @@ def has_image_column(path: str | Path, wanted: str | None = None) -> bool:
         return False
 
 
-def _scalar(t: pa.DataType) -> bool:
-    return (
-        pa.types.is_string(t)
-        or pa.types.is_large_string(t)
-        or pa.types.is_integer(t)
-        or pa.types.is_floating(t)
-        or pa.types.is_boolean(t)
-    )
-
-
 def read_image_parquet(
     path: Path, image_column: str | None = None, caption_column: str | None = None
 ) -> list[tuple[str, tuple[str, ...], dict[str, Any]]]:
@@ -85,7 +76,7 @@ def read_image_parquet(
     if caption_column is not None and caption_column not in schema.names:
         raise UserError(f"{path} has no column {caption_column!r}; its columns are {', '.join(schema.names)}.")
     cap = caption_column or next((c for c in CAPTION_GUESSES if c in schema.names), None)
-    meta_cols = [f.name for f in schema if f.name not in (img, cap) and _scalar(f.type)]
+    meta_cols = [f.name for f in schema if f.name not in (img, cap) and is_metadata_type(f.type)]
     columns = ([cap] if cap else []) + meta_cols
     rows: list[tuple[str, tuple[str, ...], dict[str, Any]]] = []
     if not columns:

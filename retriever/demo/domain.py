@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from retriever.atomic import write_json_atomic
-from retriever.demo.emoji import split_by_concept, write_manifest
+from retriever.demo.emoji import split_and_write
 
 DOMAINS = ("fontawesome",)
 
@@ -65,14 +65,8 @@ def run_domain_demo(
     t = time.perf_counter()
     folder = ws / domain
     items = fontawesome_collection(folder / "png")
-    train_all, heldout = split_by_concept(items, 0.4, seed)
-    train_items, val_items = split_by_concept(train_all, 0.15, seed + 1)
-    for name, part in (("train", train_items), ("val", val_items), ("heldout", heldout)):
-        write_manifest(part, folder / f"{name}.jsonl")
-    say(
-        f"{len(items)} Font Awesome icons, split by concept: {len(train_items)} to train on, "
-        f"{len(val_items)} to choose the epoch, {len(heldout)} held out for the final figures only"
-    )
+    train_items, val_items, heldout, line = split_and_write(items, folder, 0.4, 0.15, seed, "Font Awesome icons")
+    say(line)
     seconds["data"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -80,8 +74,7 @@ def run_domain_demo(
     defaults = DemoConfig()
     tcfg = demo_train_config(
         defaults,
-        source=folder / "train.jsonl",
-        val=folder / "val.jsonl",
+        data=folder,
         out=run,
         n_train=len(train_items),
         workers=workers,

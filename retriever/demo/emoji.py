@@ -60,6 +60,22 @@ def split_by_concept(items: list[EmojiImage], val_fraction: float = 0.2, seed: i
     return [it for i, it in enumerate(items) if i not in val], [it for i, it in enumerate(items) if i in val]
 
 
+def split_and_write(
+    items: list[EmojiImage], folder: Path, heldout_fraction: float, val_fraction: float, seed: int, noun: str
+) -> tuple[list[EmojiImage], list[EmojiImage], list[EmojiImage], str]:
+    """(train, validation, held-out) by concept, written as FOLDER/{train,val,heldout}.jsonl, and a
+    sentence saying what they are. Held-out first, then validation out of the rest (seed + 1)."""
+    train_all, heldout = split_by_concept(items, heldout_fraction, seed)
+    train, val = split_by_concept(train_all, val_fraction, seed + 1)
+    for name, part in (("train", train), ("val", val), ("heldout", heldout)):
+        write_manifest(part, folder / f"{name}.jsonl")
+    line = (
+        f"{len(items)} {noun}, split by concept: {len(train)} to train on, {len(val)} to choose the epoch "
+        f"(validation), {len(heldout)} held out for the final figures only"
+    )
+    return train, val, heldout, line
+
+
 def write_manifest(items: list[EmojiImage], path: str | Path, *, all_captions: bool = True) -> Path:
     """A JSONL manifest (`image`, `caption` list) that every retriever command reads."""
     import json

@@ -10,17 +10,23 @@ from retriever.demo.run import R5_BAR, DemoResult
 _KEYS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10")
 
 
-def print_report(console: Console, r: DemoResult) -> None:
-    t = Table(
-        title=f"Held-out recall: {r.heldout_images} emoji never seen in training nor used for any choice "
-        "(gallery = those emoji)"
-    )
+def _before_after(title: str, *rows: tuple[str, dict]) -> Table:
+    """Held-out recall (percent) of each (model label, RetrievalMetrics.flat()) row."""
+    t = Table(title=title)
     t.add_column("model", no_wrap=True)
     for k in _KEYS:
         t.add_column(k.replace("_", " "), justify="right")
-    t.add_row("untrained heads", *[f"{100 * r.before[k]:.1f}%" for k in _KEYS])
-    t.add_row(f"tuned (epoch {r.best_epoch})", *[f"{100 * r.after[k]:.1f}%" for k in _KEYS])
-    console.print(t)
+    for label, metrics in rows:
+        t.add_row(label, *[f"{100 * metrics[k]:.1f}%" for k in _KEYS])
+    return t
+
+
+def print_report(console: Console, r: DemoResult) -> None:
+    title = (
+        f"Held-out recall: {r.heldout_images} emoji never seen in training nor used for any choice "
+        "(gallery = those emoji)"
+    )
+    console.print(_before_after(title, ("untrained heads", r.before), (f"tuned (epoch {r.best_epoch})", r.after)))
     console.print(
         f"Epoch {r.best_epoch} was chosen by recall on {r.val_images} validation emoji carved out of the training "
         f"emoji (validation mean recall {100 * r.val['mean_recall']:.1f}%); the held-out emoji were measured once, "
@@ -54,15 +60,9 @@ def print_report(console: Console, r: DemoResult) -> None:
 
 def print_domain_report(console: Console, r) -> None:
     """Held-out recall on the second domain: the demo model as it is, then fine-tuned on the domain."""
-    t = Table(
-        title=f"{r.domain}: held-out recall on {r.heldout_images} items never used in training nor for any choice"
-    )
-    t.add_column("model", no_wrap=True)
-    for k in _KEYS:
-        t.add_column(k.replace("_", " "), justify="right")
-    t.add_row("demo model", *[f"{100 * r.before[k]:.1f}%" for k in _KEYS])
-    t.add_row(f"fine-tuned on {r.train_images} (epoch {r.best_epoch})", *[f"{100 * r.after[k]:.1f}%" for k in _KEYS])
-    console.print(t)
+    title = f"{r.domain}: held-out recall on {r.heldout_images} items never used in training nor for any choice"
+    tuned = f"fine-tuned on {r.train_images} (epoch {r.best_epoch})"
+    console.print(_before_after(title, ("demo model", r.before), (tuned, r.after)))
     console.print(
         f"Held-out R@10 lift: text→image {r.lift('t2i_R@10'):.2f}×, image→text {r.lift('i2t_R@10'):.2f}× "
         f"(epoch chosen on {r.val_images} validation items). Fine-tuned model: {r.model}",

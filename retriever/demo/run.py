@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from retriever.atomic import write_json_atomic
-from retriever.demo.emoji import EmojiImage, emoji_collection, split_by_concept, write_manifest
+from retriever.demo.emoji import EmojiImage, emoji_collection, split_and_write, write_manifest
 from retriever.errors import UserError
 
 EXAMPLE_TEXT_QUERIES = ("a red heart", "a smiling cat", "pizza", "a rocket in space", "rain and an umbrella")
@@ -101,24 +101,19 @@ def run_demo(
         if cfg.limit < 20:
             raise UserError("--limit must be at least 20 emoji.")
         items = sorted(random.Random(cfg.seed).sample(items, min(cfg.limit, len(items))), key=lambda e: e.path)
-    train_items, val_items, heldout_items = demo_splits(items, cfg)
     data = ws / "data"
-    write_manifest(train_items, data / "train.jsonl")
-    write_manifest(val_items, data / "val.jsonl")
-    write_manifest(heldout_items, data / "heldout.jsonl")
-    write_manifest(items, data / "all.jsonl")
-    say(
-        f"{len(items)} emoji, split by concept: {len(train_items)} to train on, {len(val_items)} to choose "
-        f"the epoch (validation), {len(heldout_items)} held out for the final figures only"
+    train_items, val_items, heldout_items, line = split_and_write(
+        items, data, cfg.heldout_fraction, cfg.val_fraction, cfg.seed, "emoji"
     )
+    write_manifest(items, data / "all.jsonl")
+    say(line)
     seconds["data"] = time.perf_counter() - t
 
     t = time.perf_counter()
     run = ws / "run"
     tcfg = demo_train_config(
         cfg,
-        source=data / "train.jsonl",
-        val=data / "val.jsonl",
+        data=data,
         out=run,
         n_train=len(train_items),
         workers=workers,
@@ -202,8 +197,7 @@ def check_workspace(ws: Path) -> None:
 def demo_train_config(
     cfg: DemoConfig,
     *,
-    source: Path,
-    val: Path,
+    data: Path,
     out: Path,
     n_train: int,
     workers: int,
@@ -211,7 +205,8 @@ def demo_train_config(
     seed: int,
     model: str | None = None,
 ):
-    """The default recipe as a TrainConfig: the demo's, and the Font Awesome fine-tune's (`model`).
+    """The default recipe as a TrainConfig: the demo's, and the Font Awesome fine-tune's (`model`),
+    on the train/val manifests that `split_and_write` wrote in `data`.
 
     Without `model`, the towers are composed afresh; with it, training continues from that
     model's heads (the towers stay locked either way).
@@ -227,8 +222,8 @@ def demo_train_config(
     # Unlocked image blocks train on cached maps below them; an unlocked text layer needs the full towers.
     cached = not cfg.unlock_text_last
     return TrainConfig(
-        source=str(source),
-        val=str(val),
+        source=str(data / "train.jsonl"),
+        val=str(data / "val.jsonl"),
         out=str(out),
         model=model,
         image_tower=image_tower,
@@ -255,13 +250,6 @@ def demo_batch_size(cfg: DemoConfig, n_train: int) -> int:
     """`cfg.batch_size`, made smaller for small sets so an epoch has `cfg.min_steps_per_epoch` steps."""
     per_epoch = n_train // max(1, cfg.min_steps_per_epoch)
     return max(2, min(cfg.batch_size, per_epoch, n_train))
-
-
-def demo_splits(items: list[EmojiImage], cfg: DemoConfig):
-    """(train, validation, held-out) by concept: held-out first, then validation out of the rest."""
-    train_all, heldout = split_by_concept(items, cfg.heldout_fraction, cfg.seed)
-    train, val = split_by_concept(train_all, cfg.val_fraction, cfg.seed + 1)
-    return train, val, heldout
 
 
 def heldout_recall(tuned, untrained, manifest: Path, run: Path) -> tuple[dict, dict]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
@@ -20,10 +20,11 @@ import pyarrow as pa
 
 from retriever import __version__
 from retriever.atomic import atomic_dir, clean_stale_siblings, write_json_atomic
-from retriever.errors import ConfigError, UserError
+from retriever.errors import UserError
 from retriever.indexes import gpu, ondisk, tune
 from retriever.indexes import memory as select
-from retriever.indexes.choose import FLAT_MAX, IndexSpec, choose_index
+from retriever.indexes.choose import IndexSpec, choose_index
+from retriever.indexes.config import BuildConfig
 from retriever.indexes.manifest import MANIFEST, MODALITIES, IndexManifest, ModalityIndex, check_replaceable
 from retriever.indexes.open import set_search_params
 from retriever.indexes.rerank import VectorStore, VectorWriter, search_index
@@ -35,41 +36,6 @@ from retriever.shards import ShardSet
 
 # Called with (modality, vectors_added, total).
 BuildProgress = Callable[[str, int, int], None]
-
-
-@dataclass
-class BuildConfig:
-    """How `build_index` builds (each field's comment says what it does).
-
-    Attributes:
-        index_type: "auto" chooses by size and memory; or flat, hnsw, ivf, ivfpq, opq.
-        flat_max: "auto" stays exact (flat) up to this many vectors.
-        use_gpu: build on the GPU (None: when faiss has GPU support and sees one).
-        batch_size: vectors added per faiss call; seed: seed of training samples.
-        max_memory: bytes the index may use (None: no limit); on_disk: force on-disk inverted lists.
-        target_recall: tune search parameters to reach this recall@k (None: no tuning); k: that k.
-        tune_queries: queries drawn from the data for tuning.
-    """
-
-    index_type: str = "auto"  # auto | flat | hnsw | ivf | ivfpq | opq
-    flat_max: int = FLAT_MAX
-    use_gpu: bool | None = None  # None: when faiss has GPU support and sees a GPU
-    batch_size: int = 16_384
-    seed: int = 0
-    max_memory: int | None = None  # bytes for the index (see select.py); None: no limit
-    on_disk: bool = False  # force on-disk inverted lists (IVF kinds); the budget may also ask for them
-    target_recall: float | None = None  # tune search parameters to reach this recall@k
-    k: int = 10
-    tune_queries: int = 1000  # queries drawn from the data for tuning
-
-    def validate(self) -> None:
-        """Raise `ConfigError` (naming the parameter) for settings that cannot work."""
-        if self.target_recall is not None and not 0 < self.target_recall <= 1:
-            raise ConfigError("target_recall must be between 0 and 1, e.g. 0.95.", "target_recall")
-        if self.k < 1:
-            raise ConfigError("k must be at least 1.", "k")
-        if self.batch_size < 1 or self.tune_queries < 1:
-            raise ConfigError("batch_size and tune_queries must be at least 1.", "batch_size", "tune_queries")
 
 
 def build_index(

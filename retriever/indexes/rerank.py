@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 
 from retriever.errors import UserError
+from retriever.indexes.settings import search_threads
 
 # Search parameters that retriever applies itself; faiss's ParameterSpace must not see them.
 OWN_PARAMS = ("rerank_k_factor",)
@@ -185,7 +186,12 @@ def capped_refine_factor(k: int, k_factor: float, max_k: int | None) -> float:
 
 
 def _search(index: faiss.Index, queries: np.ndarray, k: int, max_k: int | None, faiss_params=None):
-    """index.search, keeping an RFlat wrapper's base search within max_k results."""
+    """index.search (one thread when the search is small), keeping an RFlat base within max_k results."""
+    with search_threads(index, len(queries)):
+        return _search_capped(index, queries, k, max_k, faiss_params)
+
+
+def _search_capped(index: faiss.Index, queries: np.ndarray, k: int, max_k: int | None, faiss_params=None):
     if faiss_params is not None:  # per-call parameters (CPU only: open.more_effort gives none on a GPU)
         return index.search(queries, k, params=faiss_params)
     outer = faiss.downcast_index(index)

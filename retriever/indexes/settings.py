@@ -6,6 +6,9 @@ Importing retriever changes nothing global; `build_index`, `add_to_index` and `R
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import faiss
 
 # faiss switches from its sequential kernel to BLAS only when nq·d >= 128000 (faiss 1.15), which made
@@ -17,3 +20,43 @@ BLAS_THRESHOLD = 1
 def configure_faiss() -> None:
     """Set faiss's process-wide search settings that retriever relies on (BLAS for every batch size)."""
     faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
+
+
+# A search smaller than this (query count x vectors scanned x dimension, in multiply-adds) runs on
+# the calling thread alone. Sharing it out costs more than it saves once the cores are busy: with
+# another process or an encoder's threads on the second core, OpenMP's hand-off made one query over
+# a 1,914-vector flat index take 80 ms instead of 0.3 ms (benchmarks/RESULTS.md, "Figures behind
+# comments"). 50M multiply-adds are ~10 ms on one core.
+SMALL_SEARCH_WORK = 50_000_000
+
+
+def vectors_scanned(index: faiss.Index) -> float:
+    """About how many stored vectors one query of `index` compares against (flat: all of them)."""
+    idx = faiss.downcast_index(index)
+    if isinstance(idx, faiss.IndexPreTransform):
+        return vectors_scanned(idx.index)
+    if isinstance(idx, (faiss.IndexRefine, faiss.IndexRefineFlat)):
+        return vectors_scanned(idx.base_index) + idx.k_factor * 100
+    if isinstance(idx, faiss.IndexIVF):
+        return idx.nlist + idx.ntotal * min(idx.nprobe, idx.nlist) / max(1, idx.nlist)
+    if isinstance(idx, faiss.IndexHNSW):
+        return idx.hnsw.efSearch * 32
+    return float(idx.ntotal)
+
+
+@contextmanager
+def search_threads(index: faiss.Index, n_queries: int) -> Iterator[None]:
+    """Run a faiss search on the calling thread alone when it is small (see SMALL_SEARCH_WORK).
+
+    libgomp keeps the thread count per calling thread, so concurrent searches from other threads
+    (a server's workers) keep their own setting.
+    """
+    if n_queries * vectors_scanned(index) * index.d >= SMALL_SEARCH_WORK:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)

@@ -26,6 +26,13 @@ def encode_image_tensors(encoder: LoadedModel, pixels: torch.Tensor) -> np.ndarr
 @torch.no_grad()
 def encode_token_batch(encoder: LoadedModel, tokens: torch.Tensor) -> np.ndarray:
     encoder.model.eval()
+    text = getattr(encoder.model, "text", None)
+    if text is not None and type(text).__name__ == "HFTextEncoder":
+        # An HF tower masks its padding, so trailing columns that are padding in every row change
+        # nothing: dropping them makes a short query cost a fraction of a full-context pass.
+        # (open_clip's own text transformer adds its whole positional table and keeps its length.)
+        used = (tokens != text.config.pad_token_id).any(dim=0).nonzero()
+        tokens = tokens[:, : int(used.max()) + 1 if len(used) else 1]
     with encoder.autocast():
         feats = encoder.model.encode_text(tokens.to(encoder.device))
     return _normalise(feats)

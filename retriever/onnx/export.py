@@ -3,7 +3,9 @@
 `export_onnx(encoder, out_dir)` writes, into a temporary sibling folder that replaces `out_dir`
 only once everything checks out (retriever.atomic.atomic_dir):
 
-* `text.onnx`: int64 token ids (N, context_length) -> (N, D) L2-normalised float32 embeddings;
+* `text.onnx`: int64 token ids (N, L) -> (N, D) L2-normalised float32 embeddings, for any
+  L <= context_length (`dynamic_length`: the runtime drops the padding columns a batch does not
+  use, so short queries cost a fraction of a full-length pass, and the result is the same);
 * `image.onnx`: preprocessed pixels (N, 3, H, W) -> (N, D) L2-normalised float32 embeddings;
 * the tokenizer files (CLIP's BPE merges, or an HF tower's tokenizer.json);
 * `export.json`: the model identity (weights SHA-256), each file's size and SHA-256, the
@@ -167,19 +169,24 @@ def sample_images(size: list[int], seed: int = 0) -> list[Image.Image]:
 # --------------------------------------------------------------------------------------------
 
 
-def _onnx_export(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str) -> None:
+def _onnx_export(
+    module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, dynamic_length: bool = False
+) -> None:
     # nn.MultiheadAttention's inference fast path is one fused op that ONNX has no symbol for.
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        _trace_export(module, example, path, input_name)
+        _trace_export(module, example, path, input_name, dynamic_length)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-def _trace_export(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str) -> None:
+def _trace_export(
+    module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, dynamic_length: bool
+) -> None:
     # Tracer warnings (Python ints and bools fixed at trace time) are checked for real by
-    # verify_export, at a different batch size than the trace's.
+    # verify_export, at a different batch size (and token length) than the trace's.
+    axes = {0: "batch", 1: "length"} if dynamic_length else {0: "batch"}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -188,11 +195,34 @@ def _trace_export(module: torch.nn.Module, example: torch.Tensor, path: Path, in
             str(path),
             input_names=[input_name],
             output_names=["embedding"],
-            dynamic_axes={input_name: {0: "batch"}, "embedding": {0: "batch"}},
+            dynamic_axes={input_name: axes, "embedding": {0: "batch"}},
             opset_version=OPSET,
             do_constant_folding=True,
             dynamo=False,  # the TorchScript exporter: no onnxscript dependency, handles HF towers
         )
+
+
+def _export_text(tower: torch.nn.Module, tokens: torch.Tensor, path: Path, pad_id: int) -> bool:
+    """Export the text tower for any token length when its graph allows it, else for the context
+    length only (a tower that adds its whole positional table, as open_clip's own text transformer
+    does, fixes the length at trace time). Returns whether the export takes any length."""
+    import onnxruntime as ort
+
+    from retriever.onnx.runtime import drop_padding_columns
+
+    _onnx_export(tower, tokens, path, "tokens", dynamic_length=True)
+    full = tokens.numpy()
+    short = drop_padding_columns(full, pad_id)
+    if short.shape[1] < full.shape[1]:
+        try:
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            a, b = (sess.run(None, {sess.get_inputs()[0].name: t})[0] for t in (full, short))
+            if np.abs(a - b).max() <= TOLERANCE:
+                return True
+        except Exception:  # ORT's own exception types: the traced graph cannot take another length
+            pass
+    _onnx_export(tower, tokens, path, "tokens")
+    return False
 
 
 def _file_entry(path: Path) -> dict[str, Any]:
@@ -241,13 +271,13 @@ def export_onnx(
         tok_spec = tokenizer_spec(cpu_encoder, tmp)
         pp_spec = preprocess_spec(cpu_encoder)
         tokens = cpu_encoder.tokenizer(SAMPLE_TEXTS[:2])
-        _onnx_export(_TextTower(model), tokens, tmp / TEXT_FILE, "tokens")
+        dynamic = _export_text(_TextTower(model), tokens, tmp / TEXT_FILE, tok_spec.get("pad_id", 0))
         pixels = torch.zeros(2, 3, *pp_spec["size"])
         _onnx_export(_ImageTower(model), pixels, tmp / IMAGE_FILE, "pixels")
         info = {
             "format": FORMAT_VERSION,
             "identity": encoder.identity.to_dict(),
-            "text": {**_file_entry(tmp / TEXT_FILE), "tokenizer": tok_spec},
+            "text": {**_file_entry(tmp / TEXT_FILE), "tokenizer": tok_spec, "dynamic_length": dynamic},
             "image": {**_file_entry(tmp / IMAGE_FILE), "preprocess": pp_spec},
             "opset": OPSET,
             "exported_with": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
@@ -270,7 +300,12 @@ def verify_export(
     if not np.array_equal(torch_tokens, ort_tokens):
         bad = [s for s, a, b in zip(strings, torch_tokens, ort_tokens) if not np.array_equal(a, b)]
         raise ExportError(f"The torch-free tokenizer disagrees with open_clip's on {bad[0]!r}; export refused.")
-    text_diff = float(np.abs(encode_texts(encoder, strings) - ort_encoder.encode_texts(strings)).max())
+    reference = encode_texts(encoder, strings)
+    # One batch is as long as its longest text; one text at a time exercises the runtime's trimming.
+    one_by_one = np.concatenate([ort_encoder.encode_texts([s]) for s in strings])
+    text_diff = float(
+        max(np.abs(reference - ort_encoder.encode_texts(strings)).max(), np.abs(reference - one_by_one).max())
+    )
 
     images = sample_images(ort_encoder.image_info["preprocess"]["size"])
     torch_pixels = torch.stack([encoder.preprocess(im) for im in images])

@@ -276,6 +276,17 @@ def _read_checked(folder: Path, entry: dict[str, Any]) -> bytes:
     return data
 
 
+def drop_padding_columns(tokens: np.ndarray, pad_id: int) -> np.ndarray:
+    """The (N, L) token batch without its trailing columns that hold only padding (at least one kept).
+
+    The text towers ignore padding (HF towers mask it; CLIP's causal mask and end-of-text pooling
+    never look past the end token), so the embeddings are the same and the work scales with the
+    longest text instead of the context length.
+    """
+    used = np.flatnonzero((tokens != pad_id).any(axis=0))
+    return tokens[:, : int(used[-1]) + 1 if used.size else 1]
+
+
 class OnnxEncoder:
     """encode_texts / encode_images with an exported model: the same (N, D) float32 unit vectors as
     `retriever.models.encode`. Sessions are created on first use of each tower, so a text query
@@ -357,6 +368,8 @@ class OnnxEncoder:
         return self._tokenizer
 
     def encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        if self.text_info.get("dynamic_length"):
+            tokens = drop_padding_columns(tokens, int(self.text_info["tokenizer"].get("pad_id", 0)))
         sess = self._session("text")
         return sess.run(None, {sess.get_inputs()[0].name: np.ascontiguousarray(tokens, np.int64)})[0]
 

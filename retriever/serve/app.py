@@ -16,7 +16,6 @@ import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retriever.errors import UserError
 from retriever.indexes.rows import json_value
+from retriever.serve.config import ServeConfig
 from retriever.serve.images import THUMB_SIZES, BadImage, ThumbnailCache
 from retriever.serve.metrics import Metrics
 from retriever.serve.query import MAX_K, ItemNotFound, Query, Searcher, expression_from_request
@@ -39,30 +39,6 @@ log = logging.getLogger("retriever.serve")
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/healthz", "/", "/favicon.ico")  # reachable without the key: no data behind them
 SESSION_COOKIE = "retriever_session"
-
-
-@dataclass
-class ServeConfig:
-    """Everything `retriever serve` decides at start-up.
-
-    indexes: (name, folder) pairs, served in this order (the first is the default).
-    api_key: when set, every route but /healthz and the page's files needs `Authorization: Bearer KEY`.
-    cors_origins: origins allowed to call from a browser (the clip front on another port); none by default.
-    max_upload: largest request body in bytes (413 above).
-    batching / batch_window_ms: dynamic batching of text queries.
-    watch_seconds: how often manifests are checked for a reload (0: only POST .../reload).
-    allow_image_urls: fetch `image_url` queries (public addresses only, timeout, size cap); off by default.
-    """
-
-    indexes: list[tuple[str, Path]]
-    api_key: str | None = None
-    cors_origins: list[str] = field(default_factory=list)
-    max_upload: int = 20 << 20
-    batching: bool = True
-    batch_window_ms: float = 3.0
-    watch_seconds: float = 2.0
-    allow_image_urls: bool = False
-    model: object | None = None  # an already loaded encoder to share (tests, benchmarks)
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -296,7 +272,7 @@ async def _send_json(send, status: int, error: str, headers=()):
 
 def create_app(config: ServeConfig) -> FastAPI:
     """Open every index (loading each model once) and return the application."""
-    models = ModelCache(config.model)
+    models = ModelCache(config.model, config.backend)
     registry = Registry(models)
     for name, path in config.indexes:
         registry.add(name, Path(path))
@@ -593,21 +569,15 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def validation(_: Request, exc: RequestValidationError):
         return err(422, _one_sentence(exc.errors()))
 
-    @app.exception_handler(IndexNotFound)
-    async def no_index(_: Request, exc: IndexNotFound):
-        return err(404, str(exc))
+    def says(status: int):
+        async def handler(_: Request, exc: Exception):
+            return err(status, str(exc))
 
-    @app.exception_handler(ItemNotFound)
-    async def no_item(_: Request, exc: ItemNotFound):
-        return err(404, str(exc))
+        return handler
 
-    @app.exception_handler(KTooLarge)
-    async def bad_number(_: Request, exc: KTooLarge):
-        return err(422, str(exc))
-
-    @app.exception_handler(UserError)
-    async def user_error(_: Request, exc: UserError):
-        return err(400, str(exc))
+    # Errors whose message is already the sentence to show.
+    for exc_type, status in ((IndexNotFound, 404), (ItemNotFound, 404), (KTooLarge, 422), (UserError, 400)):
+        app.add_exception_handler(exc_type, says(status))
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(_: Request, exc: BodyTooLarge):

@@ -149,7 +149,7 @@ def _collection_roots(retriever: Retriever, modality: str) -> tuple[Path, ...]:
 def open_index(name: str, path: Path, models: ModelCache, generation: int = 1) -> ServedIndex:
     """Open an index folder completely (faiss files, rows, model) so the first query is fast."""
     signature = manifest_signature(path)
-    retriever = Retriever(path)
+    retriever = Retriever(path, backend=models.backend)
     shared = models.get(path)
     if shared is not None:
         retriever.query_encoder = shared
@@ -167,9 +167,11 @@ def open_index(name: str, path: Path, models: ModelCache, generation: int = 1) -
 class ModelCache:
     """One query encoder per model identity, shared by every index built with it: the index's ONNX
     export when one is usable (no torch in the server), else the torch model (retriever.onnx.choose).
-    `preloaded` is a torch LoadedModel given on the command line; it answers for its identity."""
+    `preloaded` is a torch LoadedModel given on the command line; it answers for its identity.
+    `backend`: auto, onnx or torch (retriever.onnx.choose.open_query_encoder)."""
 
-    def __init__(self, preloaded=None):
+    def __init__(self, preloaded=None, backend: str = "auto"):
+        self.backend = backend
         self._models: dict[str, object] = {}
         self._lock = threading.Lock()
         if preloaded is not None:

@@ -93,7 +93,7 @@ def test_the_package_has_no_extra_that_adds_a_second_faiss():
 
     import tomllib
 
-    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    meta = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
     faiss_deps = [d for d in meta["dependencies"] if d.startswith("faiss")]
     assert faiss_deps == ["faiss-cpu>=1.8"]
     for extra, deps in meta.get("optional-dependencies", {}).items():

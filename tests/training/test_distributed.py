@@ -16,7 +16,7 @@ from retriever.errors import UserError
 from retriever.training.loop import TrainConfig, train
 from retriever.training.optim import OptimConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.e2e]

@@ -75,8 +75,7 @@ def test_small_training_sets_get_more_steps_per_epoch(tmp_path):
     assert [demo_batch_size(cfg, n) for n in (4096, 1301, 511, 10)] == [256, 162, 63, 2]
     tcfg = demo_train_config(
         cfg,
-        source=tmp_path / "t.jsonl",
-        val=tmp_path / "v.jsonl",
+        data=tmp_path,
         out=tmp_path / "run",
         n_train=511,
         workers=0,

@@ -97,6 +97,8 @@ def test_tiny_export_is_verified_and_complete(tiny_export, tiny_model):
     assert pp["size"] == [32, 32] and pp["resize_mode"] == "shortest" and pp["interpolation"] == "bicubic"
     v = info["verified"]
     assert v["text_max_abs_diff"] <= 1e-5 and v["image_max_abs_diff"] <= 1e-5 and v["pixel_max_abs_diff"] <= 1e-5
+    # open_clip's own text transformer adds its whole positional table: its graph keeps the length.
+    assert on_disk["text"]["dynamic_length"] is False
 
 
 def test_onnx_encoder_matches_torch_on_real_images_and_batches(tiny_export, tiny_model, emoji_items):
@@ -226,7 +228,7 @@ def test_cli_search_in_fresh_process_imports_no_torch(tiny_index, emoji_items, q
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=Path(__file__).parent.parent,
+        cwd=Path(__file__).parents[2],
     )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
@@ -280,11 +282,20 @@ def test_composed_hf_tower_export_from_local_dir(tmp_path):
     info = export_onnx(encoder, tmp_path / "model" / "onnx")
     assert info["text"]["tokenizer"]["kind"] == "hf" and info["text"]["tokenizer"]["context_length"] == 16
     assert info["verified"]["text_max_abs_diff"] <= 1e-5 and info["verified"]["image_max_abs_diff"] <= 1e-5
+    # An HF tower masks its padding: the export takes any length and the runtime drops unused padding.
+    assert info["text"]["dynamic_length"] is True
     from retriever.onnx.choose import find_onnx_encoder
 
     found, why = find_onnx_encoder(None, encoder.identity)  # found in the model folder's onnx/
     assert why is None and isinstance(found, OnnxEncoder)
     assert found.encode_texts(["a red heart"]).shape == (1, 32)
+    seen = []
+    session = found._session("text")
+    found._sessions["text"] = type("Spy", (), {"get_inputs": session.get_inputs,
+                                               "run": lambda self, o, feed: seen.append(feed) or session.run(o, feed)})()  # fmt: skip
+    alone, together = found.encode_texts(["a red heart"]), found.encode_texts(["a red heart", "x " * 40])
+    assert [f["tokens"].shape[1] for f in seen] == [5, 16]  # [CLS] a red heart [SEP]; the long one fills 16
+    np.testing.assert_allclose(alone[0], together[0], atol=1e-6)
 
 
 def test_embed_on_onnx_matches_torch_shards(tiny_model, tiny_export, emoji_folder, tmp_path):
@@ -338,7 +349,7 @@ def test_server_answers_text_and_image_queries_without_torch(tiny_index, emoji_i
         capture_output=True,
         text=True,
         timeout=180,
-        cwd=Path(__file__).parent.parent,
+        cwd=Path(__file__).parents[2],
     )
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])

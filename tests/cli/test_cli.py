@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import typer.main
 from typer.testing import CliRunner
 
 from retriever.cli.app import app
@@ -112,7 +113,7 @@ def test_library_errors_name_parameters_and_the_cli_says_flags(tmp_path):
     assert "--unlock-text-last only makes sense with --lock-text" in " ".join(res.stderr.split())
 
 
-@pytest.mark.parametrize("command", ["embed", "index", "search", "info", "train", "eval", "demo"])
+@pytest.mark.parametrize("command", sorted(typer.main.get_command(app).commands))
 def test_every_flag_reads_in_full_at_80_columns(command):
     env = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
     res = subprocess.run(

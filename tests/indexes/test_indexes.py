@@ -170,3 +170,24 @@ def test_vector_search_does_not_import_torch(index_dir):
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["3", "False"]
+
+
+def test_small_searches_run_on_one_thread_and_large_ones_keep_the_pool(monkeypatch):
+    from retriever.indexes import settings
+
+    small = faiss.IndexFlatIP(64)
+    small.add(np.random.default_rng(0).standard_normal((500, 64)).astype(np.float32))
+    faiss.omp_set_num_threads(2)
+    seen = []
+    with settings.search_threads(small, 1):
+        seen.append(faiss.omp_get_max_threads())
+    assert seen == [1] and faiss.omp_get_max_threads() == 2  # restored afterwards
+    monkeypatch.setattr(settings, "SMALL_SEARCH_WORK", 500 * 64)  # the same search is now "large"
+    with settings.search_threads(small, 1):
+        seen.append(faiss.omp_get_max_threads())
+    assert seen == [1, 2]
+    ivf = faiss.index_factory(64, "IVF16,Flat", faiss.METRIC_INNER_PRODUCT)
+    ivf.train(np.random.default_rng(1).standard_normal((2000, 64)).astype(np.float32))
+    ivf.add(np.random.default_rng(2).standard_normal((2000, 64)).astype(np.float32))
+    ivf.nprobe = 4
+    assert settings.vectors_scanned(ivf) == 16 + 2000 * 4 / 16

@@ -112,7 +112,7 @@ def test_callers_may_drop_what_they_passed(tmp_path):
     # owner: use after free (a segfault in write_index), so this runs in its own process. Also
     # checks that no GPU copy outlives the index it belonged to.
     factories = ["IVF16,PQ4x8np,RFlat", "OPQ4_16,IVF16,PQ4x8np", "IVF16,Flat"]
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
     proc = subprocess.run(
         [sys.executable, "-c", _OWNERSHIP_SCRIPT, str(tmp_path / "x.faiss"), *factories],

@@ -17,6 +17,12 @@ from retriever.training.optim import OptimConfig
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def quick_run(tiny, source, out, **overrides) -> TrainConfig:
+    """A short in-process run of the tiny model: one epoch of batch 32 unless a test says otherwise."""
+    base = dict(source=str(source), out=str(out), model=tiny.config, epochs=1, batch_size=32, workers=0)
+    return TrainConfig(**{**base, **overrides})
+
+
 @pytest.fixture(scope="module")
 def emoji_split(tmp_path_factory):
     """Twemoji + names split by concept: val emoji are never seen in training."""
@@ -166,17 +172,8 @@ def test_resume_refuses_changed_settings_and_new_run_refuses_used_folder(tiny, s
     ],
 )
 def test_user_errors(tiny, small_manifest, tmp_path, bad, match):
-    cfg = dict(
-        source=str(small_manifest),
-        out=str(tmp_path / "x"),
-        model=tiny.config,
-        epochs=1,
-        batch_size=32,
-        workers=0,
-        max_steps=1,
-    )
     with pytest.raises(UserError, match=match):
-        train(TrainConfig(**{**cfg, **bad}))
+        train(quick_run(tiny, small_manifest, tmp_path / "x", **{"max_steps": 1, **bad}))
 
 
 def test_lock_with_unlocked_last_blocks(tiny):
@@ -368,17 +365,14 @@ def test_cached_features_train_the_unlocked_last_image_block_on_cached_maps(emoj
 def test_siglip_gradcache_and_checkpointing_run_and_reload(tiny, small_manifest, tmp_path):
     import open_clip
 
-    cfg = TrainConfig(
-        source=str(small_manifest),
-        out=str(tmp_path / "s"),
-        model=tiny.config,
-        epochs=1,
-        batch_size=32,
+    cfg = quick_run(
+        tiny,
+        small_manifest,
+        tmp_path / "s",
         micro_batch=8,
         loss="siglip",
         grad_checkpointing=True,
         augment=False,
-        workers=0,
         max_steps=2,
     )
     result = train(cfg)
@@ -401,16 +395,7 @@ def test_skipped_training_images_are_reported_once_like_embed(tiny, emoji_split,
     broken.write_bytes(b"not a png")
     items[3] = dataclasses.replace(items[3], path=str(broken))
     manifest = write_manifest(items, tmp_path / "pairs.jsonl")
-    cfg = TrainConfig(
-        source=str(manifest),
-        out=str(tmp_path / "run"),
-        model=tiny.config,
-        epochs=2,
-        batch_size=16,
-        val_fraction=0.0,
-        augment=False,
-        workers=0,
-    )
+    cfg = quick_run(tiny, manifest, tmp_path / "run", epochs=2, batch_size=16, val_fraction=0.0, augment=False)
     result = train(cfg)
     assert result.skipped.count == 1 and result.skipped.file == str(tmp_path / "run" / ERRORS_FILE)
     (entry,) = read_skipped(tmp_path / "run")

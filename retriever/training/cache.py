@@ -88,7 +88,7 @@ class _TrunkBelow(torch.nn.Sequential):
     """The locked first part of a trunk; its output maps are cached in fp16 (half the bytes, and
     the unlocked blocks see them again in fp32: rounding far below what training moves)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x).half()
 
 

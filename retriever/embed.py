@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,9 +30,9 @@ from retriever.models.encode import count_truncated, encode_image_tensors, encod
 from retriever.models.load import LoadedModel
 from retriever.shards import (
     SHARD_GLOB,
+    check_shard_folder,
     metadata_fields,
     metadata_key,
-    shard_number,
     shard_schema,
     write_shard,
 )
@@ -122,7 +121,7 @@ def embed_items(
     if fields:  # absent without metadata, so folders embedded before metadata columns still resume
         job["metadata_columns"] = {f.name: str(f.type) for f in fields}
     parts.check_part(cfg.part, cfg.num_parts)
-    _check_out_dir(out)
+    check_shard_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     lock_tag = parts.tag(cfg.part, cfg.num_parts)  # "" for a one-process run: the folder's lock
     with folder_lock(out, inside=True, tag=lock_tag, wait=wait, on_wait=on_message, what="embedding into"):
@@ -156,7 +155,7 @@ def _embed_locked(
 
     t0 = time.perf_counter()
     n_todo = sum(len(_shard_items(items, k, cfg.shard_size)) for k in todo)
-    n_seen = truncated = 0
+    n_seen = truncated = rows_written = 0
     for k, batches in _decoded_shards(items, todo, encoder, cfg):
         chunk = _shard_items(items, k, cfg.shard_size)
         ids, paths, captions, vecs, shard_errors, metas = [], [], [], [], [], []
@@ -195,9 +194,10 @@ def _embed_locked(
         write_shard(
             out / parts.shard_file(k, cfg.part, cfg.num_parts), schema, ids, paths, captions, img, txt, has_text, metas
         )
+        rows_written += len(ids)
 
     seconds = time.perf_counter() - t0
-    rows = _count_rows(out)
+    rows = rows_written + count_rows(out, [parts.shard_file(k, cfg.part, cfg.num_parts) for k in sorted(done)])
     return EmbedResult(
         out_dir=str(out),
         rows=rows,
@@ -298,28 +298,6 @@ def _prepare_out_dir(out: Path, job: dict, overwrite: bool) -> None:
     write_json_atomic(job_path, job)
 
 
-# What a shard folder may hold besides its shards: ours (one-process or part-tagged job and
-# errors files), or hidden (temp files, the locks, .DS_Store).
-_SHARD_FOLDER_FILE = re.compile(r"^(_embed_job|_errors)(-p\d+of\d+)?\.(json|jsonl)$")
-
-
-def _check_out_dir(out: Path) -> None:
-    """Refuse an --out that is a file or a folder of something else (issue 10: never mix into user data)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder.")
-    if not out.is_dir():
-        return
-    strangers = sorted(
-        p.name
-        for p in out.iterdir()
-        if not _SHARD_FOLDER_FILE.match(p.name) and not p.name.startswith(".") and shard_number(p.name) is None
-    )
-    if strangers:
-        raise UserError(
-            f"--out {out} is not a shard folder (it holds {', '.join(strangers[:3])}); choose a new or empty folder."
-        )
-
-
 def _is_own(name: str, part: int, num_parts: int) -> bool:
     """Whether a file of the shard folder (or its temp file) is this run's: this part's (its name
     carries the tag -pIofN), or, for a one-process run, one whose name carries no part tag."""
@@ -374,7 +352,15 @@ def _prepare_part_dir(out: Path, job: dict, overwrite: bool) -> None:
     write_json_atomic(out / parts.job_file(job["part"], job["num_parts"]), job)
 
 
-def _count_rows(out: Path) -> int:
+def count_rows(out: Path, names: Sequence[str] | None = None) -> int:
+    """Rows of the named shards of `out` (default: all of them), from their Parquet footers: one small
+    read per file, none of the rows.
+
+    embed_items counts only its own kept shards (and adds the rows it wrote): another part's may be
+    written, repaired or damaged meanwhile, and counting them made a part's result depend on how far
+    the others had got."""
     import pyarrow.parquet as pq
 
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob(SHARD_GLOB))
+    if names is None:
+        names = sorted(p.name for p in out.glob(SHARD_GLOB))
+    return sum(pq.ParquetFile(out / name).metadata.num_rows for name in names)

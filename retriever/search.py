@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import faiss
 import numpy as np
 
+from retriever.data.limits import DEFAULT_MAX_PIXELS
 from retriever.errors import UserError
 from retriever.identity import ModelIdentity
 from retriever.indexes.manifest import IndexManifest, ModalityIndex, read_index_manifest
@@ -91,7 +92,8 @@ class Retriever:
     the index's model when one matches (INDEX/onnx/, the model folder's onnx/, the export cache),
     which needs no torch, else the torch model loaded from the identity in the manifest (`backend=`
     "auto", "onnx" or "torch"); pass `model=` to reuse one already loaded. A model whose weights
-    differ from the index's is refused: its vectors would not be comparable.
+    differ from the index's is refused: its vectors would not be comparable. A query image that
+    would decode to more than `max_pixels` pixels is refused before decoding (None: no limit).
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class Retriever:
         device: str | None = None,
         use_gpu: bool | None = None,
         backend: str = "auto",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ):
         configure_faiss()
         self.index_dir = Path(index_dir).expanduser()
@@ -113,6 +116,7 @@ class Retriever:
         self._device = device
         self._use_gpu = use_gpu
         self._backend = backend
+        self.max_pixels = max_pixels
         self._query_encoder: QueryEncoder | None = None
         self._open: dict[str, OpenIndex] = {}
         self._masks: dict[tuple[str, str], RowFilter] = {}
@@ -176,7 +180,8 @@ class Retriever:
         return self.query_encoder.encode_texts(list(texts), batch_size)
 
     def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
-        return self.query_encoder.encode_images(list(images))
+        """Query images as unit vectors; one over `max_pixels` is refused (ValueError) before decoding."""
+        return self.query_encoder.encode_images(list(images), max_pixels=self.max_pixels)
 
     # --- Searching ------------------------------------------------------------------------------
     def search(

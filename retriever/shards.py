@@ -52,6 +52,32 @@ def shard_number(name: str) -> int | None:
 BASE_COLUMNS = ("id", "path", "caption", "image_embedding", "text_embedding")
 
 
+# What a shard folder may hold besides its shards: ours (one-process or part-tagged job and
+# errors files), or hidden (temp files, the locks, .DS_Store).
+_SHARD_FOLDER_FILE = re.compile(r"^(_embed_job|_errors)(-p\d+of\d+)?\.(json|jsonl)$")
+
+
+def check_shard_folder(out: str | Path) -> None:
+    """Refuse an --out that is a file or a folder of something else (issue 10: never mix into user data).
+
+    Absent, empty, or a shard folder (shards, retriever's job and errors files, hidden files) passes.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder.")
+    if not out.is_dir():
+        return
+    strangers = sorted(
+        p.name
+        for p in out.iterdir()
+        if not _SHARD_FOLDER_FILE.match(p.name) and not p.name.startswith(".") and shard_number(p.name) is None
+    )
+    if strangers:
+        raise UserError(
+            f"--out {out} is not a shard folder (it holds {', '.join(strangers[:3])}); choose a new or empty folder."
+        )
+
+
 def shard_schema(
     identity: ModelIdentity, dtype: str = "float32", metadata_fields: Sequence[pa.Field] = ()
 ) -> pa.Schema:

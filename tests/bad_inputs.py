@@ -1,7 +1,8 @@
 """A generator of hostile inputs for `retriever embed`: every kind of file a real collection throws at it.
 
 `make_folder(root, good)` writes a folder of images with captions; `make_manifests(root, folder)`
-writes one bad manifest per format over it. tests/test_bad_inputs.py checks that every item ends
+writes one bad manifest per format over it; `make_containers(root, good)` writes webdataset tars and
+image Parquet files whose captions are bytes of every kind, structs and numbers. tests/test_bad_inputs.py checks that every item ends
 embedded or reported and that none crashes the run. Grow it with each new input format.
 """
 
@@ -118,6 +119,68 @@ def make_manifests(root: Path, folder: Path) -> dict[str, tuple[int, int]]:
     table = pa.table({"image": [good, webp, missing], "caption": [b"bytes caption", b"\xff\xfe\x00", None]})
     pq.write_table(table, root / "bad.parquet")
     out["bad.parquet"] = (1, 2)
+    return out
+
+
+def _tar_add(tf, name: str, data: bytes) -> None:
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def make_containers(root: Path, good: list[Path]) -> dict[str, tuple[int, int]]:
+    """Tar shards and image Parquet files with hostile captions; returns {source name: (items that must
+    embed, items that must be reported)}. Captions follow the rule of every source: UTF-8 (a BOM
+    dropped) or BOM-marked UTF-16 text is kept, anything else leaves its item out with the reason."""
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    png = good[0].read_bytes()
+    out: dict[str, tuple[int, int]] = {}
+    samples = [  # key, .txt member, .json member, fate
+        ("plain", b"a plain caption", b'{"url": "http://x/plain"}', "embedded"),
+        ("bom8", "\ufeffcaf\u00e9 with a BOM".encode(), None, "embedded"),
+        ("bom16", "utf-16 caf\u00e9".encode("utf-16"), None, "embedded"),
+        ("json-caption", None, b'{"caption": "only in the sidecar"}', "embedded"),
+        ("txt-wins", b"the txt caption", b'{"caption": 3.5}', "embedded"),  # the sidecar's number is unused
+        ("latin1", "caf\u00e9".encode("latin-1"), None, "reported"),
+        ("binary", b"\x00\x01\x02", None, "reported"),
+        ("struct", None, b'{"caption": {"a": 1}}', "reported"),
+        ("number", None, b'{"caption": 7}', "reported"),
+        ("json-list", None, b"[1, 2]", "reported"),
+        ("not-json", None, b"{caption: unquoted", "reported"),
+        ("json-latin1", None, '{"caption": "caf\u00e9"}'.encode("latin-1"), "reported"),
+    ]
+    with tarfile.open(root / "captions.tar", "w") as tf:
+        for key, txt, sidecar, _ in samples:
+            _tar_add(tf, f"{key}.png", png)
+            if txt is not None:
+                _tar_add(tf, f"{key}.txt", txt)
+            if sidecar is not None:
+                _tar_add(tf, f"{key}.json", sidecar)
+        _tar_add(tf, "cut.png", png[: len(png) // 2])  # caption fine, image undecodable
+        _tar_add(tf, "cut.txt", b"truncated image")
+    fates = [f for *_, f in samples] + ["reported"]
+    out["captions.tar"] = (fates.count("embedded"), fates.count("reported"))
+
+    def image_parquet(name: str, captions: pa.Array, images: list[bytes] | None = None) -> None:
+        images = images or [png] * len(captions)
+        pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "caption": captions}), root / name)
+
+    binary = [b"utf-8 bytes", "\ufeffbom".encode(), "utf-16".encode("utf-16"), b"\xe9t\xe9", b"nul\x00", None]
+    image_parquet("binary-captions.parquet", pa.array(binary, pa.binary()))
+    out["binary-captions.parquet"] = (4, 2)  # three texts and a null caption embed; latin-1 and NUL reported
+    image_parquet("struct-captions.parquet", pa.array([{"a": 1}, None, {"a": 2}]))
+    out["struct-captions.parquet"] = (1, 2)  # a null struct is no caption
+    image_parquet("float-captions.parquet", pa.array([1.5, float("nan"), None]))
+    out["float-captions.parquet"] = (2, 1)  # NaN and null are no caption
+    image_parquet("mixed.parquet", pa.array(["fine", "also fine", None]), [png, b"not an image", png])
+    out["mixed.parquet"] = (2, 1)  # an image cell that does not decode
     return out
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from bad_inputs import make_folder, make_manifests
+from bad_inputs import make_containers, make_folder, make_manifests
 from conftest import TINY_CONFIG
 from typer.testing import CliRunner
 
@@ -55,3 +55,24 @@ def test_every_row_of_each_bad_manifest_is_embedded_or_reported(corpus, tmp_path
     for name, (n_embedded, n_reported) in manifests.items():
         _, paths, errors = embed(tmp_path / name, tmp_path / f"out-{name}")
         assert (len(paths), len(errors)) == (n_embedded, n_reported), (name, paths, errors)
+
+
+def test_every_item_of_each_bad_container_is_embedded_or_reported(emoji_items, tmp_path):
+    """Webdataset tars and image Parquet: captions that are not honest text are reported, never embedded
+    as U+FFFD or a Python repr; the kept captions are the decoded text."""
+    sources = make_containers(tmp_path / "c", [Path(emoji_items[0].path)])
+    for name, (n_embedded, n_reported) in sources.items():
+        out = tmp_path / f"out-{name}"
+        _, paths, errors = embed(tmp_path / "c" / name, out)
+        assert (len(paths), len(errors)) == (n_embedded, n_reported), (name, paths, errors)
+        assert all(e["reason"] for e in errors), errors
+        captions = [
+            c for f in sorted(out.glob("part-*.parquet")) for c in pq.read_table(f).column("caption").to_pylist()
+        ]
+        assert not any(c and ("\ufffd" in c or c.startswith(("b'", "{")) or c == "1.5") for c in captions), captions
+        if name == "captions.tar":
+            assert set(captions) >= {"café with a BOM", "utf-16 café", "only in the sidecar", "the txt caption"}
+            reported = {e["path"].rpartition("#")[2] for e in errors}
+            assert reported == {"latin1", "binary", "struct", "number", "json-list", "not-json", "json-latin1", "cut"}
+        if name == "binary-captions.parquet":
+            assert captions == ["utf-8 bytes", "bom", "utf-16", None]

@@ -116,6 +116,7 @@ def test_two_torchrun_processes_write_the_rows_of_one(single, emoji_folder, tmp_
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert report["parts"]["complete"] == [0, 1]
+    assert (report["rows"], report["shards"]) == (30, 8)  # rank 0 reports the whole job, after the barrier
     assert sorted(p.name for p in (tmp_path / "d").glob("part-*"))[:2] == [
         "part-00000-p0of2.parquet",
         "part-00001-p1of2.parquet",

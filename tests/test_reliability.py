@@ -341,7 +341,9 @@ def test_train_killed_before_its_first_checkpoint_restarts(emoji_folder, tmp_pat
 
 def damage(path: Path, how: str) -> None:
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if how == "truncate" else os.urandom(max(64, len(data) // 4)))
+    path.write_bytes(
+        {"truncate": data[: len(data) // 2], "random": os.urandom(max(64, len(data) // 4)), "empty": b""}[how]
+    )
 
 
 @pytest.mark.parametrize("how", ["truncate", "random"])
@@ -357,7 +359,7 @@ def test_damaged_shard_is_one_sentence_and_embed_redoes_it(shards, emoji_folder,
     run("index", out, "--out", tmp_path / "i")
 
 
-@pytest.mark.parametrize("how", ["truncate", "random"])
+@pytest.mark.parametrize("how", ["truncate", "random", "empty"])
 @pytest.mark.parametrize("name", ["image.faiss", "image.rows.arrow"])
 def test_damaged_index_file_is_one_sentence_everywhere(shards, index, name, how):
     damage(index / name, how)
@@ -574,3 +576,280 @@ def test_add_after_a_writer_died_between_the_two_renames_restores_and_adds(shard
     res = run("index", "--add", "--renumber", shards / "a", index)
     assert "restored" in res.output and not old.exists()
     assert json.loads((index / "manifest.json").read_text())["shards"]["rows"] == 74
+
+
+# Issue 10, second pass: import and export follow the --out rule and take the writer lock.
+
+
+@pytest.fixture()
+def exported(shards, tmp_path) -> Path:
+    run("export", shards / "a", "--format", "clip-retrieval", "--out", tmp_path / "cr")
+    return tmp_path / "cr"
+
+
+def import_(exported: Path, out: Path, *extra, code=0):
+    return run("import", "clip-retrieval", exported, "--out", out, "--model", TINY_CONFIG, *extra, code=code)
+
+
+def test_import_out_refuses_a_foreign_folder_and_a_file(exported, tmp_path):
+    """On main import wrote its shards into a folder of the user's files and crashed on a file."""
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("my thesis")
+    res = import_(exported, user, code=1)
+    assert "not a shard folder" in res.output and len(res.output.strip().splitlines()) == 1
+    assert tree(user) == {"notes.txt": b"my thesis"}
+    f = tmp_path / "file"
+    f.write_text("keep")
+    assert "not a folder" in import_(exported, f, code=1).output
+    assert f.read_text() == "keep"
+
+
+def test_import_replaces_a_shard_folder_only_with_overwrite(shards, exported, tmp_path):
+    out = tmp_path / "s"
+    shutil.copytree(shards / "all", out)
+    before = tree(out)
+    assert "--overwrite" in import_(exported, out, code=1).output
+    assert tree(out) == before
+    import_(exported, out, "--overwrite")
+    from retriever.shards import ShardSet
+
+    assert ShardSet(out).num_rows == 10  # the import, whole; none of the 64 rows left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".s.") and p.suffix in (".tmp", ".old")]
+
+
+def test_import_takes_the_writer_lock_and_cleans_a_killed_imports_leftovers(exported, tmp_path):
+    out = tmp_path / "s"
+    holder = hold_lock(out, inside=False, seconds=30)
+    try:
+        res = import_(exported, out, code=1)
+        assert f"pid {holder.pid}" in res.output and not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    leftover = tmp_path / ".s.1234abcd.tmp"  # what a killed import leaves (atomic_dir's temp folder)
+    leftover.mkdir()
+    (leftover / "part-00000.parquet").write_bytes(b"half")
+    res = import_(exported, out)
+    assert "left by a killed writer" in res.output and not leftover.exists()
+
+
+def test_import_refuses_a_folder_an_embed_is_writing(shards, exported, tmp_path):
+    out = tmp_path / "s"
+    shutil.copytree(shards / "a", out)
+    holder = hold_lock(out, inside=True, seconds=30)  # embed's lock, inside the shard folder
+    try:
+        assert f"pid {holder.pid}" in import_(exported, out, "--overwrite", code=1).output
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_export_out_refuses_foreign_folders_the_shards_and_a_file(shards, exported, tmp_path):
+    """On main export replaced whatever --out was: a folder of the user's files was deleted."""
+    user = tmp_path / "mine"
+    (user / "photos").mkdir(parents=True)
+    (user / "photos" / "cat.jpg").write_bytes(b"meow")
+    (user / "img_emb").mkdir()
+    (user / "img_emb" / "notes.txt").write_text("not an export")
+    before = tree(user)
+    f = tmp_path / "file"
+    f.write_text("keep")
+    copy = tmp_path / "copy"
+    shutil.copytree(shards / "a", copy)
+    for target, words in ((user, "not a clip-retrieval folder"), (f, "is a file"), (copy, "overlaps the shard folder")):
+        res = run("export", copy, "--format", "clip-retrieval", "--out", target, code=1)
+        assert words in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert tree(user) == before and f.read_text() == "keep" and (copy / "part-00000.parquet").is_file()
+    run("export", shards / "b", "--format", "clip-retrieval", "--out", exported)  # an earlier export is replaced
+    import pyarrow.parquet as pq
+
+    paths = pq.read_table(exported / "metadata" / "metadata_0.parquet").column("image_path").to_pylist()
+    assert len(paths) == 10 and set(paths).isdisjoint(
+        pq.read_table(shards / "a" / "part-00000.parquet").column("path").to_pylist()
+    )
+
+
+def test_export_takes_the_writer_lock(shards, exported):
+    holder = hold_lock(exported, inside=False, seconds=30)
+    try:
+        res = run("export", shards / "b", "--format", "clip-retrieval", "--out", exported, code=1)
+        assert f"pid {holder.pid}" in res.output and "--wait" in res.output
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# Damaged files of a partitioned build (index --part / index merge) and of rows files: one sentence.
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory, tiny_model) -> Path:
+    """Shards of 1200 random vectors (enough for IVF) and both parts of a 2-part build, kept pristine."""
+    import numpy as np
+
+    from retriever.shards import shard_name, shard_schema, write_shard
+
+    root = tmp_path_factory.mktemp("staged")
+    schema = shard_schema(tiny_model.identity)
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        ids = list(range(k * 300, (k + 1) * 300))
+        img = rng.normal(size=(300, tiny_model.embed_dim)).astype(np.float32)
+        img /= np.linalg.norm(img, axis=1, keepdims=True)
+        paths = [f"/x/{i}.jpg" for i in ids]
+        write_shard(root / "s" / shard_name(k), schema, ids, paths, [None] * 300, img, 0 * img, np.zeros(300, bool))
+    for i in (0, 1):
+        run("index", root / "s", "--out", root / "idx", "--part", f"{i}/2", "--index-type", "ivf")
+    shutil.move(root / "idx.parts", root / "pristine")
+    return root
+
+
+def fresh_stage(staged: Path, tmp_path: Path) -> tuple[Path, Path]:
+    shutil.copytree(staged / "pristine", tmp_path / "idx.parts")
+    return tmp_path / "idx", tmp_path / "idx.parts"
+
+
+def one_sentence(output: str) -> str:
+    """The command's own output: faiss's C++ stderr line about moved on-disk files is not ours."""
+    lines = [x for x in output.strip().splitlines() if x.strip() and not x.startswith("IO_FLAG_ONDISK")]
+    assert len(lines) == 1 and "Traceback" not in output, output
+    return lines[0]
+
+
+@pytest.mark.parametrize("how", ["truncate", "random", "empty"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "plan.json",
+        "trained/image.trained.faiss",
+        "part-0of2/done.json",
+        "part-0of2/image.faiss",
+        "part-1of2/image.rows.arrow",
+    ],
+)
+def test_damaged_staged_build_file_is_one_sentence_for_merge(staged, tmp_path, name, how):
+    """On main: a JSONDecodeError, faiss RuntimeError or ArrowInvalid traceback."""
+    index, stage = fresh_stage(staged, tmp_path)
+    damage(stage / name, how)
+    line = one_sentence(run("index", "merge", index, code=1).output)
+    assert f"{Path(name).name} cannot be read" in line and "delete" in line, line
+    assert not index.exists()
+
+
+@pytest.mark.parametrize("how", ["truncate", "empty"])
+def test_truncated_ivfdata_of_a_part_is_one_sentence_not_a_sigbus(staged, tmp_path, how):
+    """faiss memory-maps .ivfdata without checking its size: on main the merge died of SIGBUS (rc -7)."""
+    index, stage = fresh_stage(staged, tmp_path)
+    damage(stage / "part-0of2" / "image.ivfdata", how)
+    p = cli("index", "merge", index)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 1, (p.returncode, stderr)
+    line = one_sentence(stdout + stderr)
+    assert "image.ivfdata cannot be read" in line and "part 0 of 2" in line, line
+
+
+@pytest.mark.parametrize("how", ["truncate", "random", "empty"])
+@pytest.mark.parametrize("name", ["plan.json", "trained/image.trained.faiss"])
+def test_damaged_plan_or_quantizer_is_one_sentence_for_a_part(staged, tmp_path, name, how):
+    index, stage = fresh_stage(staged, tmp_path)
+    shutil.rmtree(stage / "part-1of2")
+    damage(stage / name, how)
+    line = one_sentence(
+        run("index", staged / "s", "--out", index, "--part", "1/2", "--index-type", "ivf", code=1).output
+    )
+    assert f"{Path(name).name} cannot be read" in line and f"delete {stage}" in line, line
+
+
+def test_incomplete_done_file_is_one_sentence(staged, tmp_path):
+    index, stage = fresh_stage(staged, tmp_path)
+    (stage / "part-1of2" / "done.json").write_text('{"part": 1, "entries": {}}')
+    line = one_sentence(run("index", "merge", index, code=1).output)
+    assert "done.json cannot be read (incomplete" in line and "part 1 of 2" in line, line
+    again = run("index", staged / "s", "--out", index, "--part", "1/2", "--index-type", "ivf", code=1)
+    assert "done.json cannot be read" in one_sentence(again.output)  # not taken as a finished part
+    shutil.rmtree(stage / "part-1of2")  # the sentence's advice works
+    run("index", staged / "s", "--out", index, "--part", "1/2", "--index-type", "ivf")
+    run("index", "merge", index)
+
+
+@pytest.mark.parametrize("how", ["truncate", "random", "empty"])
+def test_rows_file_readers_give_one_sentence(index, how):
+    from retriever.errors import UserError
+    from retriever.indexes.rows import file_schema, iter_file_batches
+
+    damage(index / "image.rows.arrow", how)
+    with pytest.raises(UserError, match="image.rows.arrow cannot be read"):
+        file_schema(index / "image.rows.arrow")
+    with pytest.raises(UserError, match="image.rows.arrow cannot be read"):
+        list(iter_file_batches(index / "image.rows.arrow"))
+
+
+def test_truncated_ivfdata_of_an_on_disk_index_is_one_sentence(staged, tmp_path):
+    """A search or info over an on-disk index whose .ivfdata was cut short died of SIGBUS on main."""
+    index = tmp_path / "idx"
+    run("index", staged / "s", "--out", index, "--index-type", "ivf", "--on-disk", "--no-onnx")
+    damage(index / "image.ivfdata", "truncate")
+    for args in (["info", index], ["search", index, "a face", "--model", TINY_CONFIG]):
+        p = cli(*args)
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == 1, (args, p.returncode, stderr)
+        line = one_sentence(stdout + stderr)
+        assert "image.ivfdata cannot be read" in line and "rebuild" in line, line
+
+
+# `search --image` names --max-pixels in its refusal: search now has that option (the library's keyword).
+
+
+@pytest.mark.parametrize("model", [["--model", TINY_CONFIG], []])  # torch, and the index's own encoder (ONNX)
+def test_search_max_pixels_option_sets_the_query_image_limit(emoji_folder, index, model):
+    image = sorted(emoji_folder.rglob("*.png"))[0]  # 72×72 = 5184 pixels
+    run("search", index, "--image", image, *model)
+    res = run("search", index, "--image", image, "--max-pixels", "5000", *model, code=1)
+    assert "over the limit of 0.005 MP (--max-pixels)" in res.output and len(res.output.strip().splitlines()) == 1
+    run("search", index, "--image", image, "--max-pixels", "6000", *model)
+    assert "--max-pixels" in run("search", "--help").output
+
+
+def test_retriever_max_pixels_defaults_to_the_decode_limit(index, tiny_model, tmp_path):
+    from PIL import Image
+
+    from retriever.data.images import DEFAULT_MAX_PIXELS
+    from retriever.errors import UserError
+    from retriever.search import Retriever
+
+    big = tmp_path / "big.png"
+    Image.new("L", (300, 300), 128).save(big)
+    with Retriever(index, tiny_model) as r:
+        assert r.max_pixels == DEFAULT_MAX_PIXELS
+        r.search(image=big, k=1)
+    with Retriever(index, tiny_model, max_pixels=300 * 300 - 1) as r, pytest.raises(UserError, match="max-pixels"):
+        r.search(image=big, k=1)
+
+
+def test_a_parts_row_count_reads_only_its_own_footers(emoji_folder, tiny_model, tmp_path, monkeypatch):
+    """A part's result counts its own rows (written now, or kept: from their footers). On main it read
+    every part's shards, so another part's damaged shard failed this part after its work was done,
+    and the count depended on how far the other parts had got."""
+    import pyarrow.parquet as pq
+
+    from retriever.data.sources import read_source
+    from retriever.embed import EmbedConfig, embed_items
+
+    items = read_source(emoji_folder)[:10]
+    out = tmp_path / "p"
+    first = embed_items(items, tiny_model, out, part_cfg(0))
+    assert first.rows == 6 and first.shards_written == 3  # shards 0, 2, 4 of 2 rows: before part 1 ran
+    assert embed_items(items, tiny_model, out, part_cfg(1)).rows == 4
+    (out / "part-00001-p1of2.parquet").write_bytes(os.urandom(200))  # the other part's shard, damaged
+    opened = []
+    real = pq.ParquetFile
+    monkeypatch.setattr(pq, "ParquetFile", lambda p, *a, **k: opened.append(Path(p).name) or real(p, *a, **k))
+    again = embed_items(items, tiny_model, out, part_cfg(0))  # every shard kept: counted from footers
+    assert (again.rows, again.shards_written, again.shards_resumed) == (6, 0, 3)
+    assert "part-00001-p1of2.parquet" not in opened
+    one = embed_items(items, tiny_model, tmp_path / "one", EmbedConfig(shard_size=4, num_workers=0))
+    assert (
+        one.rows == 10
+        and embed_items(items, tiny_model, tmp_path / "one", EmbedConfig(shard_size=4, num_workers=0)).rows == 10
+    )

@@ -116,6 +116,12 @@ def embed(
     status = finish_parts(out_dir, dist_info)
     if not dist_info.is_main:
         return  # rank 0 reports for the whole torchrun job
+    if dist_info.enabled and status is not None:  # after the barrier every rank's shards are on disk
+        import dataclasses
+
+        from retriever.embed import count_rows
+
+        result = dataclasses.replace(result, rows=count_rows(out_dir.expanduser()), shards=status["shards"])
     not_images = getattr(items, "not_images", 0)  # a folder's files that are not an image type
     if as_json:
         out.print_json(

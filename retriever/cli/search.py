@@ -21,6 +21,7 @@ from retriever.cli.common import (
     progress_bar,
     user_errors,
 )
+from retriever.data.limits import DEFAULT_MAX_PIXELS
 from retriever.errors import UserError
 from retriever.query import Query, Term
 
@@ -74,6 +75,12 @@ def search(
         "--backend",
         help="Query encoder: auto (the index's ONNX export when one matches, else torch), onnx (error without one) or torch.",
     ),
+    max_pixels: int = typer.Option(
+        DEFAULT_MAX_PIXELS,  # Retriever's keyword default
+        "--max-pixels",
+        help="Refuse a query image that decodes to more pixels than this (0: no limit but Pillow's own); "
+        "JPEGs are decoded scaled down first.",
+    ),
     server: str | None = typer.Option(None, "--server", help="Query this running server (http://HOST:PORT)."),
     api_key_file: Path | None = typer.Option(None, help="API key file for a server that needs one."),
 ):
@@ -92,6 +99,7 @@ def search(
             "--dedup": dedup is not None,
             "--keep-query": keep_query,
             "--queries": queries is not None,
+            "--max-pixels": max_pixels != DEFAULT_MAX_PIXELS,  # the server applies its own limit
         }
         extra = [flag for flag, used in local_only.items() if used]
         if extra:
@@ -132,7 +140,7 @@ def search(
         )
     _check_images(parsed if queries is not None else [(None, one)], queries)
     encoder = load_encoder(model, pretrained, device) if model else None
-    with Retriever(Path(index_dir), encoder, device=device, backend=backend) as r:
+    with Retriever(Path(index_dir), encoder, device=device, backend=backend, max_pixels=max_pixels or None) as r:
         terms = [t for _, q in parsed for t in q.terms] if queries is not None else list(one.terms)
         towers = {t.kind for t in terms} - {"id"}  # id:N terms use stored vectors: no model needed
         if towers:

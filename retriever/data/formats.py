@@ -35,7 +35,9 @@ def read_container_source(
             elif not parquet_images.has_image_column(f, image_column):
                 problems.append({"path": str(f), "reason": "no image column (binary or struct<bytes, path>)"})
             else:
-                rows.extend(parquet_images.read_image_parquet(f, image_column, caption_column))
+                good, bad = parquet_images.read_image_parquet(f, image_column, caption_column)
+                rows.extend(good)
+                problems.extend(bad)
         n_files, what = len(files), "Parquet file"
     if not rows:
         first = f": {problems[0]['path']}: {problems[0]['reason']}" if problems else ""

@@ -11,7 +11,9 @@ Reading a source touches only the small columns (projection): one item per row, 
 column kept as metadata. The image bytes are read only when an item is decoded, one row group at a
 time (the last one stays cached per process, so a DataLoader walking rows in order reads each row
 group once). A cell that is null or not an image fails that item alone, reported like any decode
-error.
+error. A caption cell that is not honest text (bytes that are not UTF-8 or BOM-marked UTF-16, a
+struct, a number) leaves its row out, reported with the reason, as every other source does
+(sources.decode_caption); row numbers in locations stay the file's own.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pyarrow.parquet as pq
 
 from retriever.data.locations import parquet_location
 from retriever.data.manifests import is_metadata_type
+from retriever.data.sources import _captions_of
 from retriever.errors import UserError
 
 IMAGE_BYTES_COLUMN_GUESSES = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes")
@@ -62,8 +65,9 @@ def has_image_column(path: str | Path, wanted: str | None = None) -> bool:
 
 def read_image_parquet(
     path: Path, image_column: str | None = None, caption_column: str | None = None
-) -> list[tuple[str, tuple[str, ...], dict[str, Any]]]:
-    """(location, captions, metadata) per row of one image Parquet file, streaming small columns."""
+) -> tuple[list[tuple[str, tuple[str, ...], dict[str, Any]]], list[dict[str, str]]]:
+    """(location, captions, metadata) per row of one image Parquet file, streaming small columns,
+    and the rows left out because their caption is not text ({"path", "reason"} each)."""
     path = path.resolve()
     try:
         pf = pq.ParquetFile(path)
@@ -79,24 +83,30 @@ def read_image_parquet(
     meta_cols = [f.name for f in schema if f.name not in (img, cap) and is_metadata_type(f.type)]
     columns = ([cap] if cap else []) + meta_cols
     rows: list[tuple[str, tuple[str, ...], dict[str, Any]]] = []
+    skipped: list[dict[str, str]] = []
     if not columns:
-        return [(parquet_location(path, i), (), {}) for i in range(pf.metadata.num_rows)]
-    for batch in pf.iter_batches(batch_size=65_536, columns=columns):
-        caps = batch.column(cap).to_pylist() if cap else [None] * len(batch)
-        metas = batch.select(meta_cols).to_pylist() if meta_cols else [{}] * len(batch)
-        for c, m in zip(caps, metas):
-            rows.append((parquet_location(path, len(rows)), _captions(c), m))
-    return rows
+        return [(parquet_location(path, i), (), {}) for i in range(pf.metadata.num_rows)], skipped
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=65_536, columns=columns):
+            caps = batch.column(cap).to_pylist() if cap else [None] * len(batch)
+            metas = batch.select(meta_cols).to_pylist() if meta_cols else [{}] * len(batch)
+            for c, m in zip(caps, metas):
+                try:
+                    rows.append((parquet_location(path, row), _captions(c), m))
+                except ValueError as e:
+                    skipped.append({"path": parquet_location(path, row), "reason": f"caption: {e}"})
+                row += 1
+    except (OSError, pa.ArrowException) as e:  # a damaged row group: the rows before it are kept
+        skipped.append({"path": str(path), "reason": f"unreadable after row {row} ({type(e).__name__}: {e})"})
+    return rows, skipped
 
 
 def _captions(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    values = value if isinstance(value, (list, tuple)) else [value]
-    out = []
-    for v in values:
-        c = " ".join(str(v).split()) if v is not None else ""
-        if c and c not in out:
+    """The distinct captions of a cell; ValueError when it is not text (sources._captions_of)."""
+    out: list[str] = []
+    for c in _captions_of(value):
+        if c not in out:
             out.append(c)
     return tuple(out)
 

@@ -9,7 +9,11 @@ one seek, by a DataLoader worker, a search result or the server; without the tab
 headers are scanned again (once per process).
 
 Problems are per item or per tar, never fatal: a tar that is not a tar or is truncated, a key with
-no image member, a key that appears twice in one tar: each is skipped and reported.
+no image member, a key that appears twice in one tar, a caption that is not honest text: each is
+skipped and reported. Captions follow the rule of every other source (sources.decode_caption): a
+`.txt` member is UTF-8 (a BOM dropped) or BOM-marked UTF-16; a `.json` sidecar must be such text
+holding a JSON object whose `caption`, if present, is text. Anything else would be stored as
+U+FFFD or a Python repr, so the item is left out with the reason.
 
 The `webdataset` package is not used: its value is streaming from URLs and shuffling buffers for
 training; reading local shards in order needs nothing beyond `tarfile`.
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from retriever.data.locations import tar_location
+from retriever.data.sources import _captions_of, decode_caption
 
 OFFSETS_SUFFIX = ".idx.json"
 _KEY_RE = re.compile(r"^((?:.*/)?[^./][^/]*?)\.([^/]*)$")  # webdataset: key = name up to the first dot of the basename
@@ -46,6 +51,9 @@ class TarMember:
     caption: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     others: list[str] = field(default_factory=list)  # every member name of the key
+    problem: str | None = None  # why the item cannot be used as it is (its caption member is not text)
+    json_caption: str | None = None  # the .json sidecar's caption, used when there is no .txt member
+    json_caption_problem: str | None = None  # why that caption is not text (matters only without a .txt)
 
 
 def expand_braces(spec: str) -> list[str]:
@@ -114,7 +122,13 @@ def scan_tar(path: Path) -> tuple[list[TarMember], list[dict[str, str]]]:
             problems.append({"path": loc, "reason": f"duplicated key {m.key!r} in {path.name}; kept the first"})
         elif m.image is None:
             problems.append({"path": loc, "reason": f"no image member (found {', '.join(m.others)})"})
+        elif m.problem is not None:
+            problems.append({"path": loc, "reason": m.problem})
+        elif m.caption is None and m.json_caption_problem is not None:
+            problems.append({"path": loc, "reason": m.json_caption_problem})
         else:
+            if m.caption is None:
+                m.caption = m.json_caption
             members.append(m)
         seen.add(m.key)
 
@@ -154,18 +168,36 @@ def _take_member(tf: tarfile.TarFile, info: tarfile.TarInfo, ext: str, m: TarMem
     elif ext in ("txt", "caption", "json"):
         f = tf.extractfile(info)
         data = f.read() if f is not None else b""
-        if ext == "json":
-            try:
-                value = json.loads(data.decode("utf-8", errors="replace"))
-            except ValueError:
-                return  # a broken sidecar loses its metadata, not the image
-            if isinstance(value, dict):
-                m.metadata.update(value)
-                if m.caption is None and isinstance(value.get("caption"), str):
-                    m.caption = " ".join(value["caption"].split()) or None
-        else:
-            text = " ".join(data.decode("utf-8", errors="replace").split())
-            m.caption = text or m.caption
+        try:
+            if ext == "json":
+                _take_sidecar(data, m, info.name)
+            else:
+                m.caption = _one_caption(decode_caption(data)) or m.caption
+        except ValueError as e:
+            if m.problem is None:
+                m.problem = f"{'metadata' if ext == 'json' else 'caption'} member {info.name}: {e}"
+
+
+def _take_sidecar(data: bytes, m: TarMember, name: str) -> None:
+    """A `.json` member's fields into the item's metadata; ValueError when it is not a JSON object
+    in honest text. A caption field that is not text is noted, not raised: a `.txt` member wins."""
+    try:
+        value = json.loads(decode_caption(data))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"a JSON {type(value).__name__}, not an object")
+    m.metadata.update(value)
+    try:
+        m.json_caption = _one_caption(value.get("caption"))
+    except ValueError as e:
+        m.json_caption_problem = f"caption in {name}: {e}"
+
+
+def _one_caption(value: Any) -> str | None:
+    """The first caption of a sidecar value (text, or a list of texts); ValueError for a struct or number."""
+    captions = _captions_of(value)
+    return captions[0] if captions else None
 
 
 def _offsets_path(tar: Path) -> Path:

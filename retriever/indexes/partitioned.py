@@ -40,6 +40,7 @@ from retriever.indexes import memory as select
 from retriever.indexes import ondisk
 from retriever.indexes.build import BuildConfig, add_batches, new_index, plan_index
 from retriever.indexes.choose import IndexSpec
+from retriever.indexes.files import damaged, open_rows, read_faiss
 from retriever.indexes.manifest import MANIFEST, MODALITIES, IndexManifest, ModalityIndex, check_replaceable
 from retriever.indexes.rows import rows_schema
 from retriever.locks import folder_lock
@@ -105,7 +106,7 @@ def prepare(ss: ShardSet, out: Path, num_parts: int, cfg: BuildConfig) -> dict:
     # the trainer dies), then find the plan and check it.
     with folder_lock(stage, inside=True, tag="-train", wait=True, what="training the quantizer in"):
         if (stage / PLAN).is_file():
-            old = json.loads((stage / PLAN).read_text())
+            old = _read_plan(stage)
             if old["num_parts"] != num_parts:
                 raise UserError(
                     f"{stage} holds a build in {old['num_parts']} parts; this is --part .../{num_parts}: "
@@ -138,7 +139,7 @@ def build_part(shards: str | Path | ShardSet, out_dir: str | Path, part: int, nu
     stage = staging_dir(out)
     done_dir = stage / f"part-{part}of{num_parts}"
     if (done_dir / "done.json").is_file():
-        return json.loads((done_dir / "done.json").read_text())
+        return _read_done(stage, part, num_parts, plan)
     lo, hi = shard_slice(len(ss.shards), part, num_parts)
     view = copy.copy(ss)
     view.shards = ss.shards[lo:hi]
@@ -151,10 +152,11 @@ def build_part(shards: str | Path | ShardSet, out_dir: str | Path, part: int, nu
             first = sum(s.num_rows if m == "image" else s.num_text_rows for s in ss.shards[:lo])
             count = view.count(m)
             entry = _entry(m, spec, ss.dim)
+            trained = read_faiss(stage / "trained" / f"{m}.trained.faiss", advice=_start_over(stage))
             shutil.copyfile(stage / "trained" / f"{m}.trained.faiss", tmp / f"{m}.trained.faiss")
             if count:
                 add_batches(
-                    faiss.read_index(str(tmp / f"{m}.trained.faiss")),
+                    trained,
                     entry,
                     tmp,
                     view.iter_vectors(m, cfg.batch_size, extra_columns=schema.names),
@@ -210,13 +212,17 @@ def _merge_locked(out: Path) -> IndexManifest:
         raise UserError(
             f"No partitioned build for {out} ({stage} has no {PLAN}); run `retriever index --part I/N` first."
         )
-    plan = json.loads((stage / PLAN).read_text())
+    plan = _read_plan(stage)
     n = plan["num_parts"]
     dones = [stage / f"part-{i}of{n}" / "done.json" for i in range(n)]
     missing = [str(i) for i, d in enumerate(dones) if not d.is_file()]
     if missing:
         raise UserError(f"Parts {', '.join(missing)} of {n} have not finished in {stage}; run them before merging.")
-    parts = [json.loads(d.read_text()) for d in dones]
+    parts = [_read_done(stage, i, n, plan) for i in range(n)]
+    for m in plan["specs"]:  # every file opens, before anything is written
+        read_faiss(stage / "trained" / f"{m}.trained.faiss", advice=_start_over(stage))
+        for i, p in enumerate(parts):
+            _check_part_files(stage, i, n, p["entries"][m])
     t0 = time.perf_counter()
     built: dict[str, ModalityIndex] = {}
     with atomic_dir(out) as tmp:
@@ -231,7 +237,7 @@ def _merge_locked(out: Path) -> IndexManifest:
                 if not e["count"]:
                     continue
                 folder = stage / f"part-{i}of{n}"
-                blocks.append(ondisk.open_on_disk(folder / e["file"]))
+                blocks.append(read_faiss(folder / e["file"], faiss.IO_FLAG_ONDISK_SAME_DIR, _redo(stage, i, n)))
                 rows_files.append(folder / e["rows_file"])
                 for v in e["vectors_files"]:
                     shutil.copyfile(folder / v, tmp / v)
@@ -258,6 +264,84 @@ def _merge_locked(out: Path) -> IndexManifest:
         write_json_atomic(tmp / MANIFEST, manifest.to_dict())
     shutil.rmtree(stage, ignore_errors=True)  # the index now holds copies of everything it needs
     return manifest
+
+
+def _start_over(stage: Path) -> str:
+    return f"the staged build is damaged, delete {stage} and run every `retriever index --part I/N` again"
+
+
+def _redo(stage: Path, part: int, n: int) -> str:
+    return (
+        f"part {part} of {n} is damaged, delete {stage / f'part-{part}of{n}'} and run "
+        f"`retriever index SHARDS --out {stage.with_name(stage.name.removesuffix('.parts'))} --part {part}/{n}` again"
+    )
+
+
+def _read_json(path: Path, advice: str) -> dict:
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise damaged(path, e, advice) from None
+    if not isinstance(value, dict):
+        raise damaged(path, ValueError(f"a JSON {type(value).__name__}, not an object"), advice)
+    return value
+
+
+def _read_plan(stage: Path) -> dict:
+    """plan.json, checked to hold what the parts and the merge read from it."""
+    plan = _read_json(stage / PLAN, _start_over(stage))
+    try:
+        ok = (
+            isinstance(plan["num_parts"], int)
+            and plan["num_parts"] >= 1
+            and isinstance(plan["shards"]["files"], list)
+            and all(isinstance(IndexSpec(**spec), IndexSpec) for spec in plan["specs"].values())
+            and isinstance(plan["model"], dict)
+        )
+    except (KeyError, TypeError, AttributeError) as e:
+        raise damaged(stage / PLAN, ValueError(f"incomplete: {type(e).__name__} {e}"), _start_over(stage)) from None
+    if not ok:
+        raise damaged(stage / PLAN, ValueError("incomplete"), _start_over(stage))
+    return plan
+
+
+_ENTRY_KEYS = {"count": int, "dim": int, "file": str, "rows_file": str, "vectors_files": list}
+
+
+def _read_done(stage: Path, part: int, n: int, plan: dict) -> dict:
+    """A finished part's done.json, checked to describe every modality of the plan."""
+    path = stage / f"part-{part}of{n}" / "done.json"
+    done = _read_json(path, _redo(stage, part, n))
+    try:
+        entries = done["entries"]
+        ok = isinstance(done["seconds"], (int, float)) and all(
+            isinstance(entries[m][k], t) for m in plan["specs"] for k, t in _ENTRY_KEYS.items()
+        )
+    except (KeyError, TypeError) as e:
+        raise damaged(path, ValueError(f"incomplete: {type(e).__name__} {e}"), _redo(stage, part, n)) from None
+    if not ok:
+        raise damaged(path, ValueError("incomplete"), _redo(stage, part, n))
+    return done
+
+
+def _check_part_files(stage: Path, part: int, n: int, entry: dict) -> None:
+    """Raise the one sentence unless part `part`'s files for one modality are present and open whole."""
+    if not entry["count"]:
+        return
+    folder = stage / f"part-{part}of{n}"
+    advice = _redo(stage, part, n)
+    index = read_faiss(folder / entry["file"], faiss.IO_FLAG_ONDISK_SAME_DIR, advice)
+    if index.ntotal != entry["count"]:
+        raise damaged(
+            folder / entry["file"],
+            ValueError(f"it holds {index.ntotal} vectors, done.json says {entry['count']}"),
+            advice,
+        )
+    del index
+    open_rows(folder / entry["rows_file"], entry["count"], advice)
+    for name in entry["vectors_files"]:
+        if not (folder / name).is_file():
+            raise damaged(folder / name, FileNotFoundError("missing"), advice)
 
 
 def _concat_rows(files: list[Path], dest: Path) -> None:

@@ -46,13 +46,30 @@ def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
 
 
 def iter_file_batches(path: str | Path) -> Iterator[pa.RecordBatch]:
-    reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-    for i in range(reader.num_record_batches):
-        yield reader.get_batch(i)
+    """The record batches of a rows file in order; a damaged file raises the one-sentence UserError."""
+    from retriever.indexes.files import damaged
+
+    try:
+        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+        batches = reader.num_record_batches
+    except (pa.ArrowException, OSError) as e:
+        raise damaged(Path(path), e) from None
+    for i in range(batches):
+        try:
+            batch = reader.get_batch(i)
+        except (pa.ArrowException, OSError) as e:
+            raise damaged(Path(path), e) from None
+        yield batch
 
 
 def file_schema(path: str | Path) -> pa.Schema:
-    return pa.ipc.open_file(pa.memory_map(str(path), "r")).schema
+    """A rows file's schema (its footer only); a damaged file raises the one-sentence UserError."""
+    from retriever.indexes.files import damaged
+
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path), "r")).schema
+    except (pa.ArrowException, OSError) as e:
+        raise damaged(Path(path), e) from None
 
 
 class RowsFile:

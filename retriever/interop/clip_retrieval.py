@@ -8,15 +8,21 @@ clip-retrieval writes, for each output partition N (row-aligned):
 
 The folder does not record which model made the vectors, so import takes it from the user
 (`--model/--pretrained`) and checks only what it can: the dimension. Every file is checked before
-anything is written, so a misaligned folder is refused whole; shards appear atomically one by one.
-Export writes the same layout from shards (float16, zero rows in text_emb where a row has no
-caption, `id` kept as a metadata column so a round trip keeps ids).
+anything is written, so a misaligned folder is refused whole. Export writes the same layout from
+shards (float16, zero rows in text_emb where a row has no caption, `id` kept as a metadata column
+so a round trip keeps ids).
+
+Both write their --out as a whole (atomic_dir: a killed run leaves only a hidden temp folder, which
+the next run removes) under the folder's writer lock (locks.py), and replace an existing --out only
+when it is a folder of the kind they write: import a shard folder (with `overwrite`), export a
+clip-retrieval folder. Anything else (a file, a folder of photos) is refused in one sentence.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +30,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retriever.atomic import atomic_dir, atomic_path
+from retriever.atomic import atomic_dir, atomic_path, clean_stale_siblings
 from retriever.errors import UserError
 from retriever.identity import ModelIdentity
-from retriever.shards import SHARD_GLOB, ShardSet, fixed_list_to_numpy, shard_name, shard_schema, write_shard
+from retriever.locks import folder_lock
+from retriever.shards import (
+    SHARD_GLOB,
+    ShardSet,
+    check_shard_folder,
+    fixed_list_to_numpy,
+    shard_name,
+    shard_schema,
+    write_shard,
+)
 
 _NUM = re.compile(r"_(\d+)\.(npy|parquet)$")
+LAYOUT = {
+    "img_emb": re.compile(r"^img_emb_\d+\.npy$"),
+    "text_emb": re.compile(r"^text_emb_\d+\.npy$"),
+    "metadata": re.compile(r"^metadata_\d+\.parquet$"),
+}
 PATH_COLUMNS = ("image_path", "path", "url")
 
 
@@ -101,17 +121,61 @@ def import_clip_retrieval(
     identity: ModelIdentity,
     dtype: str = "float32",
     encode_texts: Callable[[list[str]], np.ndarray] | None = None,
+    *,
+    overwrite: bool = False,
+    wait: bool = False,
+    on_message: Callable[[str], None] | None = None,
 ) -> dict:
-    """Turn a clip-retrieval folder into shards in `out_dir` (one shard per partition).
+    """Turn a clip-retrieval folder into shards in `out_dir` (one shard per partition), written whole.
 
     identity: the model that made the vectors (the folder does not say; only the dimension is checked).
     encode_texts: where a partition has captions but no text_emb file, embeds them with the same
         model (shards keep a text vector for every caption); without it such captions are dropped.
+    overwrite: replace an --out that already holds shards (never anything but a shard folder).
+    wait: if another retriever process is writing `out_dir`, wait for it instead of refusing.
+    on_message: called with a sentence when waiting, and for each leftover of a killed run removed.
     """
     parts = scan_clip_retrieval(folder, identity.embed_dim)
     out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.glob(SHARD_GLOB))):
-        raise UserError(f"--out {out} already holds shards (or is a file); choose a new folder.")
+    check_import_out(out, overwrite)
+    with _writer_locks(out, wait, on_message, "importing into", inside_too=True):
+        check_import_out(out, overwrite)  # again: the folder may have changed while we waited
+        with atomic_dir(out) as tmp:
+            return {**_import_into(parts, tmp, identity, dtype, encode_texts), "out_dir": str(out)}
+
+
+def check_import_out(out: Path, overwrite: bool) -> None:
+    """Refuse an import --out that is not absent, an empty folder or a shard folder (one holding
+    shards only with `overwrite`)."""
+    check_shard_folder(out)
+    if not overwrite and out.is_dir() and any(out.glob(SHARD_GLOB)):
+        raise UserError(f"--out {out} already holds shards; pass --overwrite to replace them, or choose a new folder.")
+
+
+@contextlib.contextmanager
+def _writer_locks(
+    out: Path, wait: bool, on_message: Callable[[str], None] | None, what: str, inside_too: bool = False
+) -> Iterator[None]:
+    """The lock of a folder replaced as a whole (beside it), and, for a shard folder that exists, the
+    lock `embed` takes inside it, so an import never swaps a folder an embed is writing; then the
+    leftovers of killed writers are removed (safe only under the lock)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(folder_lock(out, inside=False, wait=wait, on_wait=on_message, what=what))
+        if inside_too and out.is_dir():
+            stack.enter_context(folder_lock(out, inside=True, wait=wait, on_wait=on_message, what=what))
+        for line in clean_stale_siblings(out):
+            if on_message:
+                on_message(line)
+        yield
+
+
+def _import_into(
+    parts: list[Partition],
+    out: Path,
+    identity: ModelIdentity,
+    dtype: str,
+    encode_texts: Callable[[list[str]], np.ndarray] | None,
+) -> dict:
     schema = shard_schema(identity, dtype)
     next_id = 0
     rows = text_rows = 0
@@ -139,13 +203,57 @@ def import_clip_retrieval(
         write_shard(out / shard_name(k), schema, ids, paths, captions, img, txt, has_text)
         rows += n
         text_rows += int(has_text.sum())
-    return {"out_dir": str(out), "shards": len(parts), "rows": rows, "rows_with_text": text_rows}
+    return {"shards": len(parts), "rows": rows, "rows_with_text": text_rows}
 
 
-def export_clip_retrieval(shards: str | Path, out_dir: str | Path) -> dict:
-    """Write shards as a clip-retrieval folder (replaced atomically)."""
+def check_clip_retrieval_out(out: Path, shards: Path | None = None) -> None:
+    """Refuse to replace `out` unless it is absent, an empty folder, or a clip-retrieval folder
+    (img_emb/, text_emb/, metadata/ holding only their numbered files); never the shard folder."""
+    if shards is not None and out.exists():
+        a, b = out.resolve(), Path(shards).resolve()
+        if a == b or a in b.parents or b in a.parents:
+            raise UserError(f"--out {out} overlaps the shard folder {shards}; export to a folder of its own.")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise UserError(
+            f"--out {out} is a file, not a clip-retrieval folder; refusing to replace it, choose a new folder."
+        )
+    strangers = [
+        f"{p.name}/{q.name}" if p.name in LAYOUT else p.name
+        for p in sorted(out.iterdir())
+        for q in (sorted(p.iterdir()) if p.name in LAYOUT and p.is_dir() else [p])
+        if not (p.name in LAYOUT and p.is_dir() and q.is_file() and LAYOUT[p.name].match(q.name))
+    ]
+    if strangers:
+        raise UserError(
+            f"--out {out} is not a clip-retrieval folder (it holds {', '.join(strangers[:3])}); "
+            "refusing to replace it, choose a new or empty folder."
+        )
+
+
+def export_clip_retrieval(
+    shards: str | Path,
+    out_dir: str | Path,
+    *,
+    wait: bool = False,
+    on_message: Callable[[str], None] | None = None,
+) -> dict:
+    """Write shards as a clip-retrieval folder, replacing `out_dir` as a whole.
+
+    out_dir: absent, empty, or an earlier export (anything else is refused).
+    wait: if another retriever process is writing `out_dir`, wait for it instead of refusing.
+    on_message: called with a sentence when waiting, and for each leftover of a killed run removed.
+    """
     ss = ShardSet(shards)
     out = Path(out_dir).expanduser()
+    check_clip_retrieval_out(out, ss.folder)
+    with _writer_locks(out, wait, on_message, "exporting to"):
+        check_clip_retrieval_out(out, ss.folder)
+        return _export_locked(ss, out)
+
+
+def _export_locked(ss: ShardSet, out: Path) -> dict:
     rows = 0
     with atomic_dir(out) as tmp:
         for sub in ("img_emb", "text_emb", "metadata"):

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from retriever.data.images import ImageInput, load_image
+from retriever.data.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from retriever.models.load import LoadedModel
 
 
@@ -38,17 +38,23 @@ def encode_token_batch(encoder: LoadedModel, tokens: torch.Tensor) -> np.ndarray
     return _normalise(feats)
 
 
-def encode_images(encoder: LoadedModel, images: Iterable[ImageInput], batch_size: int = 32) -> np.ndarray:
+def encode_images(
+    encoder: LoadedModel,
+    images: Iterable[ImageInput],
+    batch_size: int = 32,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
     """Encode images into (N, D) float32 unit vectors. Raises on an undecodable image (a caller's input).
 
     Args:
         encoder: the loaded model (`load_model`).
         images: paths, raw bytes or PIL images.
         batch_size: images per forward pass.
+        max_pixels: refuse (ValueError) an image that decodes to more pixels (None: no limit).
     """
     out, batch = [], []
     for img in images:
-        batch.append(encoder.preprocess(load_image(img)))
+        batch.append(encoder.preprocess(load_image(img, max_pixels)))
         if len(batch) == batch_size:
             out.append(encode_image_tensors(encoder, torch.stack(batch)))
             batch = []

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retriever.data.limits import DEFAULT_MAX_PIXELS
 from retriever.errors import UserError
 from retriever.identity import ModelIdentity
 from retriever.onnx import EXPORT_JSON
@@ -80,10 +81,12 @@ class TorchQueryEncoder:
 
         return encode_texts(self.encoder, texts, batch_size)
 
-    def encode_images(self, images: Iterable, batch_size: int = 32) -> np.ndarray:
+    def encode_images(
+        self, images: Iterable, batch_size: int = 32, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    ) -> np.ndarray:
         from retriever.models.encode import encode_images
 
-        return encode_images(self.encoder, images, batch_size)
+        return encode_images(self.encoder, images, batch_size, max_pixels)
 
 
 class QueryEncoder:
@@ -130,8 +133,10 @@ class QueryEncoder:
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         return self._call("encode_texts", texts, batch_size)
 
-    def encode_images(self, images: Iterable, batch_size: int = 32) -> np.ndarray:
-        return self._call("encode_images", images, batch_size)
+    def encode_images(
+        self, images: Iterable, batch_size: int = 32, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    ) -> np.ndarray:
+        return self._call("encode_images", images, batch_size, max_pixels)
 
     def prepare(self, tower: str | None = None) -> QueryEncoder:
         """Load sessions (or the torch model) now, so that failures and fallbacks happen here."""

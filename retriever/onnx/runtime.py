@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from retriever.data.images import ImageInput, load_image
+from retriever.data.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from retriever.errors import UserError
 from retriever.identity import ModelIdentity
 from retriever.onnx import EXPORT_JSON, FORMAT_VERSION
@@ -388,11 +388,14 @@ class OnnxEncoder:
         out = [self.encode_tokens(self.tokenizer(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
-    def encode_images(self, images: Iterable[ImageInput], batch_size: int = 32) -> np.ndarray:
-        """Paths, bytes or PIL images. Raises on an undecodable image (a caller's input)."""
+    def encode_images(
+        self, images: Iterable[ImageInput], batch_size: int = 32, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    ) -> np.ndarray:
+        """Paths, bytes or PIL images. Raises on an undecodable image (a caller's input), or one that
+        decodes to more than `max_pixels` pixels (None: no limit)."""
         out, batch = [], []
         for img in images:
-            batch.append(self.preprocess(load_image(img)))
+            batch.append(self.preprocess(load_image(img, max_pixels)))
             if len(batch) == batch_size:
                 out.append(self.encode_pixels(np.stack(batch)))
                 batch = []

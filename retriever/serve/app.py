@@ -14,10 +14,13 @@ import binascii
 import hashlib
 import hmac
 import logging
+import math
+import re
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi import Query as QueryParam
@@ -375,7 +378,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         return Response(data, media_type=media, headers={"cache-control": "private, max-age=3600"})
 
     @app.post("/v1/search", tags=["search"], responses=ERRORS, response_model=SearchResponse)
-    async def search(req: SearchRequest) -> dict:
+    async def search(req: SearchRequest, request: Request) -> dict:
         """Search by `text`, `image` (base64), `id` (more like this) or `vector`: exactly one."""
         image = None
         if req.image is not None:
@@ -386,24 +389,21 @@ def create_app(config: ServeConfig) -> FastAPI:
         if req.image_url is not None:
             if image is not None:
                 raise UserError("Give exactly one query: text, image, id or vector.")
-            image = await fetch_if_allowed(config, req.image_url)
+            image = await image_from_url(config, registry, str(request.base_url), req.image_url)
         if req.expression():
-            return await _run_expression(registry.get(req.index), req, image)
+            if req.vector is not None:
+                raise UserError("A vector query takes no terms, where, dedup or keep_query; send text, image or id.")
+            body = req.model_dump(include={"text", "id", "terms", "k", "modality", "where", "min_score", "dedup"})
+            body["keep_query"] = req.keep_query
+            return await _run_expression(registry.get(req.index), body, image)
         q = Query(text=req.text, image=image, item_id=req.id, vector=req.vector)
         return await _run_search(registry.get(req.index), q, req.k, req.modality, req.min_score)
 
-    async def _run_expression(served: ServedIndex, req: SearchRequest, image: bytes | None) -> dict:
-        if req.vector is not None:
-            raise UserError("A vector query takes no terms, where, dedup or keep_query; send text, image or id.")
-        body = req.model_dump(include={"text", "id", "terms", "k", "modality", "where", "min_score", "dedup"})
-        body["keep_query"] = req.keep_query
+    async def _run_expression(served: ServedIndex, body: dict, image: bytes | None) -> dict:
+        """A query of the query language (a /v1/search body's shape), answered by `Retriever.search`."""
         q = expression_from_request(body, image)
         t0 = time.perf_counter()
-        try:
-            hits = await searcher.search_expression(served, q)
-        except UserError as e:  # the library words filters for the CLI's --where
-            e.args = (str(e).replace("--where filter", "where filter"),)
-            raise
+        hits = await searcher.search_expression(served, q)
         report = hits.report.to_dict()
         return {
             "index": served.name,
@@ -434,6 +434,19 @@ def create_app(config: ServeConfig) -> FastAPI:
                                 "modality": {"type": "string", "enum": ["image", "text"]},
                                 "k": {"type": "integer", "minimum": 1, "maximum": MAX_K},
                                 "min_score": {"type": "number", "minimum": -1, "maximum": 1},
+                                "text": {
+                                    "type": "array",
+                                    "items": {"type": "string", "maxLength": 10_000},
+                                    "description": "Text added to the image (a term of weight 1); repeatable.",
+                                },
+                                "not_text": {
+                                    "type": "array",
+                                    "items": {"type": "string", "maxLength": 10_000},
+                                    "description": "Text subtracted from the image (a negative term); repeatable.",
+                                },
+                                "where": {"type": "string", "maxLength": 10_000, "description": "SQL condition."},
+                                "dedup": {"type": "number", "minimum": -1, "maximum": 1},
+                                "keep_query": {"type": "boolean"},
                             },
                         }
                     }
@@ -442,9 +455,12 @@ def create_app(config: ServeConfig) -> FastAPI:
         },
     )
     async def search_image(request: Request) -> dict:
-        """Search with an uploaded image (multipart field `file`), for the web page and curl."""
+        """Search with an uploaded image (multipart field `file`), for the web page and curl. The query
+        language's options ride along as form fields: `text` (added) and `not_text` (subtracted), both
+        repeatable, `where`, `dedup`, `keep_query`; with any of them the library answers, as for
+        /v1/search with `terms`."""
         try:
-            form = await request.form(max_files=1, max_fields=10)
+            form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
         except BodyTooLarge:
             raise
         except Exception:  # noqa: BLE001 (malformed multipart is the client's error)
@@ -462,7 +478,11 @@ def create_app(config: ServeConfig) -> FastAPI:
         min_score = _form_float(form.get("min_score"), "min_score")
         index = form.get("index")
         served = registry.get(index if isinstance(index, str) and index else None)
-        return await _run_search(served, Query(image=data), k, modality, min_score)
+        body = expression_form(form)
+        if body is None:
+            return await _run_search(served, Query(image=data), k, modality, min_score)
+        body.update(k=k, modality=modality, min_score=min_score)
+        return await _run_expression(served, body, data)
 
     async def _run_search(served: ServedIndex, q: Query, k: int, modality: str, min_score: float | None) -> dict:
         t0 = time.perf_counter()
@@ -519,8 +539,85 @@ PAGE_HEADERS = {
 }
 
 
+MAX_FORM_FIELDS = 80  # file, index, modality, k, min_score, where, dedup, keep_query and up to 64 text terms
+MAX_TEXT = 10_000  # characters in one text term or where condition, as in the JSON API
+
+
+def expression_form(form) -> dict | None:
+    """The query-language part of a /v1/search/image form as a /v1/search body (`terms`, `where`,
+    `dedup`, `keep_query`), or None when the form has none of it (a plain image search)."""
+    terms: list[dict[str, Any]] = []
+    for key, negative in (("text", False), ("not_text", True)):
+        for value in form.getlist(key):
+            if not isinstance(value, str):
+                raise UserError(f"{key} must be a text field, not a file.")
+            if len(value) > MAX_TEXT:
+                raise KTooLarge(f"{key} must be at most {MAX_TEXT} characters.")
+            if value.strip():
+                terms.append({"text": value.strip(), "negative": negative})
+    where = _form_text(form.get("where"), "where")
+    dedup = _form_float(form.get("dedup"), "dedup")
+    if dedup is not None and not -1 <= dedup <= 1:
+        raise KTooLarge("dedup must be between -1 and 1.")
+    keep_query = _form_bool(form.get("keep_query"), "keep_query")
+    if not terms and where is None and dedup is None and not keep_query:
+        return None
+    return {"terms": terms, "where": where, "dedup": dedup, "keep_query": keep_query}
+
+
+def _form_text(value, name: str) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise UserError(f"{name} must be a text field, not a file.")
+    if len(value) > MAX_TEXT:
+        raise KTooLarge(f"{name} must be at most {MAX_TEXT} characters.")
+    return value
+
+
+def _form_bool(value, name: str) -> bool:
+    if value in (None, ""):
+        return False
+    if isinstance(value, str) and value.lower() in ("true", "1", "on", "yes"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "0", "off", "no"):
+        return False
+    raise UserError(f"{name} must be true or false.")
+
+
 class KTooLarge(UserError):
     """k out of range (422, like the JSON API's validation)."""
+
+
+OWN_ITEM_IMAGE = re.compile(r"/v1/indexes/([^/]+)/items/(-?[0-9]+)/(?:image|thumbnail)")
+
+
+def own_item(registry: Registry, base_url: str, url: str) -> tuple[ServedIndex, int] | None:
+    """(index, id) when `url` is this server's own image or thumbnail URL of an item, as its hits hand
+    them out; None for any other URL. The clip front's "similar" button sends a hit's `url` back as
+    `image_url`: the server answers that from the index and fetches nothing, so it needs neither
+    --allow-image-urls nor an exception to the no-loopback rule."""
+    try:
+        parts, base = urlsplit(url), urlsplit(base_url)
+    except ValueError:
+        return None
+    prefix = base.path.rstrip("/")
+    if (parts.scheme, parts.netloc.lower()) != (base.scheme, base.netloc.lower()) or not parts.path.startswith(prefix):
+        return None
+    match = OWN_ITEM_IMAGE.fullmatch(unquote(parts.path[len(prefix) :]))
+    if match is None:
+        return None
+    return registry.get(match[1]), int(match[2])
+
+
+async def image_from_url(config: ServeConfig, registry: Registry, base_url: str, url: str) -> bytes:
+    """The image bytes an `image_url` query names: an item of this server read from its file, else
+    the URL fetched when the operator allowed that (a 400 sentence otherwise)."""
+    item = own_item(registry, base_url, url)
+    if item is None:
+        return await fetch_if_allowed(config, url)
+    served, item_id = item
+    return await asyncio.get_running_loop().run_in_executor(None, _served_file(served, item_id).read_bytes)
 
 
 async def fetch_if_allowed(config: ServeConfig, url: str) -> bytes:
@@ -556,9 +653,12 @@ def _form_float(value, name: str) -> float | None:
     if value in (None, ""):
         return None
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise KTooLarge(f"{name} must be a number.") from None
+    if not math.isfinite(number):
+        raise KTooLarge(f"{name} must be a finite number.")
+    return number
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -5,8 +5,11 @@ Its clients send JSON with no Content-Type (`ClipClient`, via requests' `data=`)
 
 Field by field (request of POST /knn-service):
   text | image (base64) | embedding_input   the query; "" counts as absent, as in clip_back
-  image_url                                 fetched only with --allow-image-urls (public addresses,
-                                            timeout, size cap: serve/fetch.py); otherwise 400
+  image_url                                 this server's own item URL (a hit's `url`, which the front's
+                                            "similar" button sends back): answered from the index, no
+                                            fetch; any other URL is fetched only with
+                                            --allow-image-urls (public addresses, timeout, size cap:
+                                            serve/fetch.py), otherwise 400
   modality ("image" | "text"), indice_name  as clip_back (indice_name defaults to the first index)
   num_images, num_result_ids                as clip_back: num_result_ids hits are returned, the first
                                             num_images with metadata; both clamped to MAX_K
@@ -16,6 +19,10 @@ Field by field (request of POST /knn-service):
   aesthetic_score, aesthetic_weight,
   use_mclip                                 accepted and ignored, as clip_back does when it was
                                             started without those models
+  terms, where                              retriever's extras (its clients never send them): more
+                                            query terms ([{"text"|"image"|"id", "weight", "negative"}])
+                                            and a SQL condition, answered by Retriever.search with the
+                                            clip query as the first term; same response shape
 Each hit: {"id": global id, "similarity": cosine, "caption": ..., "url": absolute URL of the item's
 image on this server}. POST /metadata answers [{"id", "metadata": {"caption", "url"}}].
 """
@@ -33,10 +40,11 @@ from fastapi.responses import JSONResponse
 
 from retriever.errors import UserError
 from retriever.serve.images import BadImage
-from retriever.serve.query import MAX_K, Query, Searcher
+from retriever.serve.query import MAX_K, Query, Searcher, expression_from_request, item_query_vector
 from retriever.serve.state import Registry, ServedIndex
 
 DEDUP_THRESHOLD = 0.94  # clip_back's get_non_uniques threshold
+EXTRAS = ("terms", "where")  # retriever's query language, which clip-retrieval's clients never send
 
 
 async def read_json_body(request: Request) -> dict:
@@ -73,19 +81,22 @@ def add_compat_routes(app: FastAPI, registry: Registry, searcher: Searcher, conf
             raise UserError("modality must be image or text.")
         num_images = _count(body, "num_images", 40)
         num_result_ids = _count(body, "num_result_ids", num_images)
+        extras = {key: body[key] for key in EXTRAS if body.get(key) is not None}
         url = body.get("image_url")
         if url and body.get("text") in (None, "") and body.get("image") in (None, ""):
-            from retriever.serve.app import fetch_if_allowed
-
             if not isinstance(url, str):
                 raise UserError("image_url must be a string.")
-            q = Query(image=await fetch_if_allowed(config, url))
+            q = await _url_query(served, str(request.base_url), url, as_item=bool(extras))
         else:
             q = _query(body)
         want = max(num_images, num_result_ids)
-        hits = await searcher.search(served, q, want, modality)
-        if body.get("deduplicate"):
-            hits = await asyncio.get_running_loop().run_in_executor(None, _dedup, served, modality, hits)
+        if extras:
+            lib_query = expression_from_request(_expression_body(q, extras, want, modality, body), q.image)
+            hits = list(await searcher.search_expression(served, lib_query))
+        else:
+            hits = await searcher.search(served, q, want, modality)
+            if body.get("deduplicate"):
+                hits = await asyncio.get_running_loop().run_in_executor(None, _dedup, served, modality, hits)
         base = str(request.base_url).rstrip("/")
         out = []
         for i, h in enumerate(hits):
@@ -112,6 +123,39 @@ def add_compat_routes(app: FastAPI, registry: Registry, searcher: Searcher, conf
             h = served.item(i)
             out.append({"id": i, "metadata": _meta(served, base, h) if h is not None else {}})
         return JSONResponse(out)
+
+    async def _url_query(served: ServedIndex, base_url: str, url: str, as_item: bool = False) -> Query:
+        """The query of an image_url. The front's "similar" button sends back a hit's own `url`: an
+        item of the searched index is searched with its stored vector (what clip_back gets by
+        encoding the downloaded image, the item itself included); other URLs go through
+        `image_from_url` (this server's files, or a fetch only with --allow-image-urls)."""
+        from retriever.serve.app import image_from_url, own_item
+
+        item = own_item(registry, base_url, url)
+        if item is not None and item[0] is served:
+            if as_item:  # an id term for the query language, which keeps the item itself
+                return Query(item_id=item[1])
+            loop = asyncio.get_running_loop()
+            vec = await loop.run_in_executor(None, item_query_vector, served, item[1])
+            return Query(vector=vec[0].tolist())
+        return Query(image=await image_from_url(config, registry, base_url, url))
+
+
+def _expression_body(q: Query, extras: dict, k: int, modality: str, body: dict) -> dict:
+    """A /v1/search-shaped body for a /knn-service request that carries retriever's extras: the clip
+    query as the first term, `deduplicate` as the library's dedup at clip_back's threshold, and
+    the query's own items kept in the hits, as clip_back keeps them."""
+    if q.vector is not None:
+        raise UserError("embedding_input takes no terms or where; send text or image with them.")
+    first = {"text": q.text} if q.text is not None else {"id": q.item_id} if q.item_id is not None else {}
+    return {
+        **first,
+        **extras,
+        "k": k,
+        "modality": modality,
+        "dedup": DEDUP_THRESHOLD if body.get("deduplicate") else None,
+        "keep_query": True,
+    }
 
 
 def _meta(served: ServedIndex, base: str, h) -> dict:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from retriever.data.images import load_image
+from retriever.data.images import DEFAULT_MAX_PIXELS, load_image
 from retriever.errors import UserError
 
-MAX_PIXELS = 64_000_000  # larger images are refused as decompression bombs (PIL's own limit is ~89M)
+MAX_PIXELS = DEFAULT_MAX_PIXELS  # larger images are refused as decompression bombs (PIL's own limit is ~89M)
 THUMB_SIZES = (32, 2048)  # allowed thumbnail edge, pixels
 
 

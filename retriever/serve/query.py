@@ -76,7 +76,7 @@ class Searcher:
         if q.image is not None:
             return await loop.run_in_executor(None, _encode_image_bytes, served, q.image)
         if q.item_id is not None:
-            return await loop.run_in_executor(None, _item_query_vector, served, q.item_id)
+            return await loop.run_in_executor(None, item_query_vector, served, q.item_id)
         assert kind == "vector"
         vec = np.asarray(q.vector, np.float32)
         dim = next(iter(served.retriever.manifest.indexes.values())).dim
@@ -120,7 +120,11 @@ class Searcher:
                 f"Index {served.name!r} has no {q.modality} index; it has {', '.join(served.retriever.modalities)}."
             )
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, served.retriever.search, q)
+        try:
+            return await loop.run_in_executor(None, served.retriever.search, q)
+        except UserError as e:  # the library words filters for the CLI's --where
+            e.args = (str(e).replace("--where filter", "where filter"),)
+            raise
 
 
 def expression_from_request(body: Mapping[str, Any], image: bytes | None = None) -> LibQuery:
@@ -169,7 +173,7 @@ def _encode_image_bytes(served: ServedIndex, data: bytes) -> np.ndarray:
     return served.retriever.query_encoder.encode_images([decode_upload(data)])
 
 
-def _item_query_vector(served: ServedIndex, item_id: int) -> np.ndarray:
+def item_query_vector(served: ServedIndex, item_id: int) -> np.ndarray:
     """More like this: the item's stored image vector, else its image encoded again."""
     if served.row_of(item_id) is None:
         raise ItemNotFound(f"Index {served.name!r} has no item {item_id}.")

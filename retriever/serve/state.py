@@ -63,6 +63,7 @@ class ServedIndex:
                     "factory": e.factory,
                     "search_params": e.search_params,
                     "rerank": e.rerank or None,
+                    "columns": self.retriever.columns(mod),  # what a where filter can name
                 }
                 for mod, e in m.indexes.items()
             },

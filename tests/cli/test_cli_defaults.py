@@ -100,6 +100,9 @@ def test_option_defaults_match_the_library_functions_keyword_defaults():
         (("import", "dtype"), import_clip_retrieval, "dtype"),
         (("info", "check"), folder_info, "check"),
         (("search", "backend"), Retriever, "backend"),
+        (("search", "max_pixels"), Retriever, "max_pixels"),
+        (("import", "overwrite"), import_clip_retrieval, "overwrite"),
+        (("import", "wait"), import_clip_retrieval, "wait"),
     ]
     for key, fn, keyword in pairs:
         assert _default(*key) == inspect.signature(fn).parameters[keyword].default, (key, fn.__name__)

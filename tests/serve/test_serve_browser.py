@@ -152,6 +152,58 @@ def test_upload_button_drop_and_paste_find_the_image_itself(page, server, serve_
         assert hit_ids(page)[0] == other.id, event
 
 
+def test_refine_more_like_this_and_an_upload_with_where_dedup_and_but_not(page, server, serve_index, tiny_model):  # noqa: F811
+    """The query language from the page: "where", "fold duplicates" and "and / but not" text next to
+    a more-like-this item or an uploaded image give the library's own hits, and live in the URL."""
+    from retriever.query import Query
+    from retriever.search import Retriever
+
+    r = Retriever(serve_index, tiny_model)
+    page.goto(f"{server}/?q=flag&k={K}")
+    wait_for_results(page)
+    clicked = hit_ids(page)[1]
+    page.locator("#results .hit").nth(1).click()
+    page.wait_for_url(f"**id={clicked}**")
+    expect(page.locator("#query-image")).to_be_visible()  # the item beside the refine fields
+    page.fill("#where", "dir = 'group1'")
+    page.fill("#not", "a red heart")
+    page.fill("#dedup", "0.99")
+    page.press("#where", "Enter")
+    page.wait_for_url("**where=**")
+    assert "not=a+red+heart" in page.url and "dedup=0.99" in page.url and f"id={clicked}" in page.url
+    want = r.search(Query.from_dict({"id": clicked, "terms": [{"text": "a red heart", "negative": True}],
+                                     "where": "dir = 'group1'", "dedup": 0.99, "k": K}))  # fmt: skip
+    page.wait_for_function(
+        "ids => [...document.querySelectorAll('#results .hit')].map(e => e.dataset.id).join() === ids",
+        arg=",".join(str(h.id) for h in want),
+        timeout=20_000,
+    )
+    expect(page.locator("#status")).to_contain_text("items match the filter")
+    rows = {h.id: h for h in r.lookup("image", np.arange(r.manifest.indexes["image"].count))}
+    assert all(rows[i].metadata["dir"] == "group1" for i in hit_ids(page))
+
+    page.go_back()  # the refine fields come back out of the URL too
+    page.wait_for_url(lambda url: "where=" not in url)
+    assert page.input_value("#where") == ""
+    page.go_forward()
+    page.wait_for_url("**where=**")
+    assert page.input_value("#where") == "dir = 'group1'" and page.input_value("#not") == "a red heart"
+
+    item = r.lookup("image", np.array([7]))[0]
+    page.goto(f"{server}/?k={K}&and=a+flag")
+    expect(page.locator("#index option")).to_have_count(1)
+    assert page.input_value("#and") == "a flag"
+    page.set_input_files("#file", item.path)  # sent with the form fields text=a flag
+    want = r.search(Query.from_dict({"image": item.path, "terms": [{"text": "a flag"}], "k": K}))
+    page.wait_for_function(
+        "ids => [...document.querySelectorAll('#results .hit')].map(e => e.dataset.id).join() === ids",
+        arg=",".join(str(h.id) for h in want),
+        timeout=20_000,
+    )
+    wait_for_results(page)
+    expect(page.locator("#query-words")).to_contain_text("and “a flag”")
+
+
 def test_errors_show_inline_in_one_sentence(page, server, tmp_path):
     page.goto(f"{server}/?k={K}")
     bad = tmp_path / "notes.png"

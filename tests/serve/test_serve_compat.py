@@ -146,3 +146,63 @@ def test_unsupported_or_bad_requests_answer_one_sentence(client):
     missing = client.post("/knn-service", content=clip_client_body(text="x").replace(b'"emoji"', b'"laion5B"'))
     assert missing.status_code == 404 and "laion5B" in missing.json()["error"]
     assert client.post("/metadata", content=b'{"ids": ["a"], "indice_name": "emoji"}').status_code == 400
+
+
+def test_front_similar_button_sends_a_hits_own_url_answered_without_fetching(client):
+    """The front's "similar" button posts a hit's `url` back as image_url. It names this server's item,
+    so it is answered from the index (the item first, at similarity 1, as clip_back's re-encoded
+    download would be), with URL fetching off; another host's URL is still refused."""
+    hits = client.post("/knn-service", content=front_body(text="flag"), headers=FRONT).json()
+    item = hits[3]
+    body = json.loads(front_body(text=""))
+    body.update(image_url=item["url"], num_images=5, num_result_ids=5)
+    similar = client.post("/knn-service", content=json.dumps(body, separators=(",", ":")), headers=FRONT)
+    assert similar.status_code == 200, similar.text
+    got = similar.json()
+    assert got[0]["id"] == item["id"] and got[0]["similarity"] > 0.999
+    assert [h["id"] for h in got] != [h["id"] for h in hits[:5]]
+    thumb = client.post("/v1/search", json={"image_url": item["url"].replace("/image", "/thumbnail"), "k": 1})
+    assert thumb.status_code == 200 and thumb.json()["hits"][0]["id"] == item["id"]
+    for url in (
+        item["url"].replace("testserver", "elsewhere.example"),  # another host: a fetch, which is off
+        "http://testserver/v1/indexes/emoji/items/1/../../../../etc/passwd",
+    ):
+        body.update(image_url=url)
+        r = client.post("/knn-service", content=json.dumps(body))
+        assert r.status_code == 400 and "does not fetch image URLs" in r.json()["error"], url
+    body.update(image_url="http://testserver/v1/indexes/emoji/items/999999999/image")
+    assert client.post("/knn-service", content=json.dumps(body)).status_code == 404
+    body.update(image_url="http://testserver/v1/indexes/nope/items/1/image")
+    assert client.post("/knn-service", content=json.dumps(body)).status_code == 404
+
+
+def test_knn_service_takes_terms_and_where_in_clip_backs_answer_shape(client, serve_index, tiny_model):  # noqa: F811
+    """Extras clip-retrieval's clients never send: `terms` and `where` go through Retriever.search with
+    the clip query first (its own items kept, `deduplicate` as the library's fold at 0.94); the
+    answer keeps clip_back's shape, and requests without them are unchanged."""
+    from retriever.query import Query as LibQuery
+
+    r = Retriever(serve_index, tiny_model)
+    body = json.loads(front_body(text="flag"))
+    body.update(num_images=6, num_result_ids=6, deduplicate=False, where="dir = 'group2'",
+                terms=[{"text": "a red heart", "negative": True}])  # fmt: skip
+    resp = client.post("/knn-service", content=json.dumps(body), headers=FRONT)
+    assert resp.status_code == 200, resp.text
+    hits = resp.json()
+    want = r.search(LibQuery.from_dict({"text": "flag", "terms": body["terms"], "where": body["where"], "k": 6,
+                                        "keep_query": True}))  # fmt: skip
+    assert [h["id"] for h in hits] == [h.id for h in want] and len(hits) == 6
+    assert all(set(h) == {"id", "similarity", "url", "caption"} for h in hits)
+    assert all(h.metadata["dir"] == "group2" for h in want)
+    plain = client.post("/knn-service", content=front_body(text="flag"), headers=FRONT).json()
+    assert [h["id"] for h in plain[:6]] != [h["id"] for h in hits]
+    own = json.loads(front_body(text=""))
+    own.update(image_url=plain[2]["url"], num_images=3, num_result_ids=3, where="dir = 'group2'")
+    similar = client.post("/knn-service", content=json.dumps(own)).json()
+    assert len(similar) == 3 and all(
+        r.lookup("image", np.array([h["id"]]))[0].metadata["dir"] == "group2" for h in similar
+    )
+    bad = client.post("/knn-service", content=json.dumps({**body, "where": "nope = 1"}))
+    assert bad.status_code == 400 and "where filter names column 'nope'" in bad.json()["error"]
+    vec = client.post("/knn-service", content=json.dumps({"embedding_input": [0.1] * 8, "where": "id > 0"}))
+    assert vec.status_code == 400 and "embedding_input takes no terms" in vec.json()["error"]

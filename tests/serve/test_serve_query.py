@@ -118,3 +118,51 @@ def test_bad_expressions_and_filters_are_one_sentence_4xx(client, body, status, 
     assert resp.status_code == status, resp.text
     msg = resp.json()["error"]
     assert words.lower() in msg.lower() and "Traceback" not in msg and msg.count("\n") == 0
+
+
+def test_image_upload_takes_the_query_language_as_form_fields(client, library):
+    """POST /v1/search/image: `text` (added, repeatable), `not_text` (subtracted), `where`, `dedup`,
+    `keep_query` as form fields give the library's hits for the same Query."""
+    item = library.lookup("image", np.array([9]))[0]
+    data = Path(item.path).read_bytes()
+    upload = {"file": ("q.png", data, "image/png")}
+    plain = client.post("/v1/search/image", files=upload, data={"k": "8"}).json()
+    assert plain["report"] is None and plain["hits"][0]["id"] == item.id  # no option: the plain path
+    form = {
+        "k": "8",
+        "text": ["a flag", "a face"],
+        "not_text": "a red heart",
+        "where": "dir <> 'group0'",
+        "dedup": "0.99",
+    }
+    resp = client.post("/v1/search/image", files=upload, data=form)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    terms = (Term("image", decode_upload(data)), Term("text", "a flag"), Term("text", "a face"),
+             Term("text", "a red heart", negative=True))  # fmt: skip
+    want = library.search(Query(terms, k=8, where="dir <> 'group0'", dedup=0.99))
+    assert body["query"] == "terms" and ids(body["hits"]) == ids(want)
+    assert np.allclose([h["score"] for h in body["hits"]], [h.score for h in want], atol=1e-4)
+    assert all(h["metadata"]["dir"] != "group0" for h in body["hits"])
+    assert body["report"]["matching_rows"] == want.report.matching_rows
+    assert ids(body["hits"]) != ids(plain["hits"])
+    kept = client.post("/v1/search/image", files=upload, data={"k": "3", "keep_query": "true"}).json()
+    assert kept["report"] is not None and kept["hits"][0]["id"] == item.id  # through the library
+
+
+@pytest.mark.parametrize(
+    "form, status, words",
+    [
+        ({"where": "nope = 1"}, 400, "nope"),
+        ({"dedup": "2"}, 422, "dedup"),
+        ({"dedup": "nan"}, 422, "finite"),
+        ({"min_score": "inf"}, 422, "finite"),
+        ({"keep_query": "maybe"}, 400, "true or false"),
+        ({"text": "x" * 10_001}, 422, "at most"),
+    ],
+)
+def test_image_upload_bad_form_fields_are_one_sentence_4xx(client, library, form, status, words):
+    data = Path(library.lookup("image", np.array([9]))[0].path).read_bytes()
+    resp = client.post("/v1/search/image", files={"file": ("q.png", data, "image/png")}, data=form)
+    assert resp.status_code == status, resp.text
+    assert words in resp.json()["error"]

@@ -2,7 +2,11 @@
 'use strict';
 
 const $ = (id) => document.getElementById(id);
-const state = { index: '', modality: 'image', k: 24, min: -1, q: '', id: null, image: null };
+const state = {
+  index: '', modality: 'image', k: 24, min: -1, q: '', id: null, image: null,
+  and: '', not: '', where: '', dedup: '', // the query language: added / subtracted text, filter, folding
+};
+const REFINE = ['and', 'not', 'where', 'dedup'];
 let pending = null; // the query to retry after the API key is entered
 
 function readControls() {
@@ -11,6 +15,7 @@ function readControls() {
   const k = parseInt($('k').value, 10);
   state.k = Number.isFinite(k) ? k : 24;
   state.min = parseFloat($('min').value);
+  for (const key of REFINE) state[key] = $(key).value.trim();
 }
 
 function writeControls() {
@@ -20,6 +25,7 @@ function writeControls() {
   $('min').value = state.min;
   $('min-out').textContent = state.min <= -1 ? 'off' : state.min.toFixed(2);
   $('q').value = state.q;
+  for (const key of REFINE) $(key).value = state[key];
 }
 
 function toUrl() {
@@ -30,6 +36,7 @@ function toUrl() {
   p.set('modality', state.modality);
   p.set('k', String(state.k));
   if (state.min > -1) p.set('min', String(state.min));
+  for (const key of REFINE) if (state[key]) p.set(key, state[key]);
   return '?' + p.toString();
 }
 
@@ -41,6 +48,7 @@ function fromUrl() {
   state.modality = p.get('modality') === 'text' ? 'text' : 'image';
   state.k = parseInt(p.get('k') || '24', 10) || 24;
   state.min = p.has('min') ? parseFloat(p.get('min')) : -1;
+  for (const key of REFINE) state[key] = p.get(key) || '';
   state.image = null;
 }
 
@@ -95,15 +103,23 @@ async function run(push) {
   $('status').textContent = 'Searching…';
   const common = { index: state.index, modality: state.modality, k: state.k };
   if (state.min > -1) common.min_score = state.min;
+  if (state.where) common.where = state.where;
+  if (state.dedup) common.dedup = Number(state.dedup);
   try {
     let result;
     if (state.image) {
       const form = new FormData();
       form.append('file', state.image, state.image.name || 'pasted-image');
       for (const [key, value] of Object.entries(common)) form.append(key, String(value));
+      if (state.and) form.append('text', state.and);
+      if (state.not) form.append('not_text', state.not);
       result = await api('/v1/search/image', { method: 'POST', body: form });
     } else {
       const body = state.id !== null ? { ...common, id: state.id } : { ...common, text: state.q };
+      const terms = [];
+      if (state.and) terms.push({ text: state.and });
+      if (state.not) terms.push({ text: state.not, negative: true });
+      if (terms.length) body.terms = terms;
       result = await api('/v1/search', {
         method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body),
       });
@@ -117,18 +133,46 @@ async function run(push) {
 }
 
 function describeQuery() {
-  if (state.image) return 'your image';
-  if (state.id !== null) return `more like item ${state.id}`;
-  return `“${state.q}”`;
+  let what = `“${state.q}”`;
+  if (state.image) what = 'your image';
+  if (state.id !== null) what = `more like item ${state.id}`;
+  if (state.and) what += ` and “${state.and}”`;
+  if (state.not) what += ` but not “${state.not}”`;
+  if (state.where) what += ` where ${state.where}`;
+  return what;
+}
+
+function describeReport(report) {
+  if (!report) return '';
+  const parts = [];
+  if (report.matching_rows !== null && report.matching_rows !== undefined) {
+    parts.push(`${report.matching_rows.toLocaleString()} items match the filter`);
+  }
+  if (report.folded_duplicates) parts.push(`${report.folded_duplicates} duplicates folded`);
+  return parts.length ? ` (${parts.join(', ')})` : '';
+}
+
+function showQueryImage() {
+  // The query's own picture beside the "and / but not" fields: an upload, or the item of more-like-this.
+  const thumb = $('query-thumb');
+  if (state.image) {
+    if (thumb.src.startsWith('blob:')) URL.revokeObjectURL(thumb.src);
+    thumb.src = URL.createObjectURL(state.image);
+  } else if (state.id !== null) {
+    thumb.src = `/v1/indexes/${encodeURIComponent(state.index)}/items/${state.id}/thumbnail?size=128`;
+  }
+  $('query-words').textContent = state.image || state.id !== null ? describeQuery() : '';
+  $('query-image').hidden = !(state.image || state.id !== null);
 }
 
 function render(result) {
   const list = $('results');
   list.replaceChildren();
-  $('query-image').hidden = !state.image;
+  showQueryImage();
   if (!result) { $('status').textContent = ''; return; }
   const what = state.modality === 'text' ? 'captions' : 'images';
-  $('status').textContent = `${result.hits.length} ${what} for ${describeQuery()} in ${result.took_ms.toFixed(0)} ms`;
+  $('status').textContent =
+    `${result.hits.length} ${what} for ${describeQuery()} in ${result.took_ms.toFixed(0)} ms${describeReport(result.report)}`;
   for (const hit of result.hits) {
     const li = document.createElement('li');
     const btn = document.createElement('button');
@@ -173,9 +217,6 @@ function searchImage(file) {
   state.q = '';
   state.id = null;
   $('q').value = '';
-  const thumb = $('query-thumb');
-  if (thumb.src.startsWith('blob:')) URL.revokeObjectURL(thumb.src);
-  thumb.src = URL.createObjectURL(file);
   history.pushState(null, '', toUrl()); // an uploaded image cannot live in the URL; the options can
   run(false);
 }
@@ -221,6 +262,7 @@ function wire() {
     $('min-out').textContent = v <= -1 ? 'off' : v.toFixed(2);
   });
   $('min').addEventListener('change', () => run(true));
+  $('refine').addEventListener('submit', (e) => { e.preventDefault(); run(true); }); // Enter or the button
   $('key-form').addEventListener('submit', unlock);
   document.addEventListener('paste', (e) => {
     const file = [...(e.clipboardData ? e.clipboardData.files : [])].find((f) => f.type.startsWith('image/'));

@@ -56,6 +56,13 @@ class Recipe:
     batch_size: int = 256
     warmup: float = 0.05
     seed: int = 0
+    min_steps_per_epoch: int = 0  # > 0: batch = min(batch_size, n_train // this): small sets get more steps
+    min_steps: int = 0  # > 0: at least this many optimizer steps (epochs scaled up to reach it)
+    unlock: int = 0  # > 0: also train the trunk's last block + conv_head on cached stage-5 maps
+    trunk_lr: float | None = None  # lr of the unlocked trunk block (None: lr)
+    bn_train: bool = True  # unlocked BatchNorms use batch statistics (as a partly unlocked trunk does)
+    hard_clusters: int = 0  # > 0: batches of similar concepts (k-means over caption features, Robinson et al.)
+    init: str | None = None  # "emoji": start from the heads trained on the emoji cache (--init-features)
     refit: bool = False  # after choosing the epoch on val, retrain on train+val for that many epochs
     old_protocol: bool = False  # today's demo before issue 14: train on train+val, pick the epoch on held-out
 
@@ -68,6 +75,7 @@ class Run:
     heldout: dict
     seconds: float
     history: list = field(default_factory=list)
+    before: dict | None = None  # with init: held-out recall of the starting heads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +100,10 @@ class Data:
         self.items = [EmojiImage(d["char"], d["path"], tuple(d["captions"])) for d in meta["items"]]
         self.row = {s: i for i, s in enumerate(meta["strings"])}
         index = {it.path: i for i, it in enumerate(self.items)}
-        train_all, heldout = split_by_concept(self.items, 0.2, 0)
+        self.folder = folder
+        self.domain = meta.get("domain", "emoji")
+        heldout_fraction = 0.4 if self.domain == "fontawesome" else 0.2  # as run_domain_demo / retriever demo
+        train_all, heldout = split_by_concept(self.items, heldout_fraction, 0)
         train, val = split_by_concept(train_all, VAL_FRACTION, 1)
         self.splits = {
             "train": [index[it.path] for it in train],
@@ -101,6 +112,15 @@ class Data:
             "train+val": [index[it.path] for it in train_all],
         }
 
+    def maps(self, views: int) -> torch.Tensor:  # (N, V, 192, 7, 7) fp16 stage-5 maps
+        from safetensors.torch import load_file
+
+        if not hasattr(self, "_maps") or self._maps.shape[1] < views:
+            self._maps = torch.stack(
+                [load_file(str(self.folder / f"maps{v}.safetensors"))["map5"] for v in range(views)], dim=1
+            )
+        return self._maps
+
     def image(self, stages) -> torch.Tensor:  # (N, V, C)
         return torch.cat([self.tensors[f"image_{s}"] for s in stages], dim=-1)
 
@@ -108,6 +128,21 @@ class Data:
         """Per item, the text rows of its captions under the templates; and the plain rows in order."""
         per_item = [[self.row[t.format(c)] for c in self.items[i].captions for t in templates] for i in idx]
         return per_item
+
+
+_TRUNK = []
+
+
+def _trunk():
+    """The pretrained EfficientNet-Lite0 trunk of the demo's composed model (loaded once)."""
+    if not _TRUNK:
+        from retriever.models.load import load_model
+
+        _TRUNK.append(load_model(f"local-dir:{_INIT}", device="cpu", precision="fp32").model.visual.trunk.eval())
+    return _TRUNK[0]
+
+
+_INIT = Path("bench-out/quality/init")
 
 
 class Heads(nn.Module):
@@ -123,11 +158,19 @@ class Heads(nn.Module):
             )
             h = (d_txt + e) // 2
             self.text = nn.Sequential(nn.Linear(d_txt, h, bias=False), nn.GELU(), nn.Linear(h, e, bias=False))
+        self.tail = None
+        if r.unlock:  # the trunk's last `unlock` blocks + conv_head + bn2, from the pretrained trunk
+            trunk = _trunk()
+            blocks = [b for stage in trunk.blocks for b in stage][-r.unlock :]
+            self.tail = copy.deepcopy(nn.Sequential(*blocks, trunk.conv_head, trunk.bn2))
         init = math.log(1 / r.temp_init)
         self.logit_scale = nn.Parameter(torch.tensor(init), requires_grad=r.learn_temp)
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if r.loss == "siglip" else None
 
     def enc_image(self, x):
+        if self.tail is not None:  # x: stage-5 maps (..., 192, 7, 7) -> pooled 1280-d trunk output
+            lead = x.shape[:-3]
+            x = self.tail(x.reshape(-1, *x.shape[-3:]).float()).mean(dim=(2, 3)).reshape(*lead, -1)
         return F.normalize(self.image(x), dim=-1)
 
     def enc_text(self, x):
@@ -145,14 +188,17 @@ def _loss(heads: Heads, img, txt, kind: str):
 
 
 def _optimizer(heads: Heads, r: Recipe):
-    decay = [p for n, p in heads.named_parameters() if p.requires_grad and p.ndim >= 2]
-    keep = [p for n, p in heads.named_parameters() if p.requires_grad and p.ndim < 2]
-    return torch.optim.AdamW(
-        [{"params": keep, "weight_decay": 0.0}, {"params": decay, "weight_decay": r.weight_decay}],
-        lr=r.lr,
-        betas=(0.9, 0.98),
-        eps=1e-6,
-    )
+    groups = []
+    for tail in (False, True):
+        named = [(n, p) for n, p in heads.named_parameters() if p.requires_grad and n.startswith("tail.") == tail]
+        lr = (r.trunk_lr or r.lr) if tail else r.lr
+        decay = [p for n, p in named if p.ndim >= 2]
+        keep = [p for n, p in named if p.ndim < 2]
+        groups += [
+            {"params": keep, "weight_decay": 0.0, "base": lr},
+            {"params": decay, "weight_decay": r.weight_decay, "base": lr},
+        ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=r.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
 def _lr(step, base, warmup, total):  # retriever.training.optim.lr_at
@@ -167,8 +213,8 @@ def evaluate(heads: Heads, data: Data, idx: list[int], image: torch.Tensor, r: R
     from retriever.metrics import retrieval_metrics
 
     heads.eval()
-    x = norm(image[idx, : r.tta])  # (n, tta, C)
-    img = F.normalize(heads.enc_image(x).mean(dim=1), dim=-1)
+    x = data.maps(r.tta)[idx, : r.tta] if r.unlock else norm(image[idx, : r.tta])  # (n, tta, C) or maps
+    img = F.normalize(torch.cat([heads.enc_image(c) for c in x.split(128)]).mean(dim=1), dim=-1)
     rows, text_image = [], []
     for j, i in enumerate(idx):
         for c in data.items[i].captions:
@@ -178,11 +224,42 @@ def evaluate(heads: Heads, data: Data, idx: list[int], image: torch.Tensor, r: R
     feats = norm(data.tensors["text"][rows_t.flatten()])
     emb = heads.enc_text(feats).reshape(rows_t.shape[0], rows_t.shape[1], -1).mean(dim=1)
     emb = F.normalize(emb, dim=-1)
-    heads.train()
+    _train_mode(heads, r)
     return retrieval_metrics(img, emb, text_image).flat()
 
 
+def _train_mode(heads: Heads, r: Recipe) -> None:
+    heads.train()
+    if heads.tail is not None and not r.bn_train:
+        for m in heads.tail.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def _kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 20) -> torch.Tensor | None:
+    """Cluster ids of the rows of x (cosine k-means, seeded); None for k = 0."""
+    if not k:
+        return None
+    x = F.normalize(x.float(), dim=-1)
+    g = torch.Generator().manual_seed(seed)
+    centres = x[torch.randperm(len(x), generator=g)[:k]]
+    for _ in range(iters):
+        ids = (x @ centres.T).argmax(dim=1)
+        for c in range(k):
+            if (ids == c).any():
+                centres[c] = F.normalize(x[ids == c].mean(0), dim=-1)
+    return ids
+
+
 def train_recipe(data: Data, r: Recipe) -> Run:
+    return _fit(data, r)[0]
+
+
+def _train_heads(data: Data, r: Recipe) -> Heads:
+    return _fit(data, r)[1]
+
+
+def _fit(data: Data, r: Recipe) -> tuple[Run, Heads]:
     t0 = time.perf_counter()
     torch.manual_seed(r.seed)
     image = data.image(r.stages)
@@ -203,24 +280,39 @@ def train_recipe(data: Data, r: Recipe) -> Run:
             return x
 
     heads = Heads(image.shape[-1], text.shape[-1], r)
+    if r.init == "emoji":  # the demo model's heads: trained on the emoji cache with today's recipe
+        heads.load_state_dict(_emoji_heads(r), strict=False)
+    _train_mode(heads, r)
     opt = _optimizer(heads, r)
     per_item = data.text_rows(train_idx, r.templates)
-    steps_per_epoch = len(train_idx) // r.batch_size
-    total = steps_per_epoch * r.epochs
+    batch = r.batch_size
+    if r.min_steps_per_epoch:
+        batch = max(2, min(batch, len(train_idx) // r.min_steps_per_epoch))
+    steps_per_epoch = len(train_idx) // batch
+    epochs = max(r.epochs, math.ceil(r.min_steps / steps_per_epoch)) if r.min_steps else r.epochs
+    total = steps_per_epoch * epochs
     warmup = int(round(r.warmup * total))
     rng = random.Random(r.seed)
+    maps = data.maps(r.views) if r.unlock else None
     step, best, history = 0, None, []
-    for epoch in range(1, r.epochs + 1):
+    clusters = _kmeans(text[[per[0] for per in data.text_rows(train_idx, ("{}",))]], r.hard_clusters, r.seed)
+    for epoch in range(1, epochs + 1):
         order = list(range(len(train_idx)))
         rng.shuffle(order)
+        if clusters is not None:  # whole clusters in a shuffled order: a batch holds a few groups of look-alikes
+            keys = list(range(r.hard_clusters))
+            rng.shuffle(keys)
+            rank = {k: i for i, k in enumerate(keys)}
+            order.sort(key=lambda p: rank[int(clusters[p])])
         for b in range(steps_per_epoch):
-            pos = order[b * r.batch_size : (b + 1) * r.batch_size]
+            pos = order[b * batch : (b + 1) * batch]
             views = [rng.randrange(r.views) for _ in pos]
             rows = [rng.choice(per_item[p]) for p in pos]
-            x_img = norm(image[[train_idx[p] for p in pos], views])
+            sel = [train_idx[p] for p in pos]
+            x_img = maps[sel, views] if maps is not None else norm(image[sel, views])
             x_txt = norm(text[rows])
             for g in opt.param_groups:
-                g["lr"] = _lr(step, r.lr, warmup, total)
+                g["lr"] = _lr(step, g["base"], warmup, total)
             loss = _loss(heads, heads.enc_image(x_img), heads.enc_text(x_txt), r.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -233,13 +325,40 @@ def train_recipe(data: Data, r: Recipe) -> Run:
             continue
         val = evaluate(heads, data, select_on, image, r, norm)
         history.append({"epoch": epoch, "mean_recall": round(val["mean_recall"], 4)})
+        if VERBOSE:
+            print(
+                f"  {r.name} epoch {epoch}: val mean {100 * val['mean_recall']:.1f} ({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
         if best is None or val["mean_recall"] > best[1]["mean_recall"]:
             best = (epoch, val, copy.deepcopy(heads.state_dict()))
     if r.refit:
-        best = (r.epochs, {}, heads.state_dict())
+        best = (epochs, {}, heads.state_dict())
     heads.load_state_dict(best[2])
     heldout = evaluate(heads, data, data.splits["heldout"], image, r, norm)
-    return Run(asdict(r), best[0], best[1], heldout, time.perf_counter() - t0, history)
+    run = Run(asdict(r), best[0], best[1], heldout, time.perf_counter() - t0, history)
+    if r.init == "emoji":  # the starting point on this domain's held-out split: what the lift is over
+        start = Heads(image.shape[-1], text.shape[-1], replace(r, unlock=0))
+        start.load_state_dict(_emoji_heads(r), strict=False)
+        start.eval()
+        run.before = evaluate(start, data, data.splits["heldout"], image, replace(r, unlock=0), norm)
+    return run, heads
+
+
+VERBOSE = False
+_EMOJI: dict = {}
+EMOJI_FEATURES = Path("bench-out/quality")
+
+
+def _emoji_heads(r: Recipe) -> dict:
+    """State dict of today's demo heads (seed `r.seed`, epoch chosen on emoji validation)."""
+    key = r.seed
+    if key not in _EMOJI:
+        data = Data(EMOJI_FEATURES)
+        base = Recipe(seed=r.seed)
+        heads = _train_heads(data, base)
+        _EMOJI[key] = {k: v for k, v in heads.state_dict().items()}
+    return _EMOJI[key]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,10 +428,49 @@ def grid(name: str) -> list[Recipe]:
             *[replace(base, name="+templates (train) +query ensemble", **t8, seed=s) for s in (1, 2)],
             replace(base, name="drop 0.2 (image)", drop=0.2, seed=1),
         ]
-    if name == "views":
+    if name == "views":  # several cached views per image (one drawn per epoch), test-time view averaging
         return [
             replace(base, name=f"views {v} tta {t}", views=v, tta=t)
-            for v, t in ((2, 1), (2, 2), (3, 1), (5, 1), (5, 5))
+            for v, t in ((3, 1), (3, 3), (1, 3), (4, 1), (4, 4))
+        ]
+    if name == "hard":  # hard-negative batches: k-means clusters of the captions' text features
+        return [
+            replace(base, name="hard batches, 16 clusters", hard_clusters=16),
+            replace(base, name="hard batches, 64 clusters", hard_clusters=64),
+        ]
+    if name == "today":  # today's recipe, seed 0 (a check that the cache reproduces the earlier figures)
+        return [base]
+    if name == "steps":  # more optimizer steps for the same data: smaller batches, or a floor on steps
+        return [
+            replace(base, name="batch <= n/8", min_steps_per_epoch=8),
+            replace(base, name="min 300 steps", min_steps=300),
+        ]
+    if name == "steps-seeds":
+        return [replace(base, name="batch <= n/8", min_steps_per_epoch=8, seed=s) for s in (1, 2)]
+    if name == "fontawesome-n5":  # 5 steps per epoch: keeps emoji's 1,301 at batch 256 (260 // 1)
+        fa = replace(base, init="emoji")
+        return [replace(fa, name="fa: batch <= n/5", min_steps_per_epoch=5, seed=s) for s in (0, 1, 2)]
+    if name == "fontawesome-seeds":
+        fa = replace(base, init="emoji")
+        return [
+            *[replace(fa, name="fa: today", seed=s) for s in (1, 2)],
+            *[replace(fa, name="fa: batch <= n/8", min_steps_per_epoch=8, seed=s) for s in (1, 2)],
+        ]
+    if name == "fontawesome":  # fine-tune the emoji heads on Font Awesome (run with --features on its cache)
+        fa = replace(base, init="emoji")
+        return [
+            replace(fa, name="fa: today"),
+            replace(fa, name="fa: batch <= n/8", min_steps_per_epoch=8),
+            replace(fa, name="fa: batch <= n/16", min_steps_per_epoch=16),
+            replace(fa, name="fa: min 300 steps", min_steps=300),
+            replace(fa, name="fa: batch <= n/8, epochs 60", min_steps_per_epoch=8, epochs=60),
+        ]
+    if name == "unlock":  # the trunk's last block + conv_head trained on cached stage-5 maps
+        return [
+            replace(base, name="unlock 1 block, 15 epochs", unlock=1, epochs=15),
+            replace(base, name="unlock 1 block, 15 epochs, trunk lr 1e-4", unlock=1, epochs=15, trunk_lr=1e-4),
+            replace(base, name="15 epochs", epochs=15),
+            replace(base, name="unlock 1 block, 15 epochs, views 3", unlock=1, epochs=15, views=3),
         ]
     raise SystemExit(f"unknown grid {name}")
 
@@ -322,8 +480,15 @@ def row(run: dict) -> str:
     v = run["val"]
     h = run["heldout"]
     fmt = " / ".join
+    name = r["name"]
+    if run.get("before"):  # a fine-tune: the starting heads' held-out R@10 and the lift over it
+        b = run["before"]
+        name += (
+            f" (start t2i/i2t R@10 {100 * b['t2i_R@10']:.1f}/{100 * b['i2t_R@10']:.1f}; lift "
+            f"{h['t2i_R@10'] / b['t2i_R@10']:.2f}× / {h['i2t_R@10'] / b['i2t_R@10']:.2f}×)"
+        )
     return (
-        f"| {r['name']} | {r['seed']} | {run['best_epoch']} | "
+        f"| {name} | {r['seed']} | {run['best_epoch']} | "
         f"{v.get('mean_recall', 0) * 100:.1f} | {fmt(f'{100 * v[k]:.1f}' for k in KEYS[:3]) if v else '–'} | "
         f"{fmt(f'{100 * h[k]:.1f}' for k in KEYS[:3])} | {fmt(f'{100 * h[k]:.1f}' for k in KEYS[3:])} | "
         f"{run['seconds']:.0f} |"
@@ -345,12 +510,18 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="append runs to this JSON list")
     ap.add_argument("--table-from", default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--verbose", action="store_true", help="print every epoch's validation recall")
+    ap.add_argument("--emoji-features", default="bench-out/quality", help="the emoji cache (init heads, trunk)")
     ap.add_argument("--part", default="0/1", help="K/N: run every N-th recipe of the grid from the K-th")
     args = ap.parse_args()
     if args.table_from:
         print(table(json.loads(Path(args.table_from).read_text())))
         return
     torch.set_num_threads(args.threads)
+    global EMOJI_FEATURES, _INIT, VERBOSE
+    VERBOSE = args.verbose
+    EMOJI_FEATURES = Path(args.emoji_features)
+    _INIT = EMOJI_FEATURES / "init"
     data = Data(Path(args.features))
     runs = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else []
     k, n = (int(x) for x in args.part.split("/"))

@@ -46,6 +46,8 @@ def stage_features(trunk, px: torch.Tensor) -> dict[str, torch.Tensor]:
         x = block(x)
         if i >= 4:
             out[f"block{i}"] = x.mean(dim=(2, 3))
+        if i == 5:  # stage-5 maps: the input of the last block, for training it at cache speed
+            out["map5"] = x.half()
     x = trunk.bn2(trunk.conv_head(x))
     out["head"] = x.mean(dim=(2, 3))
     return out
@@ -56,11 +58,15 @@ def main() -> None:
     ap.add_argument("--out", default="bench-out/quality")
     ap.add_argument("--views", type=int, default=8, help="augmented views per image besides the eval view")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--domain", default="emoji", choices=("emoji", "fontawesome"))
+    ap.add_argument("--plain-text", action="store_true", help="captions as they are only (no prompt templates)")
+    ap.add_argument("--maps", action="store_true", help="also keep stage-5 maps (fp16), the last block's input")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     from retriever.data.images import load_image
     from retriever.demo.emoji import emoji_collection
+    from retriever.demo.icons import fontawesome_collection
     from retriever.models.load import load_model
     from retriever.training.cache import geometric_view
     from retriever.training.start import compose_to_folder
@@ -77,17 +83,19 @@ def main() -> None:
     model = encoder.model.eval()
     trunk = model.visual.trunk
 
-    items = emoji_collection()
+    items = emoji_collection() if args.domain == "emoji" else fontawesome_collection(out / "png")
     from safetensors.torch import save_file
 
     # Text first, then one file per image view, so ablations can start on the eval view while the
     # augmented views are still being computed. A finished file is never recomputed.
-    strings = sorted({t.format(c) for it in items for c in it.captions for t in TEMPLATES})
+    templates = ("{}",) if args.plain_text else TEMPLATES
+    strings = sorted({t.format(c) for it in items for c in it.captions for t in templates})
     meta = {
         "items": [{"char": it.char, "path": it.path, "captions": list(it.captions)} for it in items],
         "strings": strings,
-        "templates": list(TEMPLATES),
+        "templates": list(templates),
         "stages": list(STAGES),
+        "domain": args.domain,
     }
     (out / "features.json").write_text(json.dumps(meta, ensure_ascii=False))
     if not (out / "text.safetensors").is_file():
@@ -106,7 +114,7 @@ def main() -> None:
             if path.is_file():
                 continue
             t0 = time.perf_counter()
-            per_view: dict[str, list] = {s: [] for s in STAGES}
+            per_view: dict[str, list] = {s: [] for s in (*STAGES, "map5")}
             for s in range(0, len(items), 64):
                 batch = []
                 for j in range(s, min(s + 64, len(items))):
@@ -119,6 +127,8 @@ def main() -> None:
                 for k, f in staged.items():
                     per_view[k].append(f)
             save_file({k: torch.cat(per_view[k]).contiguous() for k in STAGES}, str(path))
+            if args.maps:
+                save_file({"map5": torch.cat(per_view["map5"]).contiguous()}, str(out / f"maps{v}.safetensors"))
             print(f"view {v}: {time.perf_counter() - t0:.0f}s", flush=True)
 
 

@@ -35,7 +35,7 @@ def demo(
         DEMO.unlock_text_last, help="Also tune the last N MiniLM layers (end to end; much slower on CPU)."
     ),
     unlock_image_last: int = typer.Option(
-        DEMO.unlock_image_last, help="Also tune the last N EfficientNet blocks (end to end; much slower on CPU)."
+        DEMO.unlock_image_last, help="Also tune the last N EfficientNet blocks (on cached maps below them)."
     ),
     seed: int = typer.Option(DEMO.seed, help="Seed of the concept split and the training."),
     domain: str | None = typer.Option(

@@ -99,7 +99,8 @@ def train(
     cache_features: bool = typer.Option(
         TRAIN.cache_features,
         "--cache-features",
-        help="Both towers locked: compute tower outputs once, train heads + temperature on the cache.",
+        help="Both towers locked: compute tower outputs once, train heads + temperature on the cache "
+        "(with --unlock-image-last N on an EfficientNet tower: cache the maps below those blocks and train them too).",
     ),
     cache_views: int = typer.Option(
         TRAIN.cache_views,

@@ -41,12 +41,16 @@ class DemoConfig:
     embed_dim: int = 512
     epochs: int = 30
     batch_size: int = 256
+    # Small training sets still get this many optimizer steps per epoch: the batch shrinks to
+    # n_train // min_steps_per_epoch (Font Awesome's 511 icons: 102, not 1 step of 256 per epoch;
+    # the 1,301 emoji keep 256). Chosen on Font Awesome's validation split (benchmarks/RESULTS.md).
+    min_steps_per_epoch: int = 5
     lr: float = 1e-3
     weight_decay: float = 0.1
     cache_views: int = 1  # cached tower passes per training image: the eval view + N-1 geometric views
     caption_templates: tuple[str, ...] = ()  # training captions under each prompt template
     unlock_text_last: int = 0  # > 0: also tune the last MiniLM layers (end to end, slower)
-    unlock_image_last: int = 0  # > 0: also tune the last EfficientNet blocks
+    unlock_image_last: int = 0  # > 0: also tune the last EfficientNet blocks (on cached maps below them)
     workers: int | None = None  # image-decoding processes; None: data.default_workers()
     examples: tuple[str, ...] = EXAMPLE_TEXT_QUERIES
 
@@ -216,7 +220,8 @@ def demo_train_config(
     if model is None:
         image_weights, text_folder = default_tower_paths()
         image_tower, text_tower = DEFAULT_IMAGE_TOWER, f"hf:{text_folder}"
-    unlocked = bool(cfg.unlock_image_last or cfg.unlock_text_last)
+    # Unlocked image blocks train on cached maps below them; an unlocked text layer needs the full towers.
+    cached = not cfg.unlock_text_last
     return TrainConfig(
         source=str(data / "train.jsonl"),
         val=str(data / "val.jsonl"),
@@ -227,19 +232,25 @@ def demo_train_config(
         image_weights=image_weights,
         embed_dim=cfg.embed_dim,
         epochs=epochs,
-        batch_size=min(cfg.batch_size, n_train),
+        batch_size=demo_batch_size(cfg, n_train),
         optim=OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=0.05),
         lock_image=True,
         lock_text=True,
         unlock_image_last=cfg.unlock_image_last,
         unlock_text_last=cfg.unlock_text_last,
-        cache_features=not unlocked,
-        cache_views=1 if unlocked else cfg.cache_views,
+        cache_features=cached,
+        cache_views=cfg.cache_views if cached else 1,
         caption_templates=list(cfg.caption_templates),
         augment=False,
         seed=seed,
         workers=workers,
     )
+
+
+def demo_batch_size(cfg: DemoConfig, n_train: int) -> int:
+    """`cfg.batch_size`, made smaller for small sets so an epoch has `cfg.min_steps_per_epoch` steps."""
+    per_epoch = n_train // max(1, cfg.min_steps_per_epoch)
+    return max(2, min(cfg.batch_size, per_epoch, n_train))
 
 
 def heldout_recall(tuned, untrained, manifest: Path, run: Path) -> tuple[dict, dict]:

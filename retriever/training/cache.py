@@ -1,7 +1,9 @@
 """`--cache-features`: with both towers locked, run them once and train only heads and temperature.
 
 A locked tower in eval mode is a fixed function, so its outputs can be computed once per image and
-once per caption and reused every epoch (the LiT recipe on a CPU budget). What trains is what sits
+once per caption and reused every epoch (the LiT recipe on a CPU budget). With the image trunk's
+last blocks unlocked (`--unlock-image-last N`), the locked part below them is still a fixed
+function: its output maps are cached instead, and the unlocked blocks train on them. What trains is what sits
 after the towers: the image projection (`visual.head` of a timm tower), the text projection
 (`text.proj` of an HF tower) and the loss parameters. This needs towers that keep trunk and head
 apart, i.e. a model composed with `--image-tower timm:...` and `--text-tower hf:...`; open_clip's
@@ -49,7 +51,12 @@ class TowerSplit:
 
 
 def split_towers(model: torch.nn.Module) -> TowerSplit:
-    """Trunk/head of a composed (timm image, HF text) open_clip model whose trunks are locked."""
+    """Trunk/head of a composed (timm image, HF text) open_clip model whose trunks are locked.
+
+    An image trunk whose last blocks are unlocked (`--unlock-image-last N`) is split below them:
+    the cache then holds the feature maps entering the first unlocked block, and what trains on
+    them is those blocks, the trunk's pooling and the projection (see `image_trunk_split`).
+    """
     visual: Any = getattr(model, "visual", None)
     text: Any = getattr(model, "text", None)
     if not (
@@ -59,12 +66,8 @@ def split_towers(model: torch.nn.Module) -> TowerSplit:
             "--cache-features needs a model composed from towers (--image-tower timm:NAME --text-tower hf:PATH); "
             "this model's projections are part of its locked towers, so nothing would train."
         )
-    if any(p.requires_grad for p in visual.trunk.parameters()) or any(
-        p.requires_grad for p in text.transformer.parameters()
-    ):
-        raise UserError(
-            "--cache-features needs both towers fully locked: use --lock-image --lock-text without unlocking layers."
-        )
+    if any(p.requires_grad for p in text.transformer.parameters()):
+        raise UserError("--cache-features needs a fully locked text tower: use --lock-text without unlocking layers.")
 
     def text_trunk(ids: torch.Tensor) -> torch.Tensor:
         # HFTextEncoder.forward minus its projection. Trailing columns that are padding in every
@@ -75,7 +78,51 @@ def split_towers(model: torch.nn.Module) -> TowerSplit:
         ids, attn = ids[:, :n], attn[:, :n]
         return text.pooler(text.transformer(input_ids=ids, attention_mask=attn), attn)
 
-    return TowerSplit(visual.trunk, visual.head, text_trunk, text.proj, (visual.trunk, text.transformer))
+    if not any(p.requires_grad for p in visual.trunk.parameters()):
+        return TowerSplit(visual.trunk, visual.head, text_trunk, text.proj, (visual.trunk, text.transformer))
+    below, above = image_trunk_split(visual.trunk)
+    return TowerSplit(below, torch.nn.Sequential(above, visual.head), text_trunk, text.proj, (below, text.transformer))
+
+
+class _TrunkBelow(torch.nn.Sequential):
+    """The locked first part of a trunk; its output maps are cached in fp16 (half the bytes, and
+    the unlocked blocks see them again in fp32: rounding far below what training moves)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).half()
+
+
+class _TrunkAbove(torch.nn.Module):
+    """The unlocked last blocks of a trunk, then its own pooling: maps in, the trunk's features out."""
+
+    def __init__(self, blocks: list[torch.nn.Module], trunk: Any):
+        super().__init__()
+        self.blocks = torch.nn.Sequential(*blocks)
+        self.pool = trunk.forward_head  # global pool (+ flatten); the classifier was reset to Identity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = next(self.blocks.parameters())
+        return self.pool(self.blocks(x.to(w.dtype)))
+
+
+def image_trunk_split(trunk: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(locked part, unlocked part) of a partly unlocked timm EfficientNet-family trunk.
+
+    These trunks are one chain: stem, the blocks of every stage, head conv + norm, pooling; open_clip
+    unlocks whole blocks from the end (`lock_image_tower(unlocked_groups=N)`), so the chain splits
+    at the first module with a trainable parameter, and below it everything is a fixed function.
+    """
+    if not all(hasattr(trunk, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")):
+        raise UserError(
+            "--cache-features with --unlock-image-last works for EfficientNet-family image towers (a chain of "
+            f"blocks); {type(trunk).__name__} is not one. Drop --cache-features to train it end to end."
+        )
+    chain = [trunk.conv_stem, trunk.bn1, *[b for stage in trunk.blocks for b in stage], trunk.conv_head, trunk.bn2]
+    trainable = [any(p.requires_grad for p in m.parameters()) for m in chain]
+    first = trainable.index(True)
+    if not all(trainable[first:]) or any(p.requires_grad for m in chain[:first] for p in m.parameters()):
+        raise UserError("--cache-features needs the unlocked image blocks to be the last ones of the trunk.")
+    return _TrunkBelow(*chain[:first]).eval(), _TrunkAbove(chain[first:], trunk)
 
 
 @dataclass
@@ -218,7 +265,9 @@ def compute_tower_features(
                 # channels_last: conv trunks run much faster so on CPU, and on GPU tensor cores.
                 px = batch.pixels.to(encoder.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 with encoder.autocast():
-                    feats = split.image_trunk(px).float().cpu()
+                    feats = split.image_trunk(px)
+                # Pooled features in fp32; feature maps below unlocked blocks stay fp16 (_TrunkBelow).
+                feats = feats.cpu() if feats.dtype == torch.float16 else feats.float().cpu()
                 rows.update(zip(batch.indices, feats))
             if progress:
                 progress(done, total)
@@ -276,7 +325,7 @@ def cached_eval_embeddings(
     split: TowerSplit, cached: CachedSplit, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised embeddings of a cached split through the current heads."""
-    with torch.no_grad():
-        img = split.encode_image(cached.image.to(device)).float().cpu()
+    with torch.no_grad():  # in chunks: cached feature maps through unlocked blocks take memory
+        img = torch.cat([split.encode_image(x.to(device)).float().cpu() for x in cached.image.split(256)])
         txt = split.encode_text(cached.text.to(device)).float().cpu()
     return img, txt

@@ -58,7 +58,8 @@ class TrainConfig:
         lock_image, lock_text: freeze a tower; unlock_image_last / unlock_text_last keep its last
             N layer groups trainable.
         grad_checkpointing: recompute activations in backward (less memory, slower).
-        cache_features: both towers locked: compute tower outputs once, train heads on the cache.
+        cache_features: both towers locked: compute tower outputs once, train heads on the cache;
+            with unlock_image_last, the maps below the unlocked blocks are cached and those blocks train.
         cache_views: with cache_features, tower passes per training image: the eval view plus
             N-1 seeded geometric views (zoom, shift, small rotation; no flips, no colour); each
             epoch draws one cached view per image.
@@ -166,14 +167,12 @@ class TrainConfig:
             raise ConfigError("unlock_image_last only makes sense with lock_image.", "unlock_image_last", "lock_image")
         if self.unlock_text_last and not self.lock_text:
             raise ConfigError("unlock_text_last only makes sense with lock_text.", "unlock_text_last", "lock_text")
-        if (
-            self.cache_features
-            and not (self.lock_image and self.lock_text)
-            or (self.cache_features and (self.unlock_image_last or self.unlock_text_last))
-        ):
+        if self.cache_features and (not (self.lock_image and self.lock_text) or self.unlock_text_last):
             raise ConfigError(
-                "cache_features needs both towers fully locked: lock_image and lock_text, no unlocked layers.",
+                "cache_features needs both towers locked (lock_image and lock_text; only the image tower's last "
+                "blocks may be unlocked, and they then train on cached maps).",
                 "cache_features",
                 "lock_image",
                 "lock_text",
+                "unlock_text_last",
             )

@@ -64,3 +64,23 @@ def test_the_printed_serve_command_serves_the_page_and_the_api(demo_ws):
         assert "<title>retriever</title>" in c.get("/").text
         hits = c.post("/v1/search", json={"text": "a yellow star", "k": 5}).json()["hits"]
         assert len(hits) == 5 and c.get(hits[0]["thumbnail_url"]).status_code == 200
+
+
+def test_small_training_sets_get_more_steps_per_epoch(tmp_path):
+    """The default recipe keeps 5 optimizer steps per epoch on small sets (Font Awesome's 511 icons
+    would otherwise fill 1 step of 256 per epoch); larger sets (the 1,301 emoji) keep batches of 256."""
+    from retriever.demo.run import demo_batch_size, demo_train_config
+
+    cfg = DemoConfig()
+    assert [demo_batch_size(cfg, n) for n in (4096, 1301, 511, 10)] == [256, 256, 102, 2]
+    tcfg = demo_train_config(
+        cfg,
+        data=tmp_path,
+        out=tmp_path / "run",
+        n_train=511,
+        workers=0,
+        epochs=30,
+        seed=0,
+        model="local-dir:somewhere",
+    )
+    assert tcfg.batch_size == 102 and tcfg.cache_features

@@ -314,6 +314,32 @@ def test_cached_text_features_drop_padding_without_changing_results(model, paths
     assert torch.allclose(ours, full, atol=1e-5), (ours - full).abs().max()
 
 
+def test_cache_splits_a_partly_unlocked_image_trunk_below_its_unlocked_blocks(model):
+    """--cache-features with --unlock-image-last 1: the cache holds stage-5 maps (fp16), and the
+    unlocked part (last block, head conv, pooling, projection) turns them into the model's output."""
+    from retriever.training.cache import split_towers
+
+    model.lock_text_tower()
+    model.lock_image_tower(unlocked_groups=1, freeze_bn_stats=False)
+    model.eval()
+    split = split_towers(model)
+    trunk = model.visual.trunk
+    above = {id(p) for p in split.image_head.parameters()}
+    assert all(id(p) in above for p in trunk.blocks[6].parameters())
+    assert all(id(p) in above for p in trunk.conv_head.parameters())
+    assert not any(id(p) in above for p in trunk.blocks[5].parameters())
+    assert all(id(p) in above for p in model.visual.head.parameters())
+    px = _images(2)
+    with torch.no_grad():
+        maps = split.image_trunk(px)
+        assert maps.dtype == torch.float16 and maps.shape == (2, 192, 7, 7)
+        ours = split.encode_image(maps)
+        full = model.encode_image(px, normalize=True)
+    assert torch.allclose(ours, full, atol=2e-3), (ours - full).abs().max()
+    model.lock_image_tower(unlocked_groups=2, freeze_bn_stats=False)  # one more block: same-shape maps below it
+    assert not any(p.requires_grad for p in split_towers(model).image_trunk.parameters())
+
+
 def test_lock_text_tower_with_unlocked_layers(model):
     towers.patch_hf_arch_for_unlocking()  # idempotent; build already applied it
     model.lock_text_tower(unlocked_layers=1)

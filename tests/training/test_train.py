@@ -163,7 +163,8 @@ def test_resume_refuses_changed_settings_and_new_run_refuses_used_folder(tiny, s
     [
         (dict(batch_size=1000), "larger than"),
         (dict(cache_features=True, lock_image=True, lock_text=True), "composed from towers"),
-        (dict(cache_features=True), "fully locked"),
+        (dict(cache_features=True), "needs both towers locked"),
+        (dict(cache_features=True, lock_image=True, lock_text=True, unlock_text_last=1), "image tower's last"),
         (dict(image_tower="timm:resnet18"), "both image_tower"),
         (dict(unlock_text_last=1), "only makes sense with lock_text"),
         (dict(cache_views=2), "cache_views needs cache_features"),
@@ -304,6 +305,61 @@ def test_cached_features_train_heads_only_and_match_the_saved_model(emoji_split,
     for k in ("t2i_R@1", "t2i_R@5", "i2t_R@5", "t2i_mean_rank"):
         assert full[k] == pytest.approx(best_val[k], abs=1e-9), k
     assert np.isfinite(result.best_score)
+
+
+@pytest.mark.e2e
+def test_cached_features_train_the_unlocked_last_image_block_on_cached_maps(emoji_split, tmp_path):
+    """--cache-features --unlock-image-last 1: the cache holds the maps below the last block (fp16),
+    only that block, the head conv, the projections and the temperature move, and the cached-path
+    validation agrees with the saved checkpoint evaluated through the full model."""
+    pytest.importorskip("timm")
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from retriever.data.sources import read_source
+    from retriever.demo.emoji import write_manifest
+    from retriever.evaluation import evaluate
+    from retriever.models import compose as towers
+    from retriever.models.load import load_model
+
+    try:
+        _, text_dir = towers.default_tower_paths()
+    except UserError as e:
+        pytest.skip(str(e))
+    items = emoji_split[2]
+    train_m = write_manifest(items[:64], tmp_path / "tr.jsonl")
+    val_m = write_manifest(items[1000:1040], tmp_path / "va.jsonl")
+    cfg = TrainConfig(
+        source=str(train_m),
+        val=str(val_m),
+        out=str(tmp_path / "run"),
+        image_tower=towers.DEFAULT_IMAGE_TOWER,
+        text_tower=f"hf:{text_dir}",
+        embed_dim=64,
+        lock_image=True,
+        unlock_image_last=1,
+        lock_text=True,
+        cache_features=True,
+        epochs=2,
+        batch_size=32,
+        workers=0,
+        optim=OptimConfig(lr=1e-3, warmup=0),
+    )
+    result = train(cfg)
+    init, last = _weights(tmp_path / "run" / "init"), _weights(result.last_dir)
+    changed = {k for k in init if not torch.equal(init[k], last[k])}
+    allowed = ("visual.trunk.blocks.6.", "visual.trunk.conv_head", "visual.trunk.bn2", "visual.head", "text.proj")
+    assert all(k.startswith((*allowed, "logit_scale")) for k in changed), changed
+    assert any(k.startswith("visual.trunk.blocks.6.") for k in changed)
+    assert any(k.startswith("visual.trunk.conv_head") for k in changed)
+    (cached_train,) = (tmp_path / "run" / "features").glob("train-*.safetensors")
+    t = load_file(str(cached_train))
+    assert t["image"].shape == (64, 192, 7, 7) and t["image"].dtype == torch.float16
+
+    best_val = json.loads((Path(result.best_dir) / "metrics.json").read_text())["val"]
+    full = evaluate(load_model(f"local-dir:{result.best_dir}"), read_source(val_m)).metrics.flat()
+    for k in ("t2i_R@5", "i2t_R@5", "t2i_R@10"):  # fp16 maps: a rank may flip, no more
+        assert full[k] == pytest.approx(best_val[k], abs=0.03), k
 
 
 def test_siglip_gradcache_and_checkpointing_run_and_reload(tiny, small_manifest, tmp_path):

@@ -26,3 +26,10 @@ def make_client(index_dir, tiny_model, **config):
 
     app = create_app(ServeConfig(indexes=[("emoji", index_dir)], model=tiny_model, **config))
     return TestClient(app, raise_server_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def client(serve_index, tiny_model):
+    """A test client of a server over `serve_index` (no manifest watching), one per test module."""
+    with make_client(serve_index, tiny_model, watch_seconds=0) as c:
+        yield c

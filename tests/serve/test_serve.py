@@ -10,18 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import serve_fixtures
 from PIL import Image
 from serve_fixtures import make_client, serve_index  # noqa: F401 (fixture)
 
 from retriever.search import Retriever
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def client(serve_index, tiny_model):  # noqa: F811
-    with make_client(serve_index, tiny_model, watch_seconds=0) as c:
-        yield c
+client = serve_fixtures.client  # a test client over serve_index, one per module
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serve_fixtures import make_client, serve_index  # noqa: F401 (fixture)
+import serve_fixtures
+from serve_fixtures import serve_index  # noqa: F401 (fixture)
 
 from retriever.query import Query, Term
 from retriever.search import Retriever
 from retriever.serve.images import decode_upload
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def client(serve_index, tiny_model):  # noqa: F811
-    with make_client(serve_index, tiny_model, watch_seconds=0) as c:
-        yield c
+client = serve_fixtures.client  # a test client over serve_index, one per module
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from retriever.data.sources import read_source
 from retriever.errors import UserError
+from retriever.evaluation import evaluate
+from retriever.models.load import load_model
 from retriever.training.loop import TrainConfig, train
 from retriever.training.optim import OptimConfig
 
@@ -85,10 +88,6 @@ def test_fine_tuning_raises_held_out_recall(tuned):
 @pytest.mark.e2e
 def test_best_checkpoint_loads_in_retriever_and_plain_open_clip(tiny, tuned):
     import open_clip
-
-    from retriever.data.sources import read_source
-    from retriever.evaluation import evaluate
-    from retriever.models.load import load_model
 
     cfg, result = tuned
     best = Path(result.best_dir)
@@ -247,41 +246,35 @@ def test_cli_train_eval_embed_index_search(tiny, small_manifest, tmp_path):
     assert r.exit_code == 1 and "already holds a run" in r.output
 
 
-@pytest.mark.e2e
-def test_cached_features_train_heads_only_and_match_the_saved_model(emoji_split, tmp_path):
-    """Default towers locked + --cache-features: only heads/temperature move, and the cached-path
-    validation equals evaluating the saved checkpoint through the full model."""
+def _demo_towers_config(emoji_split, tmp_path, n_train: int, **overrides) -> tuple[TrainConfig, Path]:
+    """The demo's towers (EfficientNet-Lite0 + MiniLM, both locked, features cached) on `n_train`
+    emoji with 40 others for validation; skips where the tower wheels are missing."""
     pytest.importorskip("timm")
     pytest.importorskip("transformers")
-    from retriever.data.sources import read_source
     from retriever.demo.emoji import write_manifest
-    from retriever.evaluation import evaluate
     from retriever.models import compose as towers
-    from retriever.models.load import load_model
 
     try:
         _, text_dir = towers.default_tower_paths()
     except UserError as e:
         pytest.skip(str(e))
     items = emoji_split[2]
-    train_m = write_manifest(items[:96], tmp_path / "tr.jsonl")
+    train_m = write_manifest(items[:n_train], tmp_path / "tr.jsonl")
     val_m = write_manifest(items[1000:1040], tmp_path / "va.jsonl")
-    cfg = TrainConfig(
-        source=str(train_m),
-        val=str(val_m),
-        out=str(tmp_path / "run"),
-        image_tower=towers.DEFAULT_IMAGE_TOWER,
-        text_tower=f"hf:{text_dir}",
-        embed_dim=64,
-        lock_image=True,
-        lock_text=True,
-        cache_features=True,
-        cache_views=2,
-        caption_templates=["{}", "an icon of {}"],
-        epochs=3,
-        batch_size=32,
-        workers=0,
-        optim=OptimConfig(lr=1e-3, warmup=0),
+    fields = dict(
+        source=str(train_m), val=str(val_m), out=str(tmp_path / "run"), image_tower=towers.DEFAULT_IMAGE_TOWER,
+        text_tower=f"hf:{text_dir}", embed_dim=64, lock_image=True, lock_text=True, cache_features=True,
+        batch_size=32, workers=0, optim=OptimConfig(lr=1e-3, warmup=0),
+    )  # fmt: skip
+    return TrainConfig(**{**fields, **overrides}), val_m
+
+
+@pytest.mark.e2e
+def test_cached_features_train_heads_only_and_match_the_saved_model(emoji_split, tmp_path):
+    """Default towers locked + --cache-features: only heads/temperature move, and the cached-path
+    validation equals evaluating the saved checkpoint through the full model."""
+    cfg, val_m = _demo_towers_config(
+        emoji_split, tmp_path, 96, cache_views=2, caption_templates=["{}", "an icon of {}"], epochs=3
     )
     result = train(cfg)
     init, last = _weights(tmp_path / "run" / "init"), _weights(result.last_dir)
@@ -291,13 +284,11 @@ def test_cached_features_train_heads_only_and_match_the_saved_model(emoji_split,
     assert len(list((tmp_path / "run" / "features").glob("*.safetensors"))) == 2
     # The training cache holds one augmented view per image beside the eval view, and every
     # caption under both templates; validation keeps the plain captions and the eval view only.
-    from safetensors.torch import load_file
-
     (cached_train,) = (tmp_path / "run" / "features").glob("train-*.safetensors")
     t = load_file(str(cached_train))
     assert t["views"].shape == (96, 1, t["image"].shape[1])
     assert not torch.allclose(t["views"][:, 0], t["image"])
-    n_captions = sum(len(it.captions) for it in items[:96])
+    n_captions = sum(len(it.captions) for it in emoji_split[2][:96])
     assert t["text"].shape[0] == 2 * n_captions
 
     best_val = json.loads((Path(result.best_dir) / "metrics.json").read_text())["val"]
@@ -312,39 +303,7 @@ def test_cached_features_train_the_unlocked_last_image_block_on_cached_maps(emoj
     """--cache-features --unlock-image-last 1: the cache holds the maps below the last block (fp16),
     only that block, the head conv, the projections and the temperature move, and the cached-path
     validation agrees with the saved checkpoint evaluated through the full model."""
-    pytest.importorskip("timm")
-    pytest.importorskip("transformers")
-    from safetensors.torch import load_file
-
-    from retriever.data.sources import read_source
-    from retriever.demo.emoji import write_manifest
-    from retriever.evaluation import evaluate
-    from retriever.models import compose as towers
-    from retriever.models.load import load_model
-
-    try:
-        _, text_dir = towers.default_tower_paths()
-    except UserError as e:
-        pytest.skip(str(e))
-    items = emoji_split[2]
-    train_m = write_manifest(items[:64], tmp_path / "tr.jsonl")
-    val_m = write_manifest(items[1000:1040], tmp_path / "va.jsonl")
-    cfg = TrainConfig(
-        source=str(train_m),
-        val=str(val_m),
-        out=str(tmp_path / "run"),
-        image_tower=towers.DEFAULT_IMAGE_TOWER,
-        text_tower=f"hf:{text_dir}",
-        embed_dim=64,
-        lock_image=True,
-        unlock_image_last=1,
-        lock_text=True,
-        cache_features=True,
-        epochs=2,
-        batch_size=32,
-        workers=0,
-        optim=OptimConfig(lr=1e-3, warmup=0),
-    )
+    cfg, val_m = _demo_towers_config(emoji_split, tmp_path, 64, unlock_image_last=1, epochs=2)
     result = train(cfg)
     init, last = _weights(tmp_path / "run" / "init"), _weights(result.last_dir)
     changed = {k for k in init if not torch.equal(init[k], last[k])}

@@ -34,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -335,18 +336,17 @@ def bench_threads(args) -> dict:
                 index = faiss.IndexFlatIP(512)
                 index.add(rng.standard_normal((n, 512)).astype(np.float32))
                 q = rng.standard_normal((1, 512)).astype(np.float32)
-                times: dict[str, list[float]] = {"rule": [], "pool": []}
+                runs = {"rule": partial(search_index, index, q, 10), "pool": partial(index.search, q, 10)}
+                times: dict[str, list[float]] = {name: [] for name in runs}
                 for _ in range(args.repeat * 10):
-                    for name in ("rule", "pool"):
-                        limit = settings.SMALL_SEARCH_WORK if name == "rule" else 0
-                        settings.SMALL_SEARCH_WORK, saved = limit, settings.SMALL_SEARCH_WORK
+                    for name, run in runs.items():
                         t = time.perf_counter()
-                        search_index(index, q, 10)
+                        run()
                         times[name].append(time.perf_counter() - t)
-                        settings.SMALL_SEARCH_WORK = saved
                 rule, pool = (float(np.median(times[k])) * 1000 for k in ("rule", "pool"))
-                rows.append({"busy_core": busy, "n": n, "threads_rule": 1 if n * 512 < settings.SMALL_SEARCH_WORK
-                             else faiss.omp_get_max_threads(), "rule_ms": round(rule, 3),
+                with settings.search_threads(index, 1, 10):
+                    threads = faiss.omp_get_max_threads()
+                rows.append({"busy_core": busy, "n": n, "threads_rule": threads, "rule_ms": round(rule, 3),
                              "pool_ms": round(pool, 3), "pool_over_rule": round(pool / rule, 2)})  # fmt: skip
         finally:
             if burner is not None:

@@ -187,7 +187,7 @@ def capped_refine_factor(k: int, k_factor: float, max_k: int | None) -> float:
 
 def _search(index: faiss.Index, queries: np.ndarray, k: int, max_k: int | None, faiss_params=None):
     """index.search (one thread when the search is small), keeping an RFlat base within max_k results."""
-    with search_threads(index, len(queries)):
+    with search_threads(index, len(queries), k):
         return _search_capped(index, queries, k, max_k, faiss_params)
 
 

@@ -30,13 +30,13 @@ def configure_faiss() -> None:
 SMALL_SEARCH_WORK = 50_000_000
 
 
-def vectors_scanned(index: faiss.Index) -> float:
-    """About how many stored vectors one query of `index` compares against (flat: all of them)."""
+def vectors_scanned(index: faiss.Index, k: int = 10) -> float:
+    """About how many stored vectors one query for `k` results compares against (flat: all of them)."""
     idx = faiss.downcast_index(index)
     if isinstance(idx, faiss.IndexPreTransform):
-        return vectors_scanned(idx.index)
+        return vectors_scanned(idx.index, k)
     if isinstance(idx, (faiss.IndexRefine, faiss.IndexRefineFlat)):
-        return vectors_scanned(idx.base_index) + idx.k_factor * 100
+        return vectors_scanned(idx.base_index, k) + idx.k_factor * k  # the re-ranked candidates
     if isinstance(idx, faiss.IndexIVF):
         return idx.nlist + idx.ntotal * min(idx.nprobe, idx.nlist) / max(1, idx.nlist)
     if isinstance(idx, faiss.IndexHNSW):
@@ -45,13 +45,13 @@ def vectors_scanned(index: faiss.Index) -> float:
 
 
 @contextmanager
-def search_threads(index: faiss.Index, n_queries: int) -> Iterator[None]:
+def search_threads(index: faiss.Index, n_queries: int, k: int = 10) -> Iterator[None]:
     """Run a faiss search on the calling thread alone when it is small (see SMALL_SEARCH_WORK).
 
     libgomp keeps the thread count per calling thread, so concurrent searches from other threads
     (a server's workers) keep their own setting.
     """
-    if n_queries * vectors_scanned(index) * index.d >= SMALL_SEARCH_WORK:
+    if n_queries * vectors_scanned(index, k) * index.d >= SMALL_SEARCH_WORK:
         yield
         return
     before = faiss.omp_get_max_threads()

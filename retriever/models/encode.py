@@ -23,6 +23,13 @@ def encode_image_tensors(encoder: LoadedModel, pixels: torch.Tensor) -> np.ndarr
     return _normalise(feats)
 
 
+def drop_padding_columns(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """The (N, L) token batch without its trailing columns that hold only padding (one at least);
+    the torch twin of retriever.onnx.runtime.drop_padding_columns, which must stay torch-free."""
+    used = (tokens != pad_id).any(dim=0).nonzero()
+    return tokens[:, : int(used.max()) + 1 if len(used) else 1]
+
+
 @torch.no_grad()
 def encode_token_batch(encoder: LoadedModel, tokens: torch.Tensor) -> np.ndarray:
     encoder.model.eval()
@@ -31,8 +38,7 @@ def encode_token_batch(encoder: LoadedModel, tokens: torch.Tensor) -> np.ndarray
         # An HF tower masks its padding, so trailing columns that are padding in every row change
         # nothing: dropping them makes a short query cost a fraction of a full-context pass.
         # (open_clip's own text transformer adds its whole positional table and keeps its length.)
-        used = (tokens != text.config.pad_token_id).any(dim=0).nonzero()
-        tokens = tokens[:, : int(used.max()) + 1 if len(used) else 1]
+        tokens = drop_padding_columns(tokens, text.config.pad_token_id)
     with encoder.autocast():
         feats = encoder.model.encode_text(tokens.to(encoder.device))
     return _normalise(feats)

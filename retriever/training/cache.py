@@ -31,6 +31,7 @@ from retriever.atomic import atomic_path
 from retriever.data.loading import ImageDataset, collate_decoded
 from retriever.data.sources import SourceItem
 from retriever.errors import UserError
+from retriever.models.encode import drop_padding_columns
 from retriever.models.load import LoadedModel, state_dict_sha256
 from retriever.skipped import skipped_entry
 
@@ -73,9 +74,8 @@ def split_towers(model: torch.nn.Module) -> TowerSplit:
         # HFTextEncoder.forward minus its projection. Trailing columns that are padding in every
         # row are dropped first: masked keys get zero attention weight and the mean pooler skips
         # them, so the result is the same while short captions cost a fraction of the 32 tokens.
+        ids = drop_padding_columns(ids, text.config.pad_token_id)
         attn = (ids != text.config.pad_token_id).long()
-        n = max(1, int(attn.sum(dim=1).max()))
-        ids, attn = ids[:, :n], attn[:, :n]
         return text.pooler(text.transformer(input_ids=ids, attention_mask=attn), attn)
 
     if not any(p.requires_grad for p in visual.trunk.parameters()):

@@ -65,6 +65,10 @@ class Recipe:
     init: str | None = None  # "emoji": start from the heads trained on the emoji cache (--init-features)
     refit: bool = False  # after choosing the epoch on val, retrain on train+val for that many epochs
     old_protocol: bool = False  # today's demo before issue 14: train on train+val, pick the epoch on held-out
+    unlock_text: int = 0  # 1: also train MiniLM's last layer on cached hidden states (plain captions)
+    colour_weight: float = 1.0  # scale of the "colour" stage (hand-made colour histogram) against the others
+    style_rows: bool = False  # OpenMoji drawings of the training concepts as rows of their own
+    style: float = 0.0  # > 0: a training image is the OpenMoji drawing of the concept with this probability
 
 
 @dataclass
@@ -76,13 +80,19 @@ class Run:
     seconds: float
     history: list = field(default_factory=list)
     before: dict | None = None  # with init: held-out recall of the starting heads
+    heldout_style: dict | None = None  # with --style-features: held-out concepts drawn in OpenMoji's style
+    heldout_test_style: dict | None = None  # with --test-style-features: held-out concepts that style draws
+    cv: list | None = None
+    cv_style: list | None = (
+        None  # ... and of the folds' validation concepts drawn by OpenMoji  # with --folds K: validation mean recall of each fold (K-fold over train+val)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 
 
 class Data:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, style: Path | None = None, test_style: Path | None = None):
         from safetensors.torch import load_file
 
         from retriever.demo.emoji import EmojiImage, split_by_concept
@@ -97,6 +107,36 @@ class Data:
         for stage in meta["stages"]:
             self.tensors[f"image_{stage}"] = torch.stack([v[stage] for v in views], dim=1)  # (N, V, C)
         self.views = len(views)
+        if (folder / "colour.safetensors").is_file():  # hand-made colour histograms of the eval view
+            col = load_file(str(folder / "colour.safetensors"))["colour"]
+            self.tensors["image_colour"] = col[:, None].expand(-1, len(views), -1)
+        self.style_view = None  # index of the OpenMoji view (after the cached views), if loaded
+        if (
+            style is not None
+        ):  # the same items in the same order, drawn by OpenMoji (quality_features --domain openmoji)
+            smeta = json.loads((style / "features.json").read_text())
+            assert [d["char"] for d in smeta["items"]] == [d["char"] for d in meta["items"]]
+            extra = load_file(str(style / "view0.safetensors"))
+            if (style / "colour.safetensors").is_file():
+                extra["colour"] = load_file(str(style / "colour.safetensors"))["colour"]
+            for stage in [*meta["stages"], "colour"]:
+                key = f"image_{stage}"
+                if key in self.tensors:
+                    self.tensors[key] = torch.cat([self.tensors[key], extra[stage][:, None]], dim=1)
+            self.style_view = len(views)
+        self.test_view, self.test_present = None, None
+        if test_style is not None:  # a third style for measurement only (quality_features --domain symbola)
+            tmeta = json.loads((test_style / "features.json").read_text())
+            assert [d["char"] for d in tmeta["items"]] == [d["char"] for d in meta["items"]]
+            extra = load_file(str(test_style / "view0.safetensors"))
+            if (test_style / "colour.safetensors").is_file():
+                extra["colour"] = load_file(str(test_style / "colour.safetensors"))["colour"]
+            for stage in [*meta["stages"], "colour"]:
+                key = f"image_{stage}"
+                if key in self.tensors:
+                    self.tensors[key] = torch.cat([self.tensors[key], extra[stage][:, None]], dim=1)
+            self.test_view = self.tensors["image_head"].shape[1] - 1
+            self.test_present = tmeta.get("present") or [True] * len(self.items)
         self.items = [EmojiImage(d["char"], d["path"], tuple(d["captions"])) for d in meta["items"]]
         self.row = {s: i for i, s in enumerate(meta["strings"])}
         index = {it.path: i for i, it in enumerate(self.items)}
@@ -121,8 +161,24 @@ class Data:
             )
         return self._maps
 
-    def image(self, stages) -> torch.Tensor:  # (N, V, C)
-        return torch.cat([self.tensors[f"image_{s}"] for s in stages], dim=-1)
+    def text_input(self, rows, norm):
+        """(hidden states, mask) of text rows, for a recipe that trains MiniLM's last layer."""
+        from safetensors.torch import load_file
+
+        if not hasattr(self, "_hidden"):
+            plain = json.loads((self.folder / "text_hidden.json").read_text())
+            t = load_file(str(self.folder / "text_hidden.safetensors"))
+            at = {s: i for i, s in enumerate(plain)}
+            strings = sorted(self.row, key=self.row.get)
+            self._hrow = torch.tensor([at.get(s, -1) for s in strings])
+            self._hidden = t["hidden"]
+            self._mask = t["mask"]
+        h = self._hrow[torch.as_tensor(rows)]
+        assert (h >= 0).all(), "unlock_text trains on plain captions only (no templates)"
+        return self._hidden[h], self._mask[h]
+
+    def image(self, stages, colour_weight: float = 1.0) -> torch.Tensor:  # (N, V, C)
+        return torch.cat([self.tensors[f"image_{s}"] * (colour_weight if s == "colour" else 1) for s in stages], dim=-1)
 
     def text_rows(self, idx: list[int], templates) -> tuple[list[list[int]], list[int]]:
         """Per item, the text rows of its captions under the templates; and the plain rows in order."""
@@ -159,6 +215,12 @@ class Heads(nn.Module):
             h = (d_txt + e) // 2
             self.text = nn.Sequential(nn.Linear(d_txt, h, bias=False), nn.GELU(), nn.Linear(h, e, bias=False))
         self.tail = None
+        self.text_tail = None
+        if r.unlock_text:  # MiniLM's last layer, trained on the cached hidden states entering it
+            from retriever.models.load import load_model
+
+            bert = load_model(f"local-dir:{_INIT}", device="cpu", precision="fp32").model.text.transformer
+            self.text_tail = copy.deepcopy(bert.encoder.layer[-1]).train()
         if r.unlock:  # the trunk's last `unlock` blocks + conv_head + bn2, from the pretrained trunk
             trunk = _trunk()
             blocks = [b for stage in trunk.blocks for b in stage][-r.unlock :]
@@ -174,6 +236,12 @@ class Heads(nn.Module):
         return F.normalize(self.image(x), dim=-1)
 
     def enc_text(self, x):
+        if self.text_tail is not None:  # x: (hidden states entering the last layer, attention mask)
+            hid, mask = x
+            ext = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+            y = self.text_tail(hid.float(), attention_mask=ext)
+            y = y[0] if isinstance(y, tuple) else y
+            x = (y * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True)
         return F.normalize(self.text(x), dim=-1)
 
 
@@ -190,7 +258,11 @@ def _loss(heads: Heads, img, txt, kind: str):
 def _optimizer(heads: Heads, r: Recipe):
     groups = []
     for tail in (False, True):
-        named = [(n, p) for n, p in heads.named_parameters() if p.requires_grad and n.startswith("tail.") == tail]
+        named = [
+            (n, p)
+            for n, p in heads.named_parameters()
+            if p.requires_grad and n.startswith(("tail.", "text_tail.")) == tail
+        ]
         lr = (r.trunk_lr or r.lr) if tail else r.lr
         decay = [p for n, p in named if p.ndim >= 2]
         keep = [p for n, p in named if p.ndim < 2]
@@ -221,7 +293,7 @@ def evaluate(heads: Heads, data: Data, idx: list[int], image: torch.Tensor, r: R
             rows.append([data.row[t.format(c)] for t in r.query_ensemble])
             text_image.append(j)
     rows_t = torch.tensor(rows)  # (captions, templates)
-    feats = norm(data.tensors["text"][rows_t.flatten()])
+    feats = data.text_input(rows_t.flatten(), norm) if r.unlock_text else norm(data.tensors["text"][rows_t.flatten()])
     emb = heads.enc_text(feats).reshape(rows_t.shape[0], rows_t.shape[1], -1).mean(dim=1)
     emb = F.normalize(emb, dim=-1)
     _train_mode(heads, r)
@@ -251,18 +323,42 @@ def _kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 20) -> torch.Tensor
     return ids
 
 
-def train_recipe(data: Data, r: Recipe) -> Run:
-    return _fit(data, r)[0]
+def train_recipe(data: Data, r: Recipe, folds: int = 0) -> Run:
+    """One run on the standard split (what the held-out figures come from), plus K-fold scores.
+
+    With `folds`, the 1,531 non-held-out concepts are cut into K seeded folds; each fold in turn is
+    the validation set of a run trained on the others. The mean of the folds' validation scores is
+    a steadier selection signal than the one 230-concept split (every concept validates once).
+    """
+    run = _fit(data, r)[0]
+    if folds:
+        pool = list(data.splits["train+val"])
+        random.Random(7).shuffle(pool)
+        standard = dict(data.splits)
+        scores, style_scores = [], []
+        try:
+            for f in range(folds):
+                val = set(pool[f::folds])
+                data.splits = {**standard, "train": [i for i in pool if i not in val], "val": sorted(val)}
+                fold = _fit(data, r, heldout=False)[0]
+                scores.append(round(fold.val["mean_recall"], 4))
+                if fold.heldout_style:
+                    style_scores.append(round(fold.heldout_style["mean_recall"], 4))
+        finally:
+            data.splits = standard
+        run.cv = scores
+        run.cv_style = style_scores or None
+    return run
 
 
 def _train_heads(data: Data, r: Recipe) -> Heads:
     return _fit(data, r)[1]
 
 
-def _fit(data: Data, r: Recipe) -> tuple[Run, Heads]:
+def _fit(data: Data, r: Recipe, heldout: bool = True) -> tuple[Run, Heads]:
     t0 = time.perf_counter()
     torch.manual_seed(r.seed)
-    image = data.image(r.stages)
+    image = data.image(r.stages, r.colour_weight)
     text = data.tensors["text"]
     train_idx = data.splits["train+val" if (r.refit or r.old_protocol) else "train"]
     select_on = data.splits["heldout" if r.old_protocol else "val"]
@@ -288,7 +384,8 @@ def _fit(data: Data, r: Recipe) -> tuple[Run, Heads]:
     batch = r.batch_size
     if r.min_steps_per_epoch:
         batch = max(2, min(batch, len(train_idx) // r.min_steps_per_epoch))
-    steps_per_epoch = len(train_idx) // batch
+    n_rows = len(train_idx) * (2 if r.style_rows else 1)  # style_rows: each concept's OpenMoji drawing is a row too
+    steps_per_epoch = n_rows // batch
     epochs = max(r.epochs, math.ceil(r.min_steps / steps_per_epoch)) if r.min_steps else r.epochs
     total = steps_per_epoch * epochs
     warmup = int(round(r.warmup * total))
@@ -297,7 +394,7 @@ def _fit(data: Data, r: Recipe) -> tuple[Run, Heads]:
     step, best, history = 0, None, []
     clusters = _kmeans(text[[per[0] for per in data.text_rows(train_idx, ("{}",))]], r.hard_clusters, r.seed)
     for epoch in range(1, epochs + 1):
-        order = list(range(len(train_idx)))
+        order = list(range(n_rows))
         rng.shuffle(order)
         if clusters is not None:  # whole clusters in a shuffled order: a batch holds a few groups of look-alikes
             keys = list(range(r.hard_clusters))
@@ -307,10 +404,16 @@ def _fit(data: Data, r: Recipe) -> tuple[Run, Heads]:
         for b in range(steps_per_epoch):
             pos = order[b * batch : (b + 1) * batch]
             views = [rng.randrange(r.views) for _ in pos]
+            if r.style_rows:
+                views = [data.style_view if p >= len(train_idx) else v for p, v in zip(pos, views)]
+                pos = [p % len(train_idx) for p in pos]
+            if r.style:
+                assert data.style_view is not None, "style > 0 needs --style-features"
+                views = [data.style_view if rng.random() < r.style else v for v in views]
             rows = [rng.choice(per_item[p]) for p in pos]
             sel = [train_idx[p] for p in pos]
             x_img = maps[sel, views] if maps is not None else norm(image[sel, views])
-            x_txt = norm(text[rows])
+            x_txt = data.text_input(rows, norm) if r.unlock_text else norm(text[rows])
             for g in opt.param_groups:
                 g["lr"] = _lr(step, g["base"], warmup, total)
             loss = _loss(heads, heads.enc_image(x_img), heads.enc_text(x_txt), r.loss)
@@ -335,8 +438,23 @@ def _fit(data: Data, r: Recipe) -> tuple[Run, Heads]:
     if r.refit:
         best = (epochs, {}, heads.state_dict())
     heads.load_state_dict(best[2])
-    heldout = evaluate(heads, data, data.splits["heldout"], image, r, norm)
-    run = Run(asdict(r), best[0], best[1], heldout, time.perf_counter() - t0, history)
+    if not heldout:  # a cross-validation fold: only its validation scores are wanted
+        fold = Run(asdict(r), best[0], best[1], {}, time.perf_counter() - t0, history)
+        if data.style_view is not None and not r.unlock:  # the same validation concepts drawn by OpenMoji
+            sv = data.style_view
+            fold.heldout_style = evaluate(heads, data, select_on, image[:, sv : sv + 1], replace(r, tta=1), norm)
+        return fold, heads
+    held = evaluate(heads, data, data.splits["heldout"], image, r, norm)
+    run = Run(asdict(r), best[0], best[1], held, time.perf_counter() - t0, history)
+    if data.style_view is not None and not r.unlock and "image_head" in data.tensors:
+        sv = data.style_view
+        run.heldout_style = evaluate(
+            heads, data, data.splits["heldout"], image[:, sv : sv + 1], replace(r, tta=1), norm
+        )
+    if data.test_view is not None and not r.unlock:
+        tv, present = data.test_view, data.test_present
+        idx = [i for i in data.splits["heldout"] if present[i]]
+        run.heldout_test_style = evaluate(heads, data, idx, image[:, tv : tv + 1], replace(r, tta=1), norm)
     if r.init == "emoji":  # the starting point on this domain's held-out split: what the lift is over
         start = Heads(image.shape[-1], text.shape[-1], replace(r, unlock=0))
         start.load_state_dict(_emoji_heads(r), strict=False)
@@ -438,6 +556,36 @@ def grid(name: str) -> list[Recipe]:
             replace(base, name="hard batches, 16 clusters", hard_clusters=16),
             replace(base, name="hard batches, 64 clusters", hard_clusters=64),
         ]
+    if name == "style-final":  # the candidates, scored by K-fold validation in both styles
+        return [
+            *[replace(base, seed=s) for s in (0, 1, 2)],
+            *[replace(base, name="openmoji rows", style_rows=True, seed=s) for s in (0, 1, 2)],
+            replace(base, name="openmoji style p=0.3", style=0.3),
+        ]
+    if name == "style":  # OpenMoji drawings of the training concepts as a second style, seeds 0-2
+        return [
+            *[replace(base, seed=s) for s in (0, 1, 2)],
+            *[replace(base, name=f"openmoji style p={p}", style=p, seed=s) for p in (0.5,) for s in (0, 1, 2)],
+            replace(base, name="openmoji style p=0.3", style=0.3),
+            *[replace(base, name="openmoji rows", style_rows=True, seed=s) for s in (0, 1, 2)],
+            replace(base, name="openmoji rows, 15 epochs", style_rows=True, epochs=15),
+            replace(
+                base, name="openmoji style p=0.5 +colour x10", style=0.5, stages=("head", "colour"), colour_weight=10.0
+            ),
+            replace(base, name="+colour x10", stages=("head", "colour"), colour_weight=10.0),
+        ]
+    if name == "text":  # MiniLM's last layer trains too (LiT's "locked image, unlocked text" at cache speed)
+        return [
+            replace(base, name="unlock text layer 6", unlock_text=1),
+            replace(base, name="unlock text layer 6, its lr 1e-4", unlock_text=1, trunk_lr=1e-4),
+            replace(base, name="unlock text layer 6, its lr 3e-5", unlock_text=1, trunk_lr=3e-5),
+        ]
+    if name == "colour":  # a colour histogram beside the trunk's features
+        hc = ("head", "colour")
+        return [
+            *[replace(base, name=f"+colour x{w}", stages=hc, colour_weight=w) for w in (3.0, 10.0, 20.0)],
+            replace(base, name="+colour, standardize", stages=hc, standardize=True),
+        ]
     if name == "today":  # today's recipe, seed 0 (a check that the cache reproduces the earlier figures)
         return [base]
     if name == "steps":  # more optimizer steps for the same data: smaller batches, or a floor on steps
@@ -487,6 +635,18 @@ def row(run: dict) -> str:
             f" (start t2i/i2t R@10 {100 * b['t2i_R@10']:.1f}/{100 * b['i2t_R@10']:.1f}; lift "
             f"{h['t2i_R@10'] / b['t2i_R@10']:.2f}× / {h['i2t_R@10'] / b['i2t_R@10']:.2f}×)"
         )
+    if run.get("cv"):  # K-fold validation: mean ± spread of the folds' mean recall
+        cv = run["cv"]
+        name += f" (cv {100 * sum(cv) / len(cv):.1f}, folds {min(cv) * 100:.1f}–{max(cv) * 100:.1f})"
+    if run.get("cv_style"):
+        cs = run["cv_style"]
+        name += f" (cv OpenMoji {100 * sum(cs) / len(cs):.1f})"
+    if run.get("heldout_style"):  # the same held-out concepts drawn by OpenMoji: does it carry across styles?
+        o = run["heldout_style"]
+        name += f" (OpenMoji held-out t2i/i2t R@10 {100 * o['t2i_R@10']:.1f}/{100 * o['i2t_R@10']:.1f})"
+    if run.get("heldout_test_style"):  # a style nothing trained or chose on (Symbola)
+        o = run["heldout_test_style"]
+        name += f" (Symbola held-out t2i/i2t R@10 {100 * o['t2i_R@10']:.1f}/{100 * o['i2t_R@10']:.1f})"
     return (
         f"| {name} | {r['seed']} | {run['best_epoch']} | "
         f"{v.get('mean_recall', 0) * 100:.1f} | {fmt(f'{100 * v[k]:.1f}' for k in KEYS[:3]) if v else '–'} | "
@@ -512,6 +672,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--verbose", action="store_true", help="print every epoch's validation recall")
     ap.add_argument("--emoji-features", default="bench-out/quality", help="the emoji cache (init heads, trunk)")
+    ap.add_argument("--style-features", default=None, help="OpenMoji features of the same emoji (--domain openmoji)")
+    ap.add_argument("--test-style-features", default=None, help="a style measured only (--domain symbola)")
+    ap.add_argument("--folds", type=int, default=0, help="also score each recipe by K-fold validation")
     ap.add_argument("--part", default="0/1", help="K/N: run every N-th recipe of the grid from the K-th")
     args = ap.parse_args()
     if args.table_from:
@@ -522,14 +685,18 @@ def main() -> None:
     VERBOSE = args.verbose
     EMOJI_FEATURES = Path(args.emoji_features)
     _INIT = EMOJI_FEATURES / "init"
-    data = Data(Path(args.features))
+    data = Data(
+        Path(args.features),
+        Path(args.style_features) if args.style_features else None,
+        Path(args.test_style_features) if args.test_style_features else None,
+    )
     runs = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else []
     k, n = (int(x) for x in args.part.split("/"))
     for r in grid(args.grid)[k::n]:
         if max(r.views, r.tta) > data.views:
             print(f"skipped {r.name}: needs {max(r.views, r.tta)} cached views, {data.views} present")
             continue
-        run = asdict(train_recipe(data, r))
+        run = asdict(train_recipe(data, r, args.folds))
         runs.append(run)
         print(row(run), flush=True)
         if args.json:

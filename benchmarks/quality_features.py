@@ -53,14 +53,50 @@ def stage_features(trunk, px: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
+SYMBOLA = "/usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf"
+
+
+def symbola_images(items, out: Path, size: int = 72) -> dict[str, str]:
+    """Single-code-point emoji that the Symbola font draws, black on white; ``{char: png path}``.
+
+    Sequences (ZWJ, flags, keycaps) are left out: Symbola would draw their parts side by side.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.truetype(SYMBOLA, int(size * 0.8))
+    out.mkdir(parents=True, exist_ok=True)
+
+    def draw(text: str):
+        img = Image.new("RGB", (size, size), "white")
+        ImageDraw.Draw(img).text((size / 2, size / 2), text, font=font, fill="black", anchor="mm")
+        return img
+
+    missing = {draw("\U000f0000").tobytes(), Image.new("RGB", (size, size), "white").tobytes()}
+    found = {}
+    for it in items:
+        base = it.char.replace("\ufe0f", "")
+        if len(base) != 1:
+            continue
+        img = draw(base)
+        if img.tobytes() in missing:
+            continue
+        path = out / f"{ord(base):x}.png"
+        img.save(path)
+        found[it.char] = str(path)
+    return found
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench-out/quality")
     ap.add_argument("--views", type=int, default=8, help="augmented views per image besides the eval view")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--domain", default="emoji", choices=("emoji", "fontawesome"))
+    ap.add_argument("--domain", default="emoji", choices=("emoji", "fontawesome", "openmoji", "symbola"))
     ap.add_argument("--plain-text", action="store_true", help="captions as they are only (no prompt templates)")
     ap.add_argument("--maps", action="store_true", help="also keep stage-5 maps (fp16), the last block's input")
+    ap.add_argument("--image-tower", default=None, help="timm:NAME (default: the packaged EfficientNet-Lite0)")
+    ap.add_argument("--image-weights", default=None, help="state dict for --image-tower")
+    ap.add_argument("--image-size", type=int, default=224)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -78,12 +114,36 @@ def main() -> None:
         from retriever.models.compose import DEFAULT_IMAGE_TOWER, default_tower_paths
 
         torch.manual_seed(0)
-        compose_to_folder(DEFAULT_IMAGE_TOWER, f"hf:{default_tower_paths()[1]}", init)
+        compose_to_folder(
+            args.image_tower or DEFAULT_IMAGE_TOWER,
+            f"hf:{default_tower_paths()[1]}",
+            init,
+            image_weights=args.image_weights,
+            image_size=args.image_size,
+        )
     encoder = load_model(f"local-dir:{init}", device="cpu", precision="fp32")
     model = encoder.model.eval()
     trunk = model.visual.trunk
 
-    items = emoji_collection() if args.domain == "emoji" else fontawesome_collection(out / "png")
+    if args.domain == "fontawesome":
+        items = fontawesome_collection(out / "png")
+    else:
+        items = emoji_collection()
+    if args.domain == "openmoji":  # the same concepts, in order, drawn in OpenMoji's style
+        from dataclasses import replace
+
+        from retriever.demo.openmoji import openmoji_images
+
+        drawn = openmoji_images(items, out / "png")
+        assert len(drawn) == len(items), "OpenMoji lacks some emoji: the splits would not line up"
+        items = [replace(it, path=drawn[it.char]) for it in items]
+    present = None
+    if args.domain == "symbola":  # a test-only third style: Symbola's black-and-white glyphs (Debian fonts-symbola)
+        from dataclasses import replace
+
+        drawn = symbola_images(items, out / "png")
+        present = [it.char in drawn for it in items]
+        items = [replace(it, path=drawn.get(it.char, items[0].path)) for it in items]
     from safetensors.torch import save_file
 
     # Text first, then one file per image view, so ablations can start on the eval view while the
@@ -96,6 +156,7 @@ def main() -> None:
         "templates": list(templates),
         "stages": list(STAGES),
         "domain": args.domain,
+        "present": present,  # symbola: which items the font draws (the others keep a placeholder)
     }
     (out / "features.json").write_text(json.dumps(meta, ensure_ascii=False))
     if not (out / "text.safetensors").is_file():

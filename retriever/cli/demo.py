@@ -37,6 +37,9 @@ def demo(
     unlock_image_last: int = typer.Option(
         DEMO.unlock_image_last, help="Also tune the last N EfficientNet blocks (on cached maps below them)."
     ),
+    second_style: bool = typer.Option(
+        DEMO.second_style, help="Also train on OpenMoji drawings of the training emoji (a second art style)."
+    ),
     seed: int = typer.Option(DEMO.seed, help="Seed of the concept split and the training."),
     domain: str | None = typer.Option(
         None,

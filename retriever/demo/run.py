@@ -98,7 +98,9 @@ def run_demo(
 
     say = status or (lambda s: None)
     workers = default_workers() if cfg.workers is None else cfg.workers
-    ws = Path(cfg.workspace).expanduser()
+    # Absolute: manifests name the workspace's own pictures (OpenMoji drawings), and a manifest's
+    # relative paths are read relative to the manifest's folder, not the current one.
+    ws = Path(cfg.workspace).expanduser().resolve()
     check_workspace(ws)
     ws.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -144,6 +146,8 @@ def run_demo(
         say("Resuming the fine-tuning run" if tcfg.resume else f"Fine-tuning {what} with InfoNCE")
         trained = train(tcfg, train_callbacks)
         history = trained.history
+        if trained.skipped:
+            say(trained.skipped.summary())
     seconds["train"] = time.perf_counter() - t
     best = max((h for h in history if h["best"]), key=lambda h: h["epoch"])
     tuned = f"local-dir:{run / 'best'}"

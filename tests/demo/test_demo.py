@@ -1,6 +1,7 @@
 """A reduced `retriever demo` (200 emoji, 5 epochs) end to end: real towers, real data, offline."""
 
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -14,9 +15,18 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def demo_ws(tmp_path_factory):
-    ws = tmp_path_factory.mktemp("demo")
-    res = CliRunner().invoke(app, ["demo", "--workspace", str(ws), "--limit", "200", "--epochs", "5", "--workers", "2"])
+    ws = tmp_path_factory.mktemp("demo").resolve()
+    # A relative --workspace, as the README's `retriever demo` (default ./retriever-demo) gives:
+    # the workspace's own pictures must still be found from the manifests that name them.
+    cwd = os.getcwd()
+    os.chdir(ws.parent)
+    try:
+        args = ["demo", "--workspace", ws.name, "--limit", "200", "--epochs", "5", "--workers", "2"]
+        res = CliRunner().invoke(app, args)
+    finally:
+        os.chdir(cwd)
     assert res.exit_code == 0, res.output
+    assert "Skipped" not in res.output
     return ws, res.stdout
 
 

@@ -68,6 +68,7 @@ class Recipe:
     unlock_text: int = 0  # 1: also train MiniLM's last layer on cached hidden states (plain captions)
     colour_weight: float = 1.0  # scale of the "colour" stage (hand-made colour histogram) against the others
     style_rows: bool = False  # OpenMoji drawings of the training concepts as rows of their own
+    style_rows_fraction: float = 1.0  # ... for this share of the training concepts (seeded)
     style: float = 0.0  # > 0: a training image is the OpenMoji drawing of the concept with this probability
 
 
@@ -387,7 +388,11 @@ def _fit(data: Data, r: Recipe, heldout: bool = True) -> tuple[Run, Heads]:
     batch = r.batch_size
     if r.min_steps_per_epoch:
         batch = max(2, min(batch, len(train_idx) // r.min_steps_per_epoch))
-    n_rows = len(train_idx) * (2 if r.style_rows else 1)  # style_rows: each concept's OpenMoji drawing is a row too
+    # style_rows: each concept's OpenMoji drawing is a row too (for a seeded share of the concepts)
+    styled = list(range(len(train_idx)))
+    random.Random(r.seed + 99).shuffle(styled)
+    styled = styled[: int(round(r.style_rows_fraction * len(train_idx)))] if r.style_rows else []
+    n_rows = len(train_idx) + len(styled)
     steps_per_epoch = n_rows // batch
     epochs = max(r.epochs, math.ceil(r.min_steps / steps_per_epoch)) if r.min_steps else r.epochs
     total = steps_per_epoch * epochs
@@ -409,7 +414,7 @@ def _fit(data: Data, r: Recipe, heldout: bool = True) -> tuple[Run, Heads]:
             views = [rng.randrange(r.views) for _ in pos]
             if r.style_rows:
                 views = [data.style_view if p >= len(train_idx) else v for p, v in zip(pos, views)]
-                pos = [p % len(train_idx) for p in pos]
+                pos = [styled[p - len(train_idx)] if p >= len(train_idx) else p for p in pos]
             if r.style:
                 assert data.style_view is not None, "style > 0 needs --style-features"
                 views = [data.style_view if rng.random() < r.style else v for v in views]
@@ -560,6 +565,22 @@ def grid(name: str) -> list[Recipe]:
             replace(base, name="hard batches, 16 clusters", hard_clusters=16),
             replace(base, name="hard batches, 64 clusters", hard_clusters=64),
         ]
+    if name == "style-combos":  # OpenMoji rows with the single changes that were not worse on K-fold validation
+        rows = replace(base, style_rows=True)
+        return [
+            replace(rows, name="openmoji rows, embed 1024", embed_dim=1024),
+            replace(rows, name="openmoji rows, batch 512", batch_size=512),
+            replace(rows, name="openmoji rows, drop 0.2", drop=0.2),
+            replace(rows, name="openmoji rows, lr 5e-4", lr=5e-4),
+            replace(rows, name="openmoji rows, +colour x10", stages=("head", "colour"), colour_weight=10.0),
+            replace(rows, name="openmoji rows, stages 4-6+head", stages=("block4", "block5", "block6", "head")),
+        ]
+    if name == "style-1024-seeds":
+        rows = replace(base, style_rows=True, embed_dim=1024, name="openmoji rows, embed 1024")
+        return [*[replace(rows, seed=s) for s in (1, 2)], *[replace(base, name="embed 1024", embed_dim=1024, seed=s) for s in (1, 2)]]
+    if name == "style-half":
+        rows = replace(base, style_rows=True, embed_dim=1024, style_rows_fraction=0.5)
+        return [replace(rows, name="openmoji rows for half the concepts, embed 1024", seed=s) for s in (0, 1, 2)]
     if name == "style-final":  # the candidates, scored by K-fold validation in both styles
         return [
             *[replace(base, seed=s) for s in (0, 1, 2)],

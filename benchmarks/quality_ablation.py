@@ -111,33 +111,13 @@ class Data:
         if (folder / "colour.safetensors").is_file():  # hand-made colour histograms of the eval view
             col = load_file(str(folder / "colour.safetensors"))["colour"]
             self.tensors["image_colour"] = col[:, None].expand(-1, len(views), -1)
-        self.style_view = None  # index of the OpenMoji view (after the cached views), if loaded
-        if (
-            style is not None
-        ):  # the same items in the same order, drawn by OpenMoji (quality_features --domain openmoji)
-            smeta = json.loads((style / "features.json").read_text())
-            assert [d["char"] for d in smeta["items"]] == [d["char"] for d in meta["items"]]
-            extra = load_file(str(style / "view0.safetensors"))
-            if (style / "colour.safetensors").is_file():
-                extra["colour"] = load_file(str(style / "colour.safetensors"))["colour"]
-            for stage in [*meta["stages"], "colour"]:
-                key = f"image_{stage}"
-                if key in self.tensors:
-                    self.tensors[key] = torch.cat([self.tensors[key], extra[stage][:, None]], dim=1)
-            self.style_view = len(views)
+        # Other styles of the same items, in the same order (quality_features --domain openmoji |
+        # symbola), each appended as one more view: OpenMoji to train on, Symbola to measure only.
+        self.style_view = self._append_style(style, meta)[0] if style is not None else None
         self.test_view, self.test_present = None, None
-        if test_style is not None:  # a third style for measurement only (quality_features --domain symbola)
-            tmeta = json.loads((test_style / "features.json").read_text())
-            assert [d["char"] for d in tmeta["items"]] == [d["char"] for d in meta["items"]]
-            extra = load_file(str(test_style / "view0.safetensors"))
-            if (test_style / "colour.safetensors").is_file():
-                extra["colour"] = load_file(str(test_style / "colour.safetensors"))["colour"]
-            for stage in [*meta["stages"], "colour"]:
-                key = f"image_{stage}"
-                if key in self.tensors:
-                    self.tensors[key] = torch.cat([self.tensors[key], extra[stage][:, None]], dim=1)
-            self.test_view = self.tensors["image_head"].shape[1] - 1
-            self.test_present = tmeta.get("present") or [True] * len(self.items)
+        if test_style is not None:
+            self.test_view, tmeta = self._append_style(test_style, meta)
+            self.test_present = tmeta.get("present") or [True] * len(meta["items"])
         self.items = [EmojiImage(d["char"], d["path"], tuple(d["captions"])) for d in meta["items"]]
         self.row = {s: i for i, s in enumerate(meta["strings"])}
         index = {it.path: i for i, it in enumerate(self.items)}
@@ -161,6 +141,21 @@ class Data:
                 [load_file(str(self.folder / f"maps{v}.safetensors"))["map5"] for v in range(views)], dim=1
             )
         return self._maps
+
+    def _append_style(self, folder: Path, meta: dict) -> tuple[int, dict]:
+        """Append `folder`'s eval view (and colour histogram) as one more view; (its index, its meta)."""
+        from safetensors.torch import load_file
+
+        smeta = json.loads((folder / "features.json").read_text())
+        assert [d["char"] for d in smeta["items"]] == [d["char"] for d in meta["items"]]
+        extra = load_file(str(folder / "view0.safetensors"))
+        if (folder / "colour.safetensors").is_file():
+            extra["colour"] = load_file(str(folder / "colour.safetensors"))["colour"]
+        for stage in [*meta["stages"], "colour"]:
+            key = f"image_{stage}"
+            if key in self.tensors:
+                self.tensors[key] = torch.cat([self.tensors[key], extra[stage][:, None]], dim=1)
+        return self.tensors["image_head"].shape[1] - 1, smeta
 
     def text_input(self, rows, norm):
         """(hidden states, mask) of text rows, for a recipe that trains MiniLM's last layer."""
@@ -389,9 +384,10 @@ def _fit(data: Data, r: Recipe, heldout: bool = True) -> tuple[Run, Heads]:
     if r.min_steps_per_epoch:
         batch = max(2, min(batch, len(train_idx) // r.min_steps_per_epoch))
     # style_rows: each concept's OpenMoji drawing is a row too (for a seeded share of the concepts)
-    styled = list(range(len(train_idx)))
-    random.Random(r.seed + 99).shuffle(styled)
-    styled = styled[: int(round(r.style_rows_fraction * len(train_idx)))] if r.style_rows else []
+    styled = list(range(len(train_idx))) if r.style_rows else []
+    if r.style_rows_fraction < 1:
+        random.Random(r.seed + 99).shuffle(styled)
+        styled = styled[: int(round(r.style_rows_fraction * len(train_idx)))]
     n_rows = len(train_idx) + len(styled)
     steps_per_epoch = n_rows // batch
     epochs = max(r.epochs, math.ceil(r.min_steps / steps_per_epoch)) if r.min_steps else r.epochs
@@ -577,7 +573,10 @@ def grid(name: str) -> list[Recipe]:
         ]
     if name == "style-1024-seeds":
         rows = replace(base, style_rows=True, embed_dim=1024, name="openmoji rows, embed 1024")
-        return [*[replace(rows, seed=s) for s in (1, 2)], *[replace(base, name="embed 1024", embed_dim=1024, seed=s) for s in (1, 2)]]
+        return [
+            *[replace(rows, seed=s) for s in (1, 2)],
+            *[replace(base, name="embed 1024", embed_dim=1024, seed=s) for s in (1, 2)],
+        ]
     if name == "style-half":
         rows = replace(base, style_rows=True, embed_dim=1024, style_rows_fraction=0.5)
         return [replace(rows, name="openmoji rows for half the concepts, embed 1024", seed=s) for s in (0, 1, 2)]

@@ -154,7 +154,7 @@ def embed_part(workspace: Path, batch: int, rounds: int, int8: bool, vit: bool) 
     from retriever.onnx.runtime import ExportUnusable, OnnxEncoder
 
     threads = torch.get_num_threads()
-    models = {"demo (EfficientNet-Lite0 + MiniLM)": (f"local-dir:{workspace / 'run' / 'best'}", None)}
+    models = {"demo (EfficientNet-Lite0 + MiniLM)": (f"local-dir:{demo_model_dir(workspace)}", None)}
     if vit:
         models["ViT-B-32 (random init)"] = ("ViT-B-32", "random")
     out, recall = {}, {}
@@ -185,10 +185,18 @@ def embed_part(workspace: Path, batch: int, rounds: int, int8: bool, vit: bool) 
     return {"batch": batch, "threads": threads, "models": out, "heldout_recall": recall}
 
 
+def demo_model_dir(workspace: Path) -> Path:
+    """The demo's final model folder, as its report names it (refit/best, or run/best before refits)."""
+    report = workspace / "report.json"
+    if report.is_file():
+        return Path(json.loads(report.read_text())["model"].removeprefix("local-dir:"))
+    return workspace / "run" / "best"
+
+
 def text_lengths(workspace: Path, queries: list[str], rounds: int) -> dict:
     from retriever.onnx.runtime import OnnxEncoder, drop_padding_columns
 
-    folder = next(d for d in (workspace / "index" / "onnx", workspace / "run" / "best" / "onnx") if d.is_dir())
+    folder = next(d for d in (workspace / "index" / "onnx", demo_model_dir(workspace) / "onnx") if d.is_dir())
     enc = OnnxEncoder(folder)
     if not enc.text_info.get("dynamic_length"):
         raise SystemExit(f"{folder} was exported for a fixed token length; re-export it (retriever export-onnx).")
@@ -229,7 +237,7 @@ def main() -> None:
 
     ws = args.workspace
     index = ws / "index"
-    if not any((d / "export.json").is_file() for d in (index / "onnx", ws / "run" / "best" / "onnx")):
+    if not any((d / "export.json").is_file() for d in (index / "onnx", demo_model_dir(ws) / "onnx")):
         raise SystemExit(
             f"No ONNX export of the demo model; run `retriever demo --workspace {ws}` or `retriever index`."
         )

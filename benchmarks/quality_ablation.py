@@ -83,10 +83,9 @@ class Run:
     before: dict | None = None  # with init: held-out recall of the starting heads
     heldout_style: dict | None = None  # with --style-features: held-out concepts drawn in OpenMoji's style
     heldout_test_style: dict | None = None  # with --test-style-features: held-out concepts that style draws
-    cv: list | None = None
-    cv_style: list | None = (
-        None  # ... and of the folds' validation concepts drawn by OpenMoji  # with --folds K: validation mean recall of each fold (K-fold over train+val)
-    )
+    cv: list | None = None  # with --folds K: validation mean recall of each fold (K-fold over train+val)
+    cv_style: list | None = None  # ... and of the folds' validation concepts drawn by OpenMoji
+    cv_without_refit: list | None = None  # refit recipes: the same nested folds, scored before the refit
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,7 +327,10 @@ def train_recipe(data: Data, r: Recipe, folds: int = 0) -> Run:
     """
     if r.refit and not r.epochs:  # epochs 0: take the count the same recipe chooses on validation
         chosen = _fit(data, replace(r, refit=False, epochs=Recipe.epochs))[0].best_epoch
-        r = replace(r, epochs=chosen)
+        run = _fit(data, replace(r, epochs=chosen))[0]
+        if folds:
+            run.cv, run.cv_without_refit = _refit_folds(data, r, folds)
+        return run
     run = _fit(data, r)[0]
     if folds:
         pool = list(data.splits["train+val"])
@@ -348,6 +350,41 @@ def train_recipe(data: Data, r: Recipe, folds: int = 0) -> Run:
         run.cv = scores
         run.cv_style = style_scores or None
     return run
+
+
+def _refit_folds(data: Data, r: Recipe, folds: int) -> tuple[list, list]:
+    """Nested K-fold check of refitting, held-out concepts untouched: per fold, the recipe chooses
+    its epoch on an inner validation split of the other folds; the model of that epoch, and a
+    refit on all the other folds for that many epochs, are both scored on the fold."""
+    from retriever.metrics import retrieval_metrics  # noqa: F401 (evaluate's import, early failure)
+
+    pool = list(data.splits["train+val"])
+    random.Random(7).shuffle(pool)
+    standard = dict(data.splits)
+    image = data.image(r.stages, r.colour_weight)
+    with_refit, without = [], []
+    try:
+        for f in range(folds):
+            fold = sorted(set(pool[f::folds]))
+            rest = [i for i in pool if i not in set(fold)]
+            inner = set(rest[: int(round(VAL_FRACTION * len(rest)))])
+            data.splits = {
+                **standard,
+                "train": [i for i in rest if i not in inner],
+                "val": sorted(inner),
+                "train+val": rest,
+            }
+            chosen, heads = _fit(data, replace(r, refit=False, epochs=Recipe.epochs), heldout=False)
+            without.append(round(evaluate(heads, data, fold, image, r, _identity)["mean_recall"], 4))
+            _, refit = _fit(data, replace(r, epochs=chosen.best_epoch), heldout=False)
+            with_refit.append(round(evaluate(refit, data, fold, image, r, _identity)["mean_recall"], 4))
+    finally:
+        data.splits = standard
+    return with_refit, without
+
+
+def _identity(x):
+    return x
 
 
 def _train_heads(data: Data, r: Recipe) -> Heads:
@@ -580,6 +617,9 @@ def grid(name: str) -> list[Recipe]:
     if name == "style-half":
         rows = replace(base, style_rows=True, embed_dim=1024, style_rows_fraction=0.5)
         return [replace(rows, name="openmoji rows for half the concepts, embed 1024", seed=s) for s in (0, 1, 2)]
+    if name == "style-refit":  # the demo recipe, then refit on train + validation for the chosen epoch count
+        rows = replace(base, style_rows=True, embed_dim=1024, refit=True, epochs=0)
+        return [replace(rows, name="openmoji rows, embed 1024, refit on train+val", seed=s) for s in (0, 1, 2)]
     if name == "style-final":  # the candidates, scored by K-fold validation in both styles
         return [
             *[replace(base, seed=s) for s in (0, 1, 2)],
@@ -634,6 +674,9 @@ def grid(name: str) -> list[Recipe]:
             *[replace(fa, name="fa: unlock 1 block", unlock=1, seed=s) for s in (0, 1, 2)],
             replace(fa, name="fa: unlock 1 block, its lr 1e-4", unlock=1, trunk_lr=1e-4),
         ]
+    if name == "fa-unlock-refit":  # ... then refit on train + validation for the epoch count validation chose
+        fa = replace(base, init="emoji", min_steps_per_epoch=5, unlock=1, refit=True, epochs=0)
+        return [replace(fa, name="fa: unlock 1 block, refit on train+val", seed=s) for s in (0, 1, 2)]
     if name == "fontawesome-n5":  # 5 steps per epoch: keeps emoji's 1,301 at batch 256 (260 // 1)
         fa = replace(base, init="emoji")
         return [replace(fa, name="fa: batch <= n/5", min_steps_per_epoch=5, seed=s) for s in (0, 1, 2)]
@@ -677,6 +720,9 @@ def row(run: dict) -> str:
     if run.get("cv"):  # K-fold validation: mean ± spread of the folds' mean recall
         cv = run["cv"]
         name += f" (cv {100 * sum(cv) / len(cv):.1f}, folds {min(cv) * 100:.1f}–{max(cv) * 100:.1f})"
+    if run.get("cv_without_refit"):
+        cw = run["cv_without_refit"]
+        name += f" (nested cv without refit {100 * sum(cw) / len(cw):.1f})"
     if run.get("cv_style"):
         cs = run["cv_style"]
         name += f" (cv OpenMoji {100 * sum(cs) / len(cs):.1f})"

@@ -40,6 +40,9 @@ def demo(
     second_style: bool = typer.Option(
         DEMO.second_style, help="Also train on OpenMoji drawings of the training emoji (a second art style)."
     ),
+    refit: bool = typer.Option(
+        DEMO.refit, help="After validation picks the epoch count, retrain on training + validation for the final model."
+    ),
     seed: int = typer.Option(DEMO.seed, help="Seed of the concept split and the training."),
     domain: str | None = typer.Option(
         None,
@@ -74,6 +77,7 @@ def demo(
                 domain,
                 seed=seed,
                 workers=cfg.workers or 0,
+                refit=cfg.refit,
                 train_callbacks=display.callbacks(),
                 status=display.on_status,
             )

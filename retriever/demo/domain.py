@@ -35,9 +35,22 @@ class DomainResult:
     after: dict  # ... of the fine-tuned model (epoch chosen on validation)
     best_epoch: int
     seconds: dict[str, float] = field(default_factory=dict)
+    refit: bool = False  # the final model was refit on train + validation for best_epoch epochs
 
     def lift(self, key: str = "t2i_R@10") -> float:
         return self.after[key] / max(self.before[key], 1e-9)
+
+
+def _demo_model(ws: Path) -> Path | None:
+    """The finished emoji demo's final model (refit or not, as its report says), or None."""
+    import json
+
+    try:
+        model = json.loads((ws / "report.json").read_text())["model"]
+    except (OSError, ValueError, KeyError):
+        return None
+    folder = Path(str(model).removeprefix("local-dir:"))
+    return folder if (folder / "open_clip_config.json").is_file() else None
 
 
 def run_domain_demo(
@@ -48,16 +61,18 @@ def run_domain_demo(
     epochs: int | None = None,
     workers: int = 0,
     unlock_image_last: int = 1,
+    refit: bool = True,
     train_callbacks=None,
     status: Callable[[str], None] | None = None,
 ) -> DomainResult:
     """Fine-tune `workspace`'s demo model (run `retriever demo` first) on `domain`; see the module doc.
 
     `unlock_image_last`: EfficientNet blocks (from the end) tuned with the heads, at cache speed; 0
-    tunes the heads only. `epochs` defaults to the demo's.
+    tunes the heads only. `refit`: the final model trains on training + validation icons for the
+    epoch count validation chose (see `DemoConfig.refit`). `epochs` defaults to the demo's.
     """
     from retriever.demo.icons import fontawesome_collection
-    from retriever.demo.run import DemoConfig, demo_train_config, heldout_recall
+    from retriever.demo.run import DemoConfig, demo_train_config, heldout_recall, refit_train_and_val
     from retriever.errors import UserError
     from retriever.models.load import load_model
     from retriever.training.loop import train
@@ -66,8 +81,8 @@ def run_domain_demo(
     if domain not in DOMAINS:
         raise UserError(f"Unknown --domain {domain!r}; choose one of {', '.join(DOMAINS)}.")
     ws = Path(workspace).expanduser().resolve()  # absolute paths in manifests (see run_demo)
-    base = ws / "run" / "best"
-    if not (base / "open_clip_config.json").is_file():
+    base = _demo_model(ws)
+    if base is None:
         raise UserError(f"{ws} has no demo model yet: run `retriever demo --workspace {ws}` first.")
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -79,7 +94,7 @@ def run_domain_demo(
 
     t = time.perf_counter()
     run = folder / "run"
-    defaults = DemoConfig(unlock_image_last=unlock_image_last)
+    defaults = DemoConfig(unlock_image_last=unlock_image_last, refit=refit)
     tcfg = demo_train_config(
         defaults,
         data=folder,
@@ -104,17 +119,33 @@ def run_domain_demo(
         history = json.loads((run / "metrics.json").read_text())["history"]
         best_epoch = max(h["epoch"] for h in history if h["best"])
     seconds["train"] = time.perf_counter() - t
+    final = run / "best"
+    refit = refit and best_epoch > 0
+    if refit:  # as the emoji demo: the chosen epoch count, on training + validation icons
+        t = time.perf_counter()
+        final = refit_train_and_val(
+            defaults,
+            train_items + val_items,
+            folder / "train+val.jsonl",
+            folder / "refit",
+            f"local-dir:{base}",
+            best_epoch,
+            workers=workers,
+            callbacks=train_callbacks,
+            say=say,
+        )
+        seconds["refit"] = time.perf_counter() - t
 
     t = time.perf_counter()
     say(f"Held-out recall of the demo model and the fine-tuned one ({len(heldout)} icons never used before)")
     before, after = heldout_recall(
-        load_model(f"local-dir:{run / 'best'}"), load_model(f"local-dir:{base}"), folder / "heldout.jsonl", run
+        load_model(f"local-dir:{final}"), load_model(f"local-dir:{base}"), folder / "heldout.jsonl", run
     )
     seconds["heldout"] = time.perf_counter() - t
     out = DomainResult(
         domain,
         f"local-dir:{base}",
-        f"local-dir:{run / 'best'}",
+        f"local-dir:{final}",
         len(train_items),
         len(val_items),
         len(heldout),
@@ -122,6 +153,7 @@ def run_domain_demo(
         after,
         best_epoch,
         seconds,
+        refit,
     )
     write_json_atomic(folder / "report.json", asdict(out))
     return out

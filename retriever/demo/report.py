@@ -30,7 +30,12 @@ def print_report(console: Console, r: DemoResult) -> None:
     console.print(
         f"Epoch {r.best_epoch} was chosen by recall on {r.val_images} validation emoji carved out of the training "
         f"emoji (validation mean recall {100 * r.val['mean_recall']:.1f}%); the held-out emoji were measured once, "
-        "after every choice was made.",
+        "after every choice was made."
+        + (
+            f" The model measured was then refit on training + validation emoji for {r.best_epoch} epochs."
+            if r.refit
+            else ""
+        ),
         highlight=False,
     )
     for style, figures in r.heldout_styles.items():
@@ -69,10 +74,16 @@ def print_report(console: Console, r: DemoResult) -> None:
 def print_domain_report(console: Console, r) -> None:
     """Held-out recall on the second domain: the demo model as it is, then fine-tuned on the domain."""
     title = f"{r.domain}: held-out recall on {r.heldout_images} items never used in training nor for any choice"
-    tuned = f"fine-tuned on {r.train_images} (epoch {r.best_epoch})"
+    tuned = (
+        f"refit on {r.train_images + r.val_images} ({r.best_epoch} epochs)"
+        if r.refit
+        else f"fine-tuned on {r.train_images} (epoch {r.best_epoch})"
+    )
     console.print(_before_after(title, ("demo model", r.before), (tuned, r.after)))
     console.print(
         f"Held-out R@10 lift: text→image {r.lift('t2i_R@10'):.2f}×, image→text {r.lift('i2t_R@10'):.2f}× "
-        f"(epoch chosen on {r.val_images} validation items). Fine-tuned model: {r.model}",
+        f"(epoch count chosen on {r.val_images} validation items"
+        + (", then refit on training + validation" if r.refit else "")
+        + f"). Fine-tuned model: {r.model}",
         highlight=False,
     )

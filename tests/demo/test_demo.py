@@ -51,6 +51,14 @@ def test_reduced_demo_tunes_reports_and_indexes(demo_ws):
     styled = report["heldout_styles"]["openmoji"]
     assert styled["images"] == 40 and styled["after"]["t2i_R@10"] > styled["before"]["t2i_R@10"]
     assert "drawn in openmoji's style" in stdout
+    # Validation chose the epoch count; the final model was refit on train + validation (both
+    # styles) for that many epochs, from the same starting heads, and is the one measured.
+    assert report["refit"] and report["model"] == f"local-dir:{ws / 'refit' / 'best'}"
+    refit_rows = [json.loads(line) for line in (ws / "data" / "train+val.jsonl").open()]
+    assert len(refit_rows) == 2 * (136 + 24)
+    assert not {r["image"] for r in refit_rows} & heldout
+    refit_history = json.loads((ws / "refit" / "metrics.json").read_text())["history"]
+    assert max(h["epoch"] for h in refit_history) == report["best_epoch"]
     # Untrained heads are near chance on 40 held-out emoji; tuned heads are far above it.
     assert report["before"]["t2i_R@5"] < 0.3
     assert report["after"]["t2i_R@5"] > report["before"]["t2i_R@5"] + 0.2
@@ -60,7 +68,7 @@ def test_reduced_demo_tunes_reports_and_indexes(demo_ws):
     assert r.manifest.indexes["image"].count == 200
     assert r.identity.name == report["model"]
     # The tuned model was exported (verified against torch) and queries run on it, torch-free.
-    export = json.loads((ws / "run" / "best" / "onnx" / "export.json").read_text())
+    export = json.loads((ws / "refit" / "best" / "onnx" / "export.json").read_text())
     assert export["text"]["tokenizer"]["kind"] == "hf"
     assert max(export["verified"]["text_max_abs_diff"], export["verified"]["image_max_abs_diff"]) <= 1e-5
     assert r.search(text="a red heart", k=3) and r.query_encoder.backend == "onnx"
@@ -68,10 +76,11 @@ def test_reduced_demo_tunes_reports_and_indexes(demo_ws):
 
 def test_rerun_reuses_the_finished_work(demo_ws):
     ws, _ = demo_ws
-    before = (ws / "run" / "best" / "open_clip_model.safetensors").stat().st_mtime_ns
+    models = [ws / run / "best" / "open_clip_model.safetensors" for run in ("run", "refit")]
+    before = [m.stat().st_mtime_ns for m in models]
     result = run_demo(DemoConfig(workspace=str(ws), limit=200, epochs=5, workers=0))
-    assert result.seconds["train"] < 5  # no retraining
-    assert (ws / "run" / "best" / "open_clip_model.safetensors").stat().st_mtime_ns == before
+    assert result.seconds["train"] < 5 and result.seconds["refit"] < 5  # no retraining, no refit
+    assert [m.stat().st_mtime_ns for m in models] == before
 
 
 def test_the_printed_serve_command_serves_the_page_and_the_api(demo_ws):

@@ -186,11 +186,10 @@ def embed_part(workspace: Path, batch: int, rounds: int, int8: bool, vit: bool) 
 
 
 def demo_model_dir(workspace: Path) -> Path:
-    """The demo's final model folder, as its report names it (refit/best, or run/best before refits)."""
-    report = workspace / "report.json"
-    if report.is_file():
-        return Path(json.loads(report.read_text())["model"].removeprefix("local-dir:"))
-    return workspace / "run" / "best"
+    """The demo's final model folder (run/best for a workspace without a finished report)."""
+    from retriever.demo.run import demo_model_folder
+
+    return demo_model_folder(workspace) or workspace / "run" / "best"
 
 
 def text_lengths(workspace: Path, queries: list[str], rounds: int) -> dict:

@@ -356,8 +356,7 @@ def _refit_folds(data: Data, r: Recipe, folds: int) -> tuple[list, list]:
     """Nested K-fold check of refitting, held-out concepts untouched: per fold, the recipe chooses
     its epoch on an inner validation split of the other folds; the model of that epoch, and a
     refit on all the other folds for that many epochs, are both scored on the fold."""
-    from retriever.metrics import retrieval_metrics  # noqa: F401 (evaluate's import, early failure)
-
+    assert not r.standardize, "nested refit folds score unstandardised features only"
     pool = list(data.splits["train+val"])
     random.Random(7).shuffle(pool)
     standard = dict(data.splits)

@@ -56,34 +56,20 @@ def stage_features(trunk, px: torch.Tensor) -> dict[str, torch.Tensor]:
 SYMBOLA = "/usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf"
 
 
-def symbola_images(items, out: Path, size: int = 72) -> dict[str, str]:
+def symbola_images(items, out: Path) -> dict[str, str]:
     """Single-code-point emoji that the Symbola font draws, black on white; ``{char: png path}``.
 
-    Sequences (ZWJ, flags, keycaps) are left out: Symbola would draw their parts side by side.
+    Sequences (ZWJ, flags, keycaps) are left out: Symbola would draw their parts side by side. The
+    variation selector U+FE0F is dropped before drawing (Symbola has no glyph for it).
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from dataclasses import replace
 
-    font = ImageFont.truetype(SYMBOLA, int(size * 0.8))
-    out.mkdir(parents=True, exist_ok=True)
+    from retriever.demo.openmoji import font_images
 
-    def draw(text: str):
-        img = Image.new("RGB", (size, size), "white")
-        ImageDraw.Draw(img).text((size / 2, size / 2), text, font=font, fill="black", anchor="mm")
-        return img
-
-    missing = {draw("\U000f0000").tobytes(), Image.new("RGB", (size, size), "white").tobytes()}
-    found = {}
-    for it in items:
-        base = it.char.replace("\ufe0f", "")
-        if len(base) != 1:
-            continue
-        img = draw(base)
-        if img.tobytes() in missing:
-            continue
-        path = out / f"{ord(base):x}.png"
-        img.save(path)
-        found[it.char] = str(path)
-    return found
+    base = {it.char: it.char.replace("\ufe0f", "") for it in items}
+    single = [replace(it, char=base[it.char]) for it in items if len(base[it.char]) == 1]
+    drawn = font_images(single, SYMBOLA, out, colour=False)
+    return {char: drawn[b] for char, b in base.items() if b in drawn}
 
 
 def main() -> None:

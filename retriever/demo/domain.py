@@ -41,18 +41,6 @@ class DomainResult:
         return self.after[key] / max(self.before[key], 1e-9)
 
 
-def _demo_model(ws: Path) -> Path | None:
-    """The finished emoji demo's final model (refit or not, as its report says), or None."""
-    import json
-
-    try:
-        model = json.loads((ws / "report.json").read_text())["model"]
-    except (OSError, ValueError, KeyError):
-        return None
-    folder = Path(str(model).removeprefix("local-dir:"))
-    return folder if (folder / "open_clip_config.json").is_file() else None
-
-
 def run_domain_demo(
     workspace: str | Path,
     domain: str = "fontawesome",
@@ -72,7 +60,13 @@ def run_domain_demo(
     epoch count validation chose (see `DemoConfig.refit`). `epochs` defaults to the demo's.
     """
     from retriever.demo.icons import fontawesome_collection
-    from retriever.demo.run import DemoConfig, demo_train_config, heldout_recall, refit_train_and_val
+    from retriever.demo.run import (
+        DemoConfig,
+        demo_model_folder,
+        demo_train_config,
+        heldout_recall,
+        refit_train_and_val,
+    )
     from retriever.errors import UserError
     from retriever.models.load import load_model
     from retriever.training.loop import train
@@ -81,7 +75,7 @@ def run_domain_demo(
     if domain not in DOMAINS:
         raise UserError(f"Unknown --domain {domain!r}; choose one of {', '.join(DOMAINS)}.")
     ws = Path(workspace).expanduser().resolve()  # absolute paths in manifests (see run_demo)
-    base = _demo_model(ws)
+    base = demo_model_folder(ws)
     if base is None:
         raise UserError(f"{ws} has no demo model yet: run `retriever demo --workspace {ws}` first.")
     seconds: dict[str, float] = {}
@@ -94,7 +88,7 @@ def run_domain_demo(
 
     t = time.perf_counter()
     run = folder / "run"
-    defaults = DemoConfig(unlock_image_last=unlock_image_last, refit=refit)
+    defaults = DemoConfig(seed=seed, unlock_image_last=unlock_image_last, refit=refit)
     tcfg = demo_train_config(
         defaults,
         data=folder,

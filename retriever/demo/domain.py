@@ -89,10 +89,13 @@ def run_domain_demo(
     t = time.perf_counter()
     run = folder / "run"
     defaults = DemoConfig(seed=seed, unlock_image_last=unlock_image_last, refit=refit)
+    features = folder / "features"  # shared by the fine-tune, the refit and the held-out measurement
     tcfg = demo_train_config(
         defaults,
-        data=folder,
+        source=folder / "train.jsonl",
+        val=folder / "val.jsonl",
         out=run,
+        feature_cache=features,
         n_train=len(train_items),
         workers=workers,
         epochs=epochs or defaults.epochs,
@@ -124,6 +127,7 @@ def run_domain_demo(
             folder / "refit",
             f"local-dir:{base}",
             best_epoch,
+            feature_cache=features,
             workers=workers,
             callbacks=train_callbacks,
             say=say,
@@ -133,7 +137,7 @@ def run_domain_demo(
     t = time.perf_counter()
     say(f"Held-out recall of the demo model and the fine-tuned one ({len(heldout)} icons never used before)")
     before, after = heldout_recall(
-        load_model(f"local-dir:{final}"), load_model(f"local-dir:{base}"), folder / "heldout.jsonl", run
+        load_model(f"local-dir:{final}"), load_model(f"local-dir:{base}"), folder / "heldout.jsonl", features
     )
     seconds["heldout"] = time.perf_counter() - t
     out = DomainResult(

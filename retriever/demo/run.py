@@ -133,10 +133,13 @@ def run_demo(
 
     t = time.perf_counter()
     run = ws / "run"
+    features = ws / "features"  # shared by the fit, the refit and the held-out measurement
     tcfg = demo_train_config(
         cfg,
-        data=data,
+        source=data / "train.jsonl",
+        val=data / "val.jsonl",
         out=run,
+        feature_cache=features,
         n_train=len(train_items) + len(styled),
         workers=workers,
         epochs=cfg.epochs,
@@ -171,6 +174,7 @@ def run_demo(
             ws / "refit",
             f"local-dir:{run / 'init'}",
             best["epoch"],
+            feature_cache=features,
             workers=workers,
             callbacks=train_callbacks,
             say=say,
@@ -184,12 +188,12 @@ def run_demo(
     chosen = "the model refit for the epoch count" if refit else "the epoch"
     say(f"Held-out recall of {chosen} chosen on validation ({len(heldout_items)} emoji never used before)")
     untrained = load_model(f"local-dir:{run / 'init'}")
-    before, after = heldout_recall(encoder, untrained, data / "heldout.jsonl", run)
+    before, after = heldout_recall(encoder, untrained, data / "heldout.jsonl", features)
     styles: dict[str, dict] = {}
     drawn = openmoji_rows(heldout_items, data / "openmoji", missing_ok=True)
     if drawn:  # the same held-out concepts in another art style: does the model carry across styles?
         write_manifest(drawn, data / "heldout-openmoji.jsonl")
-        pair = heldout_recall(encoder, untrained, data / "heldout-openmoji.jsonl", run, name="heldout-openmoji")
+        pair = heldout_recall(encoder, untrained, data / "heldout-openmoji.jsonl", features, name="heldout-openmoji")
         styles["openmoji"] = {"images": len(drawn), "before": pair[0], "after": pair[1]}
     seconds["heldout"] = time.perf_counter() - t
 
@@ -251,19 +255,22 @@ def check_workspace(ws: Path) -> None:
 def demo_train_config(
     cfg: DemoConfig,
     *,
-    data: Path,
+    source: Path,
+    val: Path | None,
     out: Path,
+    feature_cache: Path,
     n_train: int,
     workers: int,
     epochs: int,
     seed: int,
     model: str | None = None,
 ):
-    """The default recipe as a TrainConfig: the demo's, and the Font Awesome fine-tune's (`model`),
-    on the train/val manifests that `split_and_write` wrote in `data`.
+    """The default recipe as a TrainConfig: the demo's, and the Font Awesome fine-tune's (`model`).
 
-    Without `model`, the towers are composed afresh; with it, training continues from that
-    model's heads (the towers stay locked either way).
+    `source` and `val` are manifests (no `val`: train on all of `source`, as the refit does); tower
+    outputs are cached in `feature_cache`, which the runs of one workspace share. Without `model`,
+    the towers are composed afresh; with it, training continues from that model's heads (the
+    towers stay locked either way).
     """
     from retriever.models.compose import DEFAULT_IMAGE_TOWER, default_tower_paths
     from retriever.training.loop import TrainConfig
@@ -276,8 +283,9 @@ def demo_train_config(
     # Unlocked image blocks train on cached maps below them; an unlocked text layer needs the full towers.
     cached = not cfg.unlock_text_last
     return TrainConfig(
-        source=str(data / "train.jsonl"),
-        val=str(data / "val.jsonl"),
+        source=str(source),
+        val=str(val) if val else None,
+        val_fraction=0.1 if val else 0.0,
         out=str(out),
         model=model,
         image_tower=image_tower,
@@ -293,6 +301,7 @@ def demo_train_config(
         unlock_text_last=cfg.unlock_text_last,
         cache_features=cached,
         cache_views=cfg.cache_views if cached else 1,
+        feature_cache=str(feature_cache) if cached else None,
         caption_templates=list(cfg.caption_templates),
         augment=False,
         seed=seed,
@@ -314,27 +323,30 @@ def refit_train_and_val(
     start: str,
     epochs: int,
     *,
+    feature_cache: Path,
     workers: int,
     callbacks=None,
     say: Callable[[str], None] = lambda s: None,
 ) -> Path:
     """The final fit; returns its model folder. `rows` (training + validation items) train from
     the model `start` for `epochs` epochs, the count validation chose, with the same recipe and no
-    validation, so best/ is the last epoch. A rerun reuses a finished refit."""
+    validation, so best/ is the last epoch. With the first fit's `feature_cache`, only the
+    validation items' tower outputs are new. A rerun reuses a finished refit."""
     from retriever.training.loop import train
 
     write_manifest(rows, manifest)
     tcfg = demo_train_config(
         cfg,
-        data=manifest.parent,
+        source=manifest,
+        val=None,
         out=out,
+        feature_cache=feature_cache,
         n_train=len(rows),
         workers=workers,
         epochs=epochs,
         seed=cfg.seed,
         model=start,
     )
-    tcfg.source, tcfg.val, tcfg.val_fraction = str(manifest), None, 0.0
     if _finished_history(out, epochs) is None:
         say(f"Refitting on training + validation ({len(rows)} pictures) for the {epochs} epochs validation chose")
         tcfg.resume = (out / "last" / "train_state.pt").is_file()
@@ -375,11 +387,11 @@ def openmoji_rows(items: list[EmojiImage], folder: Path, *, missing_ok: bool = F
     return [replace(it, path=drawn[it.char]) for it in items if it.char in drawn]
 
 
-def heldout_recall(tuned, untrained, manifest: Path, run: Path, name: str = "heldout") -> tuple[dict, dict]:
+def heldout_recall(tuned, untrained, manifest: Path, cache_dir: Path, name: str = "heldout") -> tuple[dict, dict]:
     """Held-out RetrievalMetrics.flat() of the untrained and the tuned heads.
 
     Both models share their locked towers, so the towers run once over the held-out emoji (cached
-    beside the training features) and only the two pairs of heads differ.
+    in `cache_dir`) and only the two pairs of heads differ.
     """
     from retriever.data.sources import read_source
     from retriever.metrics import retrieval_metrics
@@ -390,7 +402,7 @@ def heldout_recall(tuned, untrained, manifest: Path, run: Path, name: str = "hel
     for encoder in (untrained, tuned):
         encoder.model.eval().requires_grad_(False)
         split = split_towers(encoder.model)
-        cached = compute_tower_features(encoder, split, items, cache_dir=run / "features", name=name)
+        cached = compute_tower_features(encoder, split, items, cache_dir=cache_dir, name=name)
         img, txt = cached_eval_embeddings(split, cached, encoder.device)
         out.append(retrieval_metrics(img, txt, cached.text_image()).flat())
     return out[0], out[1]

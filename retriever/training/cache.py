@@ -19,6 +19,10 @@ epoch still draws one caption per image.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +38,8 @@ from retriever.errors import UserError
 from retriever.models.encode import drop_padding_columns
 from retriever.models.load import LoadedModel, state_dict_sha256
 from retriever.skipped import skipped_entry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -168,13 +174,14 @@ def geometric_view(img, seed: int):
 
 
 class _ViewTransform:
-    """Preprocess of view `view` of item i (picklable, for DataLoader workers)."""
+    """Preprocess of view `view` of an image whose per-image seed is `seed` (picklable, for
+    DataLoader workers)."""
 
     def __init__(self, preprocess: Callable, view: int):
         self.preprocess, self.view = preprocess, view
 
-    def __call__(self, img, index: int):
-        return self.preprocess(geometric_view(img, 1_000_003 * self.view + index))
+    def __call__(self, img, seed: int):
+        return self.preprocess(geometric_view(img, 1_000_003 * self.view + seed))
 
 
 class _ViewDataset(ImageDataset):
@@ -186,23 +193,102 @@ class _ViewDataset(ImageDataset):
         from retriever.data.images import load_image
 
         try:
-            return i, self.transform(load_image(self.paths[i]), i), None
+            return i, self.transform(load_image(self.paths[i]), view_seed(self.paths[i])), None
         except Exception as e:  # as ImageDataset: a bad file is data
             return i, None, f"{type(e).__name__}: {e}"
 
 
-def cache_key(encoder: LoadedModel, split: TowerSplit, items: Sequence[SourceItem], views: int = 1) -> str:
+def view_seed(location: str) -> int:
+    """The seed of an image's augmented views: a function of its location, not of its position in
+    a split, so the same image has the same views in every run and a cached view can be reused."""
+    return zlib.crc32(location.encode())
+
+
+def item_identity(location: str) -> tuple[str, int, int] | None:
+    """(location, size, mtime_ns) of the file holding an image (its tar or Parquet file for a member);
+    None when it cannot be read. Cached rows are reused only for an unchanged file."""
+    from retriever.data.locations import split_location
+
+    parts = split_location(location)
+    try:
+        st = os.stat(parts[1] if parts else location)
+    except OSError:
+        return None
+    return location, st.st_size, st.st_mtime_ns
+
+
+def model_key(encoder: LoadedModel, split: TowerSplit) -> str:
+    """What the cached outputs are a function of besides the images: the locked trunks and the
+    eval preprocessing."""
     h = hashlib.sha256()
-    if views > 1:
-        h.update(f"views={views}".encode())
     for trunk in split.trunks:
         h.update(state_dict_sha256(trunk).encode())
     h.update(repr(encoder.config.get("preprocess_cfg")).encode())
+    return h.hexdigest()[:20]
+
+
+def cache_key(model: str, items: Sequence[SourceItem], views: int = 1) -> str:
+    """The name of a split's cache file: the model key, the views and every item with its captions."""
+    h = hashlib.sha256(model.encode())
+    if views > 1:
+        h.update(f"views={views}".encode())
     for it in items:
-        h.update(it.path.encode())
+        h.update(repr(item_identity(it.path) or it.path).encode())
         h.update("\x1f".join(it.captions).encode())
         h.update(b"\x1e")
     return h.hexdigest()[:20]
+
+
+@dataclass
+class _Reused:
+    """Rows found in other cache files of the same model: by item position, and by caption text."""
+
+    image: dict[int, torch.Tensor]
+    views: dict[int, torch.Tensor]
+    text: dict[str, torch.Tensor]
+
+
+def reusable_rows(cache_dir: Path, model: str, items: Sequence[SourceItem], views: int) -> _Reused:
+    """Tower outputs of `items` and their captions already computed into any cache file in
+    `cache_dir` by the same model (`model_key`): a refit on training + validation, or a run on a
+    grown collection, then computes only what is new. An item is reused when its file is unchanged
+    (`item_identity`) and the file holds at least `views` views of it; an unreadable cache file
+    is passed over."""
+    from safetensors import safe_open
+
+    wanted = {ident: i for i, it in enumerate(items) if (ident := item_identity(it.path)) is not None}
+    captions = {c for it in items for c in it.captions}
+    found = _Reused({}, {}, {})
+    for path in sorted(Path(cache_dir).glob("*.safetensors")):
+        if len(found.image) == len(wanted) and len(found.text) == len(captions):
+            break
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("model") != model:
+                    continue
+                hits = []
+                if int(meta["views"]) >= views:  # captions are reusable whatever the views
+                    idents = [tuple(x) for x in json.loads(meta["items"])]
+                    hits = [(row, wanted[x]) for row, x in enumerate(idents) if x in wanted]
+                    hits = [(row, i) for row, i in hits if i not in found.image]
+                if hits:
+                    image = f.get_tensor("image")
+                    aug = f.get_tensor("views")[:, : views - 1] if views > 1 else None
+                    for row, i in hits:
+                        found.image[i] = image[row]
+                        if aug is not None:
+                            found.views[i] = aug[row]
+                caps = json.loads(meta["captions"])
+                if any(c in captions and c not in found.text for cs in caps for c in cs):
+                    text, start = f.get_tensor("text"), f.get_tensor("caption_start")
+                    for row, cs in enumerate(caps):
+                        for j, c in enumerate(cs):
+                            if c in captions:
+                                found.text.setdefault(c, text[int(start[row]) + j])
+        except Exception as e:  # a torn or foreign file is only a cache miss
+            log.debug("Not reusing %s: %s", path, e)
+    return found
 
 
 @torch.no_grad()
@@ -221,14 +307,18 @@ def compute_tower_features(
 ) -> CachedSplit:
     """Run the locked trunks over `items` once; reuse `cache_dir/{name}-{key}.safetensors` if present.
 
-    `views > 1` also runs them over `views - 1` seeded geometric views of each image (see
-    `geometric_view`); an image any of whose views fails to decode is skipped.
+    Otherwise rows that other cache files in `cache_dir` hold for the same model are reused
+    (`reusable_rows`) and the trunks run over the rest only. `views > 1` also runs them over
+    `views - 1` seeded geometric views of each image (see `geometric_view`); an image any of whose
+    views fails to decode is skipped.
     """
     from safetensors.torch import load_file, save_file
 
     path = None
+    model = model_key(encoder, split)
+    reused = _Reused({}, {}, {})
     if cache_dir is not None:
-        path = Path(cache_dir) / f"{name}-{cache_key(encoder, split, items, views)}.safetensors"
+        path = Path(cache_dir) / f"{name}-{cache_key(model, items, views)}.safetensors"
         if path.is_file():
             t = load_file(str(path))
             cached = [items[int(i)] for i in t["kept"]]
@@ -239,11 +329,15 @@ def compute_tower_features(
                 if i not in kept_set
             ]
             return CachedSplit(cached, t["image"], t["text"], t["caption_start"], not_cached, t.get("views"))
+        if Path(cache_dir).is_dir():
+            reused = reusable_rows(Path(cache_dir), model, items, views)
 
     for trunk in split.trunks:
         trunk.eval()
-    paths = [it.path for it in items]
-    total = views * len(items) + sum(len(it.captions) for it in items)
+    todo = [i for i in range(len(items)) if i not in reused.image]
+    paths = [items[i].path for i in todo]
+    new_captions = sorted({c for it in items for c in it.captions if c not in reused.text})
+    total = views * len(todo) + len(new_captions)
     done = 0
     skipped: dict[int, dict] = {}
     per_view: list[dict[int, torch.Tensor]] = []
@@ -259,8 +353,8 @@ def compute_tower_features(
         rows: dict[int, torch.Tensor] = {}
         for batch in loader:
             done += len(batch.indices) + len(batch.errors)
-            for i, reason in batch.errors:
-                skipped.setdefault(i, skipped_entry(items[i].path, reason))
+            for j, reason in batch.errors:
+                skipped.setdefault(todo[j], skipped_entry(paths[j], reason))
             if batch.pixels is not None:
                 # channels_last: conv trunks run much faster so on CPU, and on GPU tensor cores.
                 px = batch.pixels.to(encoder.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -268,28 +362,34 @@ def compute_tower_features(
                     feats = split.image_trunk(px)
                 # Pooled features in fp32; feature maps below unlocked blocks stay fp16 (_TrunkBelow).
                 feats = feats.cpu() if feats.dtype == torch.float16 else feats.float().cpu()
-                rows.update(zip(batch.indices, feats))
+                rows.update(zip((todo[j] for j in batch.indices), feats))
             if progress:
                 progress(done, total)
         per_view.append(rows)
-    kept = sorted(set.intersection(*(set(r) for r in per_view)))
+    computed = set.intersection(*(set(r) for r in per_view))
+    kept = sorted(computed | set(reused.image))
     if not kept:
         raise UserError(f"None of the {name} images could be decoded.")
-    img_feats = [torch.stack([per_view[0][i] for i in kept])]
-    aug = torch.stack([torch.stack([r[i] for r in per_view[1:]]) for i in kept]) if views > 1 else None
+    image = torch.stack([per_view[0][i] if i in computed else reused.image[i] for i in kept])
+    aug = None
+    if views > 1:
+        aug = torch.stack(
+            [torch.stack([r[i] for r in per_view[1:]]) if i in computed else reused.views[i] for i in kept]
+        )
+    if new_captions:
+        reused.text.update(zip(new_captions, text_features(encoder, split, new_captions, batch_size=text_batch_size)))
+        done += len(new_captions)
+        if progress:
+            progress(done, total)
     texts = [c for i in kept for c in items[i].captions]
     starts, n = [], 0
     for i in kept:
         starts.append(n)
         n += len(items[i].captions)
-    txt_feats = text_features(encoder, split, texts, batch_size=text_batch_size)
-    done += len(texts)
-    if progress:
-        progress(done, total)
     out = CachedSplit(
         [items[i] for i in kept],
-        torch.cat(img_feats),
-        txt_feats,
+        image,
+        torch.stack([reused.text[c] for c in texts]) if texts else torch.empty(0, 0),
         torch.tensor(starts),
         [skipped[i] for i in sorted(skipped) if i not in set(kept)],
         aug,
@@ -298,8 +398,14 @@ def compute_tower_features(
         tensors = {"image": out.image, "text": out.text, "caption_start": out.caption_start, "kept": torch.tensor(kept)}
         if aug is not None:
             tensors["views"] = aug.contiguous()
+        meta = {
+            "model": model,
+            "views": str(views),
+            "items": json.dumps([item_identity(items[i].path) or [items[i].path, -1, -1] for i in kept]),
+            "captions": json.dumps([list(items[i].captions) for i in kept]),
+        }
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp))
+            save_file(tensors, str(tmp), metadata=meta)
     return out
 
 

@@ -63,6 +63,9 @@ class TrainConfig:
         cache_views: with cache_features, tower passes per training image: the eval view plus
             N-1 seeded geometric views (zoom, shift, small rotation; no flips, no colour); each
             epoch draws one cached view per image.
+        feature_cache: folder of the cached tower outputs (default: `out/features`); runs that
+            share one reuse each other's rows for the same images, captions and locked towers,
+            so a refit on training + validation computes only the validation items.
         caption_templates: train on every caption under each template too ("an icon of {}");
             validation and test keep the plain captions.
         precision, device: as for `load_model`.
@@ -105,6 +108,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     cache_features: bool = False
     cache_views: int = 1
+    feature_cache: str | None = None
     caption_templates: list[str] = field(default_factory=list)
     precision: str | None = None
     device: str | None = None
@@ -139,6 +143,8 @@ class TrainConfig:
             raise ConfigError(
                 "cache_views needs cache_features and must be at least 1.", "cache_views", "cache_features"
             )
+        if self.feature_cache and not self.cache_features:
+            raise ConfigError("feature_cache needs cache_features.", "feature_cache", "cache_features")
         for t in self.caption_templates:
             if t.count("{}") != 1:
                 raise ConfigError(

@@ -689,7 +689,7 @@ def _cache(encoder, cfg, splits, run, cb, ranks):
             encoder,
             split,
             items,
-            cache_dir=run / "features",
+            cache_dir=Path(cfg.feature_cache) if cfg.feature_cache else run / "features",
             name=name,
             views=cfg.cache_views if name == "train" else 1,  # validation sees what an index sees
             batch_size=32,

@@ -105,8 +105,10 @@ def test_small_training_sets_get_more_steps_per_epoch(tmp_path):
     assert [demo_batch_size(cfg, n) for n in (4096, 1301, 511, 10)] == [256, 256, 102, 2]
     tcfg = demo_train_config(
         cfg,
-        data=tmp_path,
+        source=tmp_path / "train.jsonl",
+        val=tmp_path / "val.jsonl",
         out=tmp_path / "run",
+        feature_cache=tmp_path / "features",
         n_train=511,
         workers=0,
         epochs=30,

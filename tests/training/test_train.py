@@ -167,6 +167,7 @@ def test_resume_refuses_changed_settings_and_new_run_refuses_used_folder(tiny, s
         (dict(image_tower="timm:resnet18"), "both image_tower"),
         (dict(unlock_text_last=1), "only makes sense with lock_text"),
         (dict(cache_views=2), "cache_views needs cache_features"),
+        (dict(feature_cache="somewhere"), "feature_cache needs cache_features"),
         (dict(caption_templates=["an icon of"]), "exactly once"),
     ],
 )

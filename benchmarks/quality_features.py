@@ -178,7 +178,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench-out/quality")
     ap.add_argument("--views", type=int, default=8, help="augmented views per image besides the eval view")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--domain", default="emoji", choices=("emoji", "fontawesome", "openmoji", "symbola", *EXTRA_DOMAINS))
+    ap.add_argument(
+        "--domain", default="emoji", choices=("emoji", "fontawesome", "openmoji", "symbola", *EXTRA_DOMAINS)
+    )
     ap.add_argument("--plain-text", action="store_true", help="captions as they are only (no prompt templates)")
     ap.add_argument("--maps", action="store_true", help="also keep stage-5 maps (fp16), the last block's input")
     ap.add_argument("--image-tower", default=None, help="timm:NAME (default: the packaged EfficientNet-Lite0)")

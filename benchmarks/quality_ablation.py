@@ -135,10 +135,10 @@ class Data:
             "train+val": [index[it.path] for it in train_all],
         }
         self.n_own = len(self.items)
-        self.extra: dict[str, list[int]] = {"all": [], "clean": [], "novel": []}
+        self.extra: dict[str, list[int]] = {"all": [], "clean": [], "novel": [], "clean-probe": []}
         self.extra_folders: list[str] = []
 
-    def add_extra(self, folder: Path) -> None:
+    def add_extra(self, folder: Path, probe: Data | None = None) -> None:
         """Append another cache's items (other concepts: quality_features --domain mdi | ...) as
         extra training rows. They join no split: `_fit` adds them to every training set (and to the
         refit's), never to a validation fold or a held-out score. Their eval view fills every view
@@ -164,6 +164,7 @@ class Data:
         self.items += [EmojiImage(d["char"], d["path"], tuple(d["captions"])) for d in meta["items"]]
         heldout = {_norm(c) for i in self.splits["heldout"] for c in self.items[i].captions}
         every = {_norm(c) for i in range(self.n_own) for c in self.items[i].captions}
+        probed = {_norm(c) for i in probe.splits["heldout"] for c in probe.items[i].captions} if probe else set()
         for i in range(start, len(self.items)):
             caps = {_norm(c) for c in self.items[i].captions}
             self.extra["all"].append(i)
@@ -171,6 +172,8 @@ class Data:
                 self.extra["clean"].append(i)
             if not caps & every:
                 self.extra["novel"].append(i)
+            if not caps & (heldout | probed):  # nor a held-out name of --probe-features' domain
+                self.extra["clean-probe"].append(i)
         self.extra_folders.append(str(folder))
 
     def maps(self, views: int) -> torch.Tensor:  # (N, V, 192, 7, 7) fp16 stage-5 maps
@@ -686,24 +689,21 @@ def grid(name: str) -> list[Recipe]:
     if name == "style-refit":  # the demo recipe, then refit on train + validation for the chosen epoch count
         rows = replace(base, style_rows=True, embed_dim=1024, refit=True, epochs=0)
         return [replace(rows, name="openmoji rows, embed 1024, refit on train+val", seed=s) for s in (0, 1, 2)]
-    if name.startswith("extra"):  # the demo recipe with extra rows (--extra-features), seeds 0-2
+    if name.startswith("extra"):  # the demo recipe with extra rows (--extra-features): extra[-cv][:MODES[:SEEDS]]
+        kind, *rest = name.split(":")
+        modes = rest[0].split(",") if rest else ["", "all", "clean"]
+        seeds = [int(x) for x in rest[1].split(",")] if len(rest) > 1 else [0, 1, 2]
         rows = replace(base, style_rows=True, embed_dim=1024, refit=True, epochs=0)
+        if kind == "extra-cv":  # no refit: plain K-fold validation in both styles
+            rows = replace(base, style_rows=True, embed_dim=1024)
         name_of = {
-            "": "openmoji rows, embed 1024, refit",
+            "": "openmoji rows, embed 1024" + (", refit" if rows.refit else ""),
             "all": "+ extra rows",
             "clean": "+ extra rows (held-out names dropped)",
             "novel": "+ extra rows (every Twemoji name dropped)",
+            "clean-probe": "+ extra rows (held-out and probe held-out names dropped)",
         }
-        modes = {"extra": ("", "all", "clean"), "extra-novel": ("novel",), "extra-cv": ("", "all", "clean")}[name]
-        if (
-            name == "extra-cv"
-        ):  # no refit: K-fold validation in both styles (the refit's nested folds score Twemoji only)
-            rows = replace(base, style_rows=True, embed_dim=1024)
-        return [
-            replace(rows, name=name_of[m] + ("" if rows.refit else " (no refit)"), extra_rows=m, seed=s)
-            for m in modes
-            for s in (0, 1, 2)
-        ]
+        return [replace(rows, name=name_of[m], extra_rows=m, seed=s) for m in modes for s in seeds]
     if name == "style-final":  # the candidates, scored by K-fold validation in both styles
         return [
             *[replace(base, seed=s) for s in (0, 1, 2)],
@@ -870,12 +870,12 @@ def main() -> None:
         Path(args.style_features) if args.style_features else None,
         Path(args.test_style_features) if args.test_style_features else None,
     )
-    for folder in args.extra_features:
-        data.add_extra(Path(folder))
-    if args.extra_features:
-        print({k: len(v) for k, v in data.extra.items()}, "extra rows (all / no held-out names / no Twemoji names)")
     global PROBE
     PROBE = Data(Path(args.probe_features)) if args.probe_features else None
+    for folder in args.extra_features:
+        data.add_extra(Path(folder), PROBE)
+    if args.extra_features:
+        print({k: len(v) for k, v in data.extra.items()}, "extra rows per mode")
     runs = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else []
     k, n = (int(x) for x in args.part.split("/"))
     for r in grid(args.grid)[k::n]:

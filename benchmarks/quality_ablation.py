@@ -70,6 +70,7 @@ class Recipe:
     style_rows: bool = False  # OpenMoji drawings of the training concepts as rows of their own
     style_rows_fraction: float = 1.0  # ... for this share of the training concepts (seeded)
     style: float = 0.0  # > 0: a training image is the OpenMoji drawing of the concept with this probability
+    extra_per_epoch: float = 0.0  # > 0: each epoch draws this many extra rows per own row (seeded), not all of them
     extra_rows: str = ""  # --extra-features rows in every training set: "all" | "clean" (no held-out names) | "novel"
 
 
@@ -487,7 +488,8 @@ def _fit(data: Data, r: Recipe, heldout: bool = True) -> tuple[Run, Heads]:
         styled = styled[: int(round(r.style_rows_fraction * len(train_idx)))]
     n_own, n_styled = len(train_idx), len(styled)
     n_rows = n_own + n_styled + len(extra)  # row positions: own, their OpenMoji drawings, extra rows
-    steps_per_epoch = n_rows // batch
+    n_drawn = min(len(extra), int(round(r.extra_per_epoch * (n_own + n_styled)))) if r.extra_per_epoch else len(extra)
+    steps_per_epoch = (n_own + n_styled + n_drawn) // batch
     epochs = max(r.epochs, math.ceil(r.min_steps / steps_per_epoch)) if r.min_steps else r.epochs
     total = steps_per_epoch * epochs
     warmup = int(round(r.warmup * total))
@@ -497,6 +499,8 @@ def _fit(data: Data, r: Recipe, heldout: bool = True) -> tuple[Run, Heads]:
     clusters = _kmeans(text[[per[0] for per in data.text_rows(train_idx, ("{}",))]], r.hard_clusters, r.seed)
     for epoch in range(1, epochs + 1):
         order = list(range(n_rows))
+        if n_drawn < len(extra):  # a fresh seeded draw of extra rows every epoch
+            order = order[: n_own + n_styled] + rng.sample(order[n_own + n_styled :], n_drawn)
         rng.shuffle(order)
         if clusters is not None:  # whole clusters in a shuffled order: a batch holds a few groups of look-alikes
             keys = list(range(r.hard_clusters))
@@ -703,7 +707,12 @@ def grid(name: str) -> list[Recipe]:
             "novel": "+ extra rows (every Twemoji name dropped)",
             "clean-probe": "+ extra rows (held-out and probe held-out names dropped)",
         }
-        return [replace(rows, name=name_of[m], extra_rows=m, seed=s) for m in modes for s in seeds]
+        out = []
+        for m in modes:  # MODE or MODE@X: X extra rows per own row each epoch
+            mode, _, per = m.partition("@")
+            name = name_of[mode] + (f", {per} per own row each epoch" if per else "")
+            out += [replace(rows, name=name, extra_rows=mode, extra_per_epoch=float(per or 0), seed=s) for s in seeds]
+        return out
     if name == "style-final":  # the candidates, scored by K-fold validation in both styles
         return [
             *[replace(base, seed=s) for s in (0, 1, 2)],

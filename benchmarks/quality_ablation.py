@@ -71,6 +71,8 @@ class Recipe:
     style_rows_fraction: float = 1.0  # ... for this share of the training concepts (seeded)
     style: float = 0.0  # > 0: a training image is the OpenMoji drawing of the concept with this probability
     querybank: float = 0.0  # > 0: score with an inverted softmax over the training split (QB-Norm), this temperature
+    extra_per_epoch: float = 0.0  # > 0: each epoch draws this many extra rows per own row (seeded), not all of them
+    extra_rows: str = ""  # --extra-features rows in every training set: "all" | "clean" (no held-out names) | "novel"
 
 
 @dataclass
@@ -87,6 +89,8 @@ class Run:
     cv: list | None = None  # with --folds K: validation mean recall of each fold (K-fold over train+val)
     cv_style: list | None = None  # ... and of the folds' validation concepts drawn by OpenMoji
     cv_without_refit: list | None = None  # refit recipes: the same nested folds, scored before the refit
+    heldout_probe: dict | None = None  # with --probe-features: that domain's held-out split, these heads as they are
+    extra: dict | None = None  # with extra_rows: the extra caches and how many of their rows trained
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,6 +136,47 @@ class Data:
             "heldout": [index[it.path] for it in heldout],
             "train+val": [index[it.path] for it in train_all],
         }
+        self.n_own = len(self.items)
+        self.extra: dict[str, list[int]] = {"all": [], "clean": [], "novel": [], "clean-probe": []}
+        self.extra_folders: list[str] = []
+
+    def add_extra(self, folder: Path, probe: Data | None = None) -> None:
+        """Append another cache's items (other concepts: quality_features --domain mdi | ...) as
+        extra training rows. They join no split: `_fit` adds them to every training set (and to the
+        refit's), never to a validation fold or a held-out score. Their eval view fills every view
+        slot; text rows of captions not yet cached are appended to the text features."""
+        from safetensors.torch import load_file
+
+        from retriever.demo.emoji import EmojiImage
+
+        meta = json.loads((folder / "features.json").read_text())
+        assert meta["templates"] == ["{}"], "extra rows: plain captions only (quality_features --plain-text)"
+        text = load_file(str(folder / "text.safetensors"))["text"]
+        new = [i for i, t in enumerate(meta["strings"]) if t not in self.row]
+        for j, i in enumerate(new):
+            self.row[meta["strings"][i]] = len(self.tensors["text"]) + j
+        self.tensors["text"] = torch.cat([self.tensors["text"], text[new]])
+        view = load_file(str(folder / "view0.safetensors"))
+        n = self.tensors["image_head"].shape[1]
+        for key in [k for k in self.tensors if k.startswith("image_")]:
+            stage = key[len("image_") :]
+            x = view[stage] if stage in view else torch.zeros(len(meta["items"]), self.tensors[key].shape[-1])
+            self.tensors[key] = torch.cat([self.tensors[key], x[:, None].expand(-1, n, -1)])
+        start = len(self.items)
+        self.items += [EmojiImage(d["char"], d["path"], tuple(d["captions"])) for d in meta["items"]]
+        heldout = {_norm(c) for i in self.splits["heldout"] for c in self.items[i].captions}
+        every = {_norm(c) for i in range(self.n_own) for c in self.items[i].captions}
+        probed = {_norm(c) for i in probe.splits["heldout"] for c in probe.items[i].captions} if probe else set()
+        for i in range(start, len(self.items)):
+            caps = {_norm(c) for c in self.items[i].captions}
+            self.extra["all"].append(i)
+            if not caps & heldout:
+                self.extra["clean"].append(i)
+            if not caps & every:
+                self.extra["novel"].append(i)
+            if not caps & (heldout | probed):  # nor a held-out name of --probe-features' domain
+                self.extra["clean-probe"].append(i)
+        self.extra_folders.append(str(folder))
 
     def maps(self, views: int) -> torch.Tensor:  # (N, V, 192, 7, 7) fp16 stage-5 maps
         from safetensors.torch import load_file
@@ -180,6 +225,13 @@ class Data:
         """Per item, the text rows of its captions under the templates; and the plain rows in order."""
         per_item = [[self.row[t.format(c)] for c in self.items[i].captions for t in templates] for i in idx]
         return per_item
+
+
+def _norm(caption: str) -> str:
+    """Lower case, punctuation / hyphens / underscores as spaces: the leakage check's caption key."""
+    import re
+
+    return " ".join(re.sub(r"[\W_]+", " ", caption.lower()).split())
 
 
 _TRUNK = []
@@ -363,7 +415,7 @@ def train_recipe(data: Data, r: Recipe, folds: int = 0) -> Run:
         chosen = _fit(data, replace(r, refit=False, epochs=Recipe.epochs))[0].best_epoch
         run = _fit(data, replace(r, epochs=chosen))[0]
         if folds:
-            run.cv, run.cv_without_refit = _refit_folds(data, r, folds)
+            run.cv, run.cv_without_refit, run.cv_style = _refit_folds(data, r, folds)
         return run
     run = _fit(data, r)[0]
     if folds:
@@ -386,16 +438,17 @@ def train_recipe(data: Data, r: Recipe, folds: int = 0) -> Run:
     return run
 
 
-def _refit_folds(data: Data, r: Recipe, folds: int) -> tuple[list, list]:
+def _refit_folds(data: Data, r: Recipe, folds: int) -> tuple[list, list, list | None]:
     """Nested K-fold check of refitting, held-out concepts untouched: per fold, the recipe chooses
     its epoch on an inner validation split of the other folds; the model of that epoch, and a
-    refit on all the other folds for that many epochs, are both scored on the fold."""
+    refit on all the other folds for that many epochs, are both scored on the fold (and the refit
+    on the fold's concepts drawn by OpenMoji, with --style-features)."""
     assert not r.standardize, "nested refit folds score unstandardised features only"
     pool = list(data.splits["train+val"])
     random.Random(7).shuffle(pool)
     standard = dict(data.splits)
     image = data.image(r.stages, r.colour_weight)
-    with_refit, without = [], []
+    with_refit, without, style = [], [], []
     try:
         for f in range(folds):
             fold = sorted(set(pool[f::folds]))
@@ -411,9 +464,15 @@ def _refit_folds(data: Data, r: Recipe, folds: int) -> tuple[list, list]:
             without.append(round(evaluate(heads, data, fold, image, r, _identity)["mean_recall"], 4))
             _, refit = _fit(data, replace(r, epochs=chosen.best_epoch), heldout=False)
             with_refit.append(round(evaluate(refit, data, fold, image, r, _identity)["mean_recall"], 4))
+            if data.style_view is not None:
+                sv = data.style_view
+                one = replace(r, tta=1)
+                style.append(
+                    round(evaluate(refit, data, fold, image[:, sv : sv + 1], one, _identity)["mean_recall"], 4)
+                )
     finally:
         data.splits = standard
-    return with_refit, without
+    return with_refit, without, style or None
 
 
 def _identity(x):
@@ -449,7 +508,10 @@ def _fit(data: Data, r: Recipe, heldout: bool = True) -> tuple[Run, Heads]:
         heads.load_state_dict(_emoji_heads(r), strict=False)
     _train_mode(heads, r)
     opt = _optimizer(heads, r)
-    per_item = data.text_rows(train_idx, r.templates)
+    extra = list(data.extra[r.extra_rows]) if r.extra_rows else []
+    assert not extra or not (r.unlock or r.unlock_text or r.hard_clusters), "extra rows: cached head features only"
+    pool = list(train_idx) + extra  # per_item positions: the split's concepts, then the extra rows
+    per_item = data.text_rows(pool, r.templates)
     batch = r.batch_size
     if r.min_steps_per_epoch:
         batch = max(2, min(batch, len(train_idx) // r.min_steps_per_epoch))
@@ -458,8 +520,10 @@ def _fit(data: Data, r: Recipe, heldout: bool = True) -> tuple[Run, Heads]:
     if r.style_rows_fraction < 1:
         random.Random(r.seed + 99).shuffle(styled)
         styled = styled[: int(round(r.style_rows_fraction * len(train_idx)))]
-    n_rows = len(train_idx) + len(styled)
-    steps_per_epoch = n_rows // batch
+    n_own, n_styled = len(train_idx), len(styled)
+    n_rows = n_own + n_styled + len(extra)  # row positions: own, their OpenMoji drawings, extra rows
+    n_drawn = min(len(extra), int(round(r.extra_per_epoch * (n_own + n_styled)))) if r.extra_per_epoch else len(extra)
+    steps_per_epoch = (n_own + n_styled + n_drawn) // batch
     epochs = max(r.epochs, math.ceil(r.min_steps / steps_per_epoch)) if r.min_steps else r.epochs
     total = steps_per_epoch * epochs
     warmup = int(round(r.warmup * total))
@@ -469,6 +533,8 @@ def _fit(data: Data, r: Recipe, heldout: bool = True) -> tuple[Run, Heads]:
     clusters = _kmeans(text[[per[0] for per in data.text_rows(train_idx, ("{}",))]], r.hard_clusters, r.seed)
     for epoch in range(1, epochs + 1):
         order = list(range(n_rows))
+        if n_drawn < len(extra):  # a fresh seeded draw of extra rows every epoch
+            order = order[: n_own + n_styled] + rng.sample(order[n_own + n_styled :], n_drawn)
         rng.shuffle(order)
         if clusters is not None:  # whole clusters in a shuffled order: a batch holds a few groups of look-alikes
             keys = list(range(r.hard_clusters))
@@ -479,13 +545,14 @@ def _fit(data: Data, r: Recipe, heldout: bool = True) -> tuple[Run, Heads]:
             pos = order[b * batch : (b + 1) * batch]
             views = [rng.randrange(r.views) for _ in pos]
             if r.style_rows:
-                views = [data.style_view if p >= len(train_idx) else v for p, v in zip(pos, views)]
-                pos = [styled[p - len(train_idx)] if p >= len(train_idx) else p for p in pos]
+                views = [data.style_view if n_own <= p < n_own + n_styled else v for p, v in zip(pos, views)]
+            pos = [styled[p - n_own] if n_own <= p < n_own + n_styled else p for p in pos]
+            pos = [p - n_styled if p >= n_own + n_styled else p for p in pos]  # extra rows: after the own
             if r.style:
                 assert data.style_view is not None, "style > 0 needs --style-features"
                 views = [data.style_view if rng.random() < r.style else v for v in views]
             rows = [rng.choice(per_item[p]) for p in pos]
-            sel = [train_idx[p] for p in pos]
+            sel = [pool[p] for p in pos]
             x_img = maps[sel, views] if maps is not None else norm(image[sel, views])
             x_txt = data.text_input(rows, norm) if r.unlock_text else norm(text[rows])
             for g in opt.param_groups:
@@ -520,6 +587,12 @@ def _fit(data: Data, r: Recipe, heldout: bool = True) -> tuple[Run, Heads]:
         return fold, heads
     held = evaluate(heads, data, data.splits["heldout"], image, r, norm)
     run = Run(asdict(r), best[0], best[1], held, time.perf_counter() - t0, history)
+    if extra:
+        run.extra = {"folders": data.extra_folders, "mode": r.extra_rows, "rows": len(extra)}
+    if PROBE is not None and not r.unlock:  # e.g. Font Awesome: these heads' held-out recall before any fine-tune
+        run.heldout_probe = evaluate(
+            heads, PROBE, PROBE.splits["heldout"], PROBE.image(r.stages), replace(r, tta=1), norm
+        )
     if data.style_view is not None and not r.unlock and "image_head" in data.tensors:
         sv = data.style_view
         run.heldout_style = evaluate(
@@ -538,6 +611,7 @@ def _fit(data: Data, r: Recipe, heldout: bool = True) -> tuple[Run, Heads]:
 
 
 VERBOSE = False
+PROBE: Data | None = None  # --probe-features: another domain scored with each run's final heads
 _EMOJI: dict = {}
 EMOJI_FEATURES = Path("bench-out/quality")
 EMOJI_STYLE: Path | None = None  # the OpenMoji cache: the demo heads train on both styles (style_rows)
@@ -660,6 +734,26 @@ def grid(name: str) -> list[Recipe]:
             for t in (0.05, 0.1, 0.2)
             for s in (0, 1, 2)
         ]
+    if name.startswith("extra"):  # the demo recipe with extra rows (--extra-features): extra[-cv][:MODES[:SEEDS]]
+        kind, *rest = name.split(":")
+        modes = rest[0].split(",") if rest else ["", "all", "clean"]
+        seeds = [int(x) for x in rest[1].split(",")] if len(rest) > 1 else [0, 1, 2]
+        rows = replace(base, style_rows=True, embed_dim=1024, refit=True, epochs=0)
+        if kind == "extra-cv":  # no refit: plain K-fold validation in both styles
+            rows = replace(base, style_rows=True, embed_dim=1024)
+        name_of = {
+            "": "openmoji rows, embed 1024" + (", refit" if rows.refit else ""),
+            "all": "+ extra rows",
+            "clean": "+ extra rows (held-out names dropped)",
+            "novel": "+ extra rows (every Twemoji name dropped)",
+            "clean-probe": "+ extra rows (held-out and probe held-out names dropped)",
+        }
+        out = []
+        for m in modes:  # MODE or MODE@X: X extra rows per own row each epoch
+            mode, _, per = m.partition("@")
+            name = name_of[mode] + (f", {per} per own row each epoch" if per else "")
+            out += [replace(rows, name=name, extra_rows=mode, extra_per_epoch=float(per or 0), seed=s) for s in seeds]
+        return out
     if name == "style-final":  # the candidates, scored by K-fold validation in both styles
         return [
             *[replace(base, seed=s) for s in (0, 1, 2)],
@@ -772,6 +866,11 @@ def row(run: dict) -> str:
     if run.get("heldout_test_style"):  # a style nothing trained or chose on (Symbola)
         o = run["heldout_test_style"]
         name += f" (Symbola held-out t2i/i2t R@10 {100 * o['t2i_R@10']:.1f}/{100 * o['i2t_R@10']:.1f})"
+    if run.get("heldout_probe"):  # e.g. Font Awesome's held-out split, before any fine-tune
+        o = run["heldout_probe"]
+        name += f" (probe held-out t2i/i2t R@10 {100 * o['t2i_R@10']:.1f}/{100 * o['i2t_R@10']:.1f})"
+    if run.get("extra"):
+        name += f" ({run['extra']['rows']} extra rows)"
     return (
         f"| {name} | {r['seed']} | {run['best_epoch']} | "
         f"{v.get('mean_recall', 0) * 100:.1f} | {fmt(f'{100 * v[k]:.1f}' for k in KEYS[:3]) if v else '–'} | "
@@ -801,6 +900,10 @@ def main() -> None:
     ap.add_argument("--style-features", default=None, help="OpenMoji features of the same emoji (--domain openmoji)")
     ap.add_argument("--test-style-features", default=None, help="a style measured only (--domain symbola)")
     ap.add_argument("--folds", type=int, default=0, help="also score each recipe by K-fold validation")
+    ap.add_argument(
+        "--extra-features", action="append", default=[], help="caches of other concepts: extra training rows"
+    )
+    ap.add_argument("--probe-features", default=None, help="score each run's heads on this cache's held-out split too")
     ap.add_argument("--part", default="0/1", help="K/N: run every N-th recipe of the grid from the K-th")
     args = ap.parse_args()
     if args.table_from:
@@ -817,6 +920,12 @@ def main() -> None:
         Path(args.style_features) if args.style_features else None,
         Path(args.test_style_features) if args.test_style_features else None,
     )
+    global PROBE
+    PROBE = Data(Path(args.probe_features)) if args.probe_features else None
+    for folder in args.extra_features:
+        data.add_extra(Path(folder), PROBE)
+    if args.extra_features:
+        print({k: len(v) for k, v in data.extra.items()}, "extra rows per mode")
     runs = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else []
     k, n = (int(x) for x in args.part.split("/"))
     for r in grid(args.grid)[k::n]:

@@ -72,12 +72,115 @@ def symbola_images(items, out: Path) -> dict[str, str]:
     return {char: drawn[b] for char, b in base.items() if b in drawn}
 
 
+# ------------------------------------------------------------------------------------------------
+# Extra training rows: captioned pictures of OTHER concepts from PyPI wheels (issue 14, data pass).
+# Each item's concept is the icon / sprite name; its one caption is that name with hyphens,
+# underscores and camelCase turned into spaces. None of these is Font Awesome (the fine-tune test
+# domain), Noto, Tux Paint or openclipart.
+
+EXTRA_DOMAINS = ("mdi", "phosphor", "remix", "arcade")
+
+
+def _glyph_items(prefix: str, names: dict[str, str], font_path: str | Path, out: Path, size: int = 96):
+    """Draw `{caption: glyph}` black on white, centred, 75 % of `size` (as Font Awesome is drawn)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from retriever.demo.emoji import EmojiImage
+
+    font = ImageFont.truetype(str(font_path), int(size * 0.75))
+    out.mkdir(parents=True, exist_ok=True)
+    blank = Image.new("RGB", (size, size), "white").tobytes()
+    items = []
+    for caption, glyph in sorted(names.items()):
+        path = out / f"{prefix}-{caption.replace(' ', '_')}.png"
+        if not path.is_file():
+            img = Image.new("RGB", (size, size), "white")
+            draw = ImageDraw.Draw(img)
+            left, top, right, bottom = draw.textbbox((0, 0), glyph, font=font)
+            draw.text(
+                ((size - (right - left)) / 2 - left, (size - (bottom - top)) / 2 - top), glyph, font=font, fill="black"
+            )
+            if img.tobytes() == blank:
+                continue
+            img.save(path, format="PNG")
+        items.append(EmojiImage(f"{prefix}:{caption}", str(path), (caption,)))
+    return items
+
+
+def _words(name: str) -> str:
+    import re
+
+    name = re.sub(r"([a-z])([A-Z])", r"\1 \2", name)
+    return " ".join(re.sub(r"[-_]+", " ", name).lower().split())
+
+
+def extra_collection(domain: str, out: Path):
+    """Items (one caption each) of an extra-rows domain; pictures drawn to `out` once."""
+    import importlib.util
+    import json as _json
+    import re
+
+    from PIL import Image
+
+    from retriever.demo.emoji import EmojiImage
+
+    def pkg(name: str) -> Path:
+        return Path(next(iter(importlib.util.find_spec(name).submodule_search_locations)))
+
+    if domain == "mdi":  # fonticon-materialdesignicons7 (Apache-2.0): every Material Design Icons glyph
+        src = (pkg("fonticon_mdi7") / "mdi7.py").read_text()
+        names = {}
+        for attr, code in re.findall(r'^    (\w+) = "\\U([0-9a-fA-F]{8})"', src, flags=re.M):
+            names[_words(attr)] = chr(int(code, 16))
+        return _glyph_items("mdi", names, pkg("fonticon_mdi7") / "fonts" / "materialdesignicons-webfont.ttf", out)
+    if domain in ("phosphor", "remix"):  # qtawesome's fonts (Phosphor: MIT; Remix Icon: Apache-2.0)
+        fonts = pkg("qtawesome") / "fonts"
+        stem = {"phosphor": "phosphor-1.3.0", "remix": "remixicon-2.5.0"}[domain]
+        charmap = _json.loads((fonts / f"{stem.split('-')[0]}-charmap-{stem.split('-', 1)[1]}.json").read_text())
+        names = {}
+        for name, code in charmap.items():
+            if domain == "phosphor":  # the regular weight only (bold/fill/light/thin/duotone are the same concept)
+                if re.search(r"-(bold|fill|light|thin|duotone)$", name):
+                    continue
+            else:  # Remix: the outline ("-line") drawing of each concept; names without a variant as they are
+                if name.endswith("-fill"):
+                    continue
+                name = name[: -len("-line")] if name.endswith("-line") else name
+            names[_words(name)] = chr(int(code, 16))
+        return _glyph_items(domain, names, fonts / f"{stem}.ttf", out)
+    if domain == "arcade":  # Kenney's CC0 sprites shipped by `arcade`; one picture per distinct caption
+        root = pkg("arcade") / "resources" / "assets" / "images"
+        skip = {"backgrounds", "spritesheets", "test_textures", "cybercity_background", "miami_synth_parallax"}
+        out.mkdir(parents=True, exist_ok=True)
+        seen = {}
+        for path in sorted(root.rglob("*.png")):
+            if path.relative_to(root).parts[0] in skip:
+                continue
+            caption = _words(re.sub(r"\d+", " ", path.stem))
+            if caption and caption not in seen:
+                seen[caption] = path
+        items = []
+        for caption, path in seen.items():
+            dst = out / f"arcade-{caption.replace(' ', '_')}.png"
+            if not dst.is_file():
+                img = Image.open(path).convert("RGBA")
+                side = max(img.size)
+                canvas = Image.new("RGBA", (side, side), (255, 255, 255, 255))
+                canvas.alpha_composite(img, ((side - img.width) // 2, (side - img.height) // 2))
+                canvas.convert("RGB").save(dst, format="PNG")
+            items.append(EmojiImage(f"arcade:{caption}", str(dst), (caption,)))
+        return items
+    raise ValueError(domain)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench-out/quality")
     ap.add_argument("--views", type=int, default=8, help="augmented views per image besides the eval view")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--domain", default="emoji", choices=("emoji", "fontawesome", "openmoji", "symbola"))
+    ap.add_argument(
+        "--domain", default="emoji", choices=("emoji", "fontawesome", "openmoji", "symbola", *EXTRA_DOMAINS)
+    )
     ap.add_argument("--plain-text", action="store_true", help="captions as they are only (no prompt templates)")
     ap.add_argument("--maps", action="store_true", help="also keep stage-5 maps (fp16), the last block's input")
     ap.add_argument("--image-tower", default=None, help="timm:NAME (default: the packaged EfficientNet-Lite0)")
@@ -113,6 +216,8 @@ def main() -> None:
 
     if args.domain == "fontawesome":
         items = fontawesome_collection(out / "png")
+    elif args.domain in EXTRA_DOMAINS:  # extra training rows (quality_ablation --extra-features)
+        items = extra_collection(args.domain, out / "png")
     else:
         items = emoji_collection()
     if args.domain == "openmoji":  # the same concepts, in order, drawn in OpenMoji's style

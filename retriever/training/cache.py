@@ -141,6 +141,7 @@ class CachedSplit:
     caption_start: torch.Tensor  # (len(items),) first caption row of each item
     skipped: list[dict]  # skipped_entry(path, reason) per undecodable item
     views: torch.Tensor | None = None  # (len(items), V - 1, D_img) augmented views, if any
+    reused: int = 0  # images whose rows came from another cache file (the towers ran on the rest)
 
     def image_rows(self, items: Sequence[int], draws: Sequence[int]) -> torch.Tensor:
         """One row per item: the eval view or an augmented one, chosen by `draw % V` (a seeded draw)."""
@@ -328,7 +329,9 @@ def compute_tower_features(
                 for i, it in enumerate(items)
                 if i not in kept_set
             ]
-            return CachedSplit(cached, t["image"], t["text"], t["caption_start"], not_cached, t.get("views"))
+            return CachedSplit(
+                cached, t["image"], t["text"], t["caption_start"], not_cached, t.get("views"), len(cached)
+            )
         if Path(cache_dir).is_dir():
             reused = reusable_rows(Path(cache_dir), model, items, views)
 
@@ -393,6 +396,7 @@ def compute_tower_features(
         torch.tensor(starts),
         [skipped[i] for i in sorted(skipped) if i not in set(kept)],
         aug,
+        len(reused.image),
     )
     if path is not None:
         tensors = {"image": out.image, "text": out.text, "caption_start": out.caption_start, "kept": torch.tensor(kept)}

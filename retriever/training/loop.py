@@ -696,6 +696,9 @@ def _cache(encoder, cfg, splits, run, cb, ranks):
             workers=cfg.workers,
             progress=progress,
         )
+        if out[name].reused:
+            n_new = len(items) - out[name].reused
+            _status(cb, ranks, f"{out[name].reused} of them were in the feature cache; the towers ran on {n_new}")
     if len(out["train"].items) < cfg.batch_size:
         raise UserError(
             f"--batch-size {cfg.batch_size} is larger than the {len(out['train'].items)} decodable training images."

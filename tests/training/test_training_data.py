@@ -116,6 +116,7 @@ def test_tower_features_reuse_rows_from_other_cache_files_of_the_same_towers(tmp
     both = compute_tower_features(encoder, split, train + val, cache_dir=cache, name="train", views=2)
     # val's eval view is cached, but not its augmented view: its 3 images run again (2 views each).
     assert image.seen == 6 * 2 + 3 + 3 * 2 and not text_calls  # every caption was cached
+    assert both.reused == 6
     fresh = compute_tower_features(encoder, split, train + val, views=2)
     assert torch.allclose(both.image, fresh.image) and torch.allclose(both.views, fresh.views)
     assert torch.allclose(both.text, fresh.text) and torch.equal(both.caption_start, fresh.caption_start)
@@ -125,7 +126,9 @@ def test_tower_features_reuse_rows_from_other_cache_files_of_the_same_towers(tmp
     seen = image.seen
     del text_calls[:]
     again = compute_tower_features(encoder, split, val + train[:2], cache_dir=cache, name="val")
-    assert image.seen == seen and not text_calls
+    assert image.seen == seen and not text_calls and again.reused == 5
+    rerun = compute_tower_features(encoder, split, val + train[:2], cache_dir=cache, name="val")
+    assert image.seen == seen and rerun.reused == 5 and torch.equal(rerun.image, again.image)
     assert torch.allclose(again.image, compute_tower_features(encoder, split, val + train[:2]).image)
 
 

@@ -29,7 +29,9 @@ def demo(
     workspace: Path = typer.Option(
         Path(DEMO.workspace), help="Folder for data, model, shards, index and report (a rerun reuses them)."
     ),
-    limit: int | None = typer.Option(DEMO.limit, help="Use only N emoji (a quick, reduced demo)."),
+    limit: int | None = typer.Option(
+        DEMO.limit, help="Use only N emoji, and N icons with --domain (a quick, reduced demo)."
+    ),
     epochs: int = typer.Option(DEMO.epochs, help="Fine-tuning epochs (heads and temperature on cached tower outputs)."),
     unlock_text_last: int = typer.Option(
         DEMO.unlock_text_last, help="Also tune the last N MiniLM layers (end to end; much slower on CPU)."
@@ -76,6 +78,8 @@ def demo(
                 workspace,
                 domain,
                 seed=seed,
+                epochs=cfg.epochs,
+                limit=cfg.limit,
                 workers=cfg.workers or 0,
                 refit=cfg.refit,
                 train_callbacks=display.callbacks(),

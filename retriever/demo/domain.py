@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from retriever.atomic import write_json_atomic
-from retriever.demo.emoji import split_and_write
+from retriever.demo.emoji import limit_items, split_and_write
 
 DOMAINS = ("fontawesome",)
 
@@ -47,6 +47,7 @@ def run_domain_demo(
     *,
     seed: int = 0,
     epochs: int | None = None,
+    limit: int | None = None,
     workers: int = 0,
     unlock_image_last: int = 1,
     refit: bool = True,
@@ -58,6 +59,7 @@ def run_domain_demo(
     `unlock_image_last`: EfficientNet blocks (from the end) tuned with the heads, at cache speed; 0
     tunes the heads only. `refit`: the final model trains on training + validation icons for the
     epoch count validation chose (see `DemoConfig.refit`). `epochs` defaults to the demo's.
+    `limit`: use a seeded sample of N icons (a quick, reduced run).
     """
     from retriever.demo.icons import fontawesome_collection
     from retriever.demo.run import (
@@ -81,7 +83,7 @@ def run_domain_demo(
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     folder = ws / domain
-    items = fontawesome_collection(folder / "png")
+    items = limit_items(fontawesome_collection(folder / "png"), limit, seed, "icons")
     train_items, val_items, heldout, line = split_and_write(items, folder, 0.4, 0.15, seed, "Font Awesome icons")
     say(line)
     seconds["data"] = time.perf_counter() - t

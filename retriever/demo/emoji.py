@@ -60,6 +60,15 @@ def split_by_concept(items: list[EmojiImage], val_fraction: float = 0.2, seed: i
     return [it for i, it in enumerate(items) if i not in val], [it for i, it in enumerate(items) if i in val]
 
 
+def limit_items(items: list[EmojiImage], limit: int | None, seed: int, what: str) -> list[EmojiImage]:
+    """A seeded sample of `limit` items (all of them for None), in path order: a reduced demo."""
+    if not limit:
+        return items
+    if limit < 20:
+        raise UserError(f"--limit must be at least 20 {what}.")
+    return sorted(random.Random(seed).sample(items, min(limit, len(items))), key=lambda e: e.path)
+
+
 def split_and_write(
     items: list[EmojiImage], folder: Path, heldout_fraction: float, val_fraction: float, seed: int, noun: str
 ) -> tuple[list[EmojiImage], list[EmojiImage], list[EmojiImage], str]:

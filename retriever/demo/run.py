@@ -17,14 +17,13 @@ Everything lives in one workspace folder; a rerun reuses every finished step.
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from retriever.atomic import write_json_atomic
-from retriever.demo.emoji import EmojiImage, emoji_collection, split_and_write, write_manifest
+from retriever.demo.emoji import EmojiImage, emoji_collection, limit_items, split_and_write, write_manifest
 from retriever.errors import UserError
 
 EXAMPLE_TEXT_QUERIES = ("a red heart", "a smiling cat", "pizza", "a rocket in space", "rain and an umbrella")
@@ -113,11 +112,7 @@ def run_demo(
     seconds: dict[str, float] = {}
 
     t = time.perf_counter()
-    items = emoji_collection()
-    if cfg.limit:
-        if cfg.limit < 20:
-            raise UserError("--limit must be at least 20 emoji.")
-        items = sorted(random.Random(cfg.seed).sample(items, min(cfg.limit, len(items))), key=lambda e: e.path)
+    items = limit_items(emoji_collection(), cfg.limit, cfg.seed, "emoji")
     data = ws / "data"
     train_items, val_items, heldout_items, line = split_and_write(
         items, data, cfg.heldout_fraction, cfg.val_fraction, cfg.seed, "emoji"

@@ -116,3 +116,29 @@ def test_small_training_sets_get_more_steps_per_epoch(tmp_path):
         model="local-dir:somewhere",
     )
     assert tcfg.batch_size == 102 and tcfg.cache_features
+
+
+def test_reduced_font_awesome_fine_tune_reuses_the_demo_and_lifts_recall(demo_ws):
+    """`retriever demo --domain fontawesome` on the reduced demo (README's second-domain command,
+    with --limit): the emoji demo is reused, 200 icons are split by concept, the demo model is
+    fine-tuned and refit, and held-out recall of the tuned model is above the demo model's."""
+    ws, _ = demo_ws
+    emoji_model = (ws / "refit" / "best" / "open_clip_model.safetensors").stat().st_mtime_ns
+    args = ["demo", "--workspace", str(ws), "--limit", "200", "--epochs", "5", "--workers", "0"]
+    res = CliRunner().invoke(app, [*args, "--domain", "fontawesome"])
+    assert res.exit_code == 0, res.output
+    assert (ws / "refit" / "best" / "open_clip_model.safetensors").stat().st_mtime_ns == emoji_model
+
+    folder = ws / "fontawesome"
+    report = json.loads((folder / "report.json").read_text())
+    assert (report["train_images"], report["val_images"], report["heldout_images"]) == (102, 18, 80)
+    heldout = {json.loads(line)["image"] for line in (folder / "heldout.jsonl").open()}
+    for name in ("train", "val", "train+val"):
+        assert not {json.loads(line)["image"] for line in (folder / f"{name}.jsonl").open()} & heldout
+    assert report["base_model"] == f"local-dir:{ws / 'refit' / 'best'}"
+    assert report["refit"] and report["model"] == f"local-dir:{folder / 'refit' / 'best'}"
+    # The refit found every training and validation icon's tower outputs in the shared cache.
+    assert "120 of them were in the feature cache; the towers ran on 0" in res.output
+    assert report["after"]["t2i_R@10"] > report["before"]["t2i_R@10"]
+    assert report["after"]["i2t_R@10"] > report["before"]["i2t_R@10"]
+    assert "Held-out R@10 lift" in res.stdout

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from retriever.atomic import atomic_path
+from retriever.atomic import atomic_path, write_bytes_atomic
 from retriever.data.loading import ImageDataset, collate_decoded
 from retriever.data.sources import SourceItem
 from retriever.errors import UserError
@@ -268,9 +268,10 @@ def reusable_rows(cache_dir: Path, model: str, items: Sequence[SourceItem], view
                 meta = f.metadata() or {}
                 if meta.get("model") != model:
                     continue
+                listed = json.loads(_listing(path).read_text())
                 hits = []
                 if int(meta["views"]) >= views:  # captions are reusable whatever the views
-                    idents = [tuple(x) for x in json.loads(meta["items"])]
+                    idents = [tuple(x) for x in listed["items"]]
                     hits = [(row, wanted[x]) for row, x in enumerate(idents) if x in wanted]
                     hits = [(row, i) for row, i in hits if i not in found.image]
                 if hits:
@@ -280,7 +281,7 @@ def reusable_rows(cache_dir: Path, model: str, items: Sequence[SourceItem], view
                         found.image[i] = image[row]
                         if aug is not None:
                             found.views[i] = aug[row]
-                caps = json.loads(meta["captions"])
+                caps = listed["captions"]
                 if any(c in captions and c not in found.text for cs in caps for c in cs):
                     text, start = f.get_tensor("text"), f.get_tensor("caption_start")
                     for row, cs in enumerate(caps):
@@ -290,6 +291,12 @@ def reusable_rows(cache_dir: Path, model: str, items: Sequence[SourceItem], view
         except Exception as e:  # a torn or foreign file is only a cache miss
             log.debug("Not reusing %s: %s", path, e)
     return found
+
+
+def _listing(path: Path) -> Path:
+    """The JSON beside a cache file naming its rows' items and captions (in a file of its own: a
+    safetensors header is capped at 100 MB, a million items' listing is more)."""
+    return path.with_name(path.name.removesuffix(".safetensors") + ".items.json")
 
 
 @torch.no_grad()
@@ -402,14 +409,14 @@ def compute_tower_features(
         tensors = {"image": out.image, "text": out.text, "caption_start": out.caption_start, "kept": torch.tensor(kept)}
         if aug is not None:
             tensors["views"] = aug.contiguous()
-        meta = {
-            "model": model,
-            "views": str(views),
-            "items": json.dumps([item_identity(items[i].path) or [items[i].path, -1, -1] for i in kept]),
-            "captions": json.dumps([list(items[i].captions) for i in kept]),
+        listing = {
+            "items": [item_identity(items[i].path) or [items[i].path, -1, -1] for i in kept],
+            "captions": [list(items[i].captions) for i in kept],
         }
+        # First: a listing whose tensors are missing is never read.
+        write_bytes_atomic(_listing(path), json.dumps(listing, separators=(",", ":")).encode())
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+            save_file(tensors, str(tmp), metadata={"model": model, "views": str(views)})
     return out
 
 

@@ -154,6 +154,14 @@ def test_tower_features_are_recomputed_for_a_changed_file_other_towers_or_a_torn
     assert torch.equal(second.image[[0, 2, 3]], first.image[[0, 2, 3]])
     assert not torch.allclose(second.image[1], first.image[1])
 
+    # Which rows a file holds is listed beside it (a safetensors header is capped at 100 MB); a
+    # file whose listing is gone is no donor.
+    for listing in cache.glob("*.items.json"):
+        listing.unlink()
+    compute_tower_features(encoder, split, items[:2], cache_dir=cache, name="d")
+    assert image.seen == seen + 1 + 2
+    seen += 2
+
     with torch.no_grad():
         image.module.weight.add_(1.0)  # other locked weights: nothing in the folder is theirs
     compute_tower_features(encoder, split, items, cache_dir=cache, name="c")

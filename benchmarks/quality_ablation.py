@@ -615,6 +615,7 @@ PROBE: Data | None = None  # --probe-features: another domain scored with each r
 _EMOJI: dict = {}
 EMOJI_FEATURES = Path("bench-out/quality")
 EMOJI_STYLE: Path | None = None  # the OpenMoji cache: the demo heads train on both styles (style_rows)
+EMOJI_FINAL = False  # the starting heads are the demo's final model: 1,024-d, refit on train + val
 
 
 def _emoji_heads(r: Recipe) -> dict:
@@ -623,6 +624,10 @@ def _emoji_heads(r: Recipe) -> dict:
     if key not in _EMOJI:
         data = Data(EMOJI_FEATURES, EMOJI_STYLE)
         base = Recipe(seed=r.seed, style_rows=EMOJI_STYLE is not None)  # the demo's recipe
+        if EMOJI_FINAL:  # as `retriever demo` now: the epoch count chosen on validation, then the refit
+            base = replace(base, embed_dim=1024)
+            chosen = _fit(data, base)[0].best_epoch
+            base = replace(base, refit=True, epochs=chosen)
         heads = _train_heads(data, base)
         _EMOJI[key] = {k: v for k, v in heads.state_dict().items()}
     return _EMOJI[key]
@@ -808,6 +813,11 @@ def grid(name: str) -> list[Recipe]:
             *[replace(fa, name="fa: unlock 1 block", unlock=1, seed=s) for s in (0, 1, 2)],
             replace(fa, name="fa: unlock 1 block, its lr 1e-4", unlock=1, trunk_lr=1e-4),
         ]
+    if name == "fa-epochs":  # from the demo's final model (--emoji-final): is 30 epochs enough for the block?
+        fa = replace(base, init="emoji", embed_dim=1024, min_steps_per_epoch=5, unlock=1)
+        return [
+            replace(fa, name=f"fa: unlock 1 block, {e} epochs", epochs=e, seed=s) for e in (30, 60) for s in (0, 1, 2)
+        ]
     if name == "fa-unlock-refit":  # ... then refit on train + validation for the epoch count validation chose
         fa = replace(base, init="emoji", min_steps_per_epoch=5, unlock=1, refit=True, epochs=0)
         return [replace(fa, name="fa: unlock 1 block, refit on train+val", seed=s) for s in (0, 1, 2)]
@@ -897,6 +907,7 @@ def main() -> None:
     ap.add_argument("--verbose", action="store_true", help="print every epoch's validation recall")
     ap.add_argument("--emoji-features", default="bench-out/quality", help="the emoji cache (init heads, trunk)")
     ap.add_argument("--emoji-style-features", default=None, help="OpenMoji cache for the init heads (demo recipe)")
+    ap.add_argument("--emoji-final", action="store_true", help="init heads: the demo's final recipe (1024-d, refit)")
     ap.add_argument("--style-features", default=None, help="OpenMoji features of the same emoji (--domain openmoji)")
     ap.add_argument("--test-style-features", default=None, help="a style measured only (--domain symbola)")
     ap.add_argument("--folds", type=int, default=0, help="also score each recipe by K-fold validation")
@@ -910,7 +921,8 @@ def main() -> None:
         print(table(json.loads(Path(args.table_from).read_text())))
         return
     torch.set_num_threads(args.threads)
-    global EMOJI_FEATURES, EMOJI_STYLE, _INIT, VERBOSE
+    global EMOJI_FEATURES, EMOJI_STYLE, EMOJI_FINAL, _INIT, VERBOSE
+    EMOJI_FINAL = args.emoji_final
     VERBOSE = args.verbose
     EMOJI_FEATURES = Path(args.emoji_features)
     EMOJI_STYLE = Path(args.emoji_style_features) if args.emoji_style_features else None

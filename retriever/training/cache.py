@@ -219,13 +219,24 @@ def item_identity(location: str) -> tuple[str, int, int] | None:
 
 
 def model_key(encoder: LoadedModel, split: TowerSplit) -> str:
-    """What the cached outputs are a function of besides the images: the locked trunks and the
-    eval preprocessing."""
+    """What the cached outputs are a function of besides the images: the locked trunks' weights,
+    the config that shapes their outputs (pooling, caption length, tokenizer; not the heads) and
+    the eval preprocessing."""
     h = hashlib.sha256()
     for trunk in split.trunks:
         h.update(state_dict_sha256(trunk).encode())
+    cfg = encoder.config.get("model_cfg") or {}
+    shaping = {
+        "vision": {k: v for k, v in (cfg.get("vision_cfg") or {}).items() if k in _TRUNK_VISION_KEYS},
+        "text": {k: v for k, v in (cfg.get("text_cfg") or {}).items() if k in _TRUNK_TEXT_KEYS},
+    }
+    h.update(repr(shaping).encode())
     h.update(repr(encoder.config.get("preprocess_cfg")).encode())
     return h.hexdigest()[:20]
+
+
+_TRUNK_VISION_KEYS = ("timm_model_name", "timm_pool", "image_size")
+_TRUNK_TEXT_KEYS = ("hf_pooler_type", "hf_tokenizer_name", "context_length")
 
 
 def cache_key(model: str, items: Sequence[SourceItem], views: int = 1) -> str:

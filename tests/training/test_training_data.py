@@ -179,3 +179,18 @@ def test_augmented_views_depend_on_the_image_not_its_position(tmp_path):
     b = compute_tower_features(encoder, split, items[::-1], views=3)
     assert torch.allclose(a.views, b.views.flip(0))
     assert not torch.allclose(a.views[:, 0], a.views[:, 1])
+
+
+def test_the_towers_key_follows_what_shapes_trunk_outputs_not_the_heads():
+    from retriever.training.cache import model_key
+
+    encoder, split, _, _ = _fake_towers()
+    base = {"embed_dim": 512, "vision_cfg": {"timm_pool": "", "timm_proj": "linear"}, "text_cfg": {}}
+    encoder.config["model_cfg"] = {**base, "text_cfg": {"hf_pooler_type": "mean_pooler", "context_length": 32}}
+    key = model_key(encoder, split)
+    encoder.config["model_cfg"] = {**encoder.config["model_cfg"], "embed_dim": 1024}
+    encoder.config["model_cfg"]["vision_cfg"] = {"timm_pool": "", "timm_proj": "mlp"}
+    assert model_key(encoder, split) == key  # other heads share the cache
+    for text_cfg in ({"hf_pooler_type": "cls_pooler", "context_length": 32}, {"hf_pooler_type": "mean_pooler"}):
+        encoder.config["model_cfg"] = {**base, "text_cfg": text_cfg}
+        assert model_key(encoder, split) != key

@@ -280,7 +280,7 @@ def demo_train_config(
     return TrainConfig(
         source=str(source),
         val=str(val) if val else None,
-        val_fraction=0.1 if val else 0.0,
+        val_fraction=TrainConfig.val_fraction if val else 0.0,  # no validation manifest: train on all
         out=str(out),
         model=model,
         image_tower=image_tower,

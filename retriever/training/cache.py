@@ -338,8 +338,13 @@ def compute_tower_features(
     reused = _Reused({}, {}, {})
     if cache_dir is not None:
         path = Path(cache_dir) / f"{name}-{cache_key(model, items, views)}.safetensors"
+        t = None
         if path.is_file():
-            t = load_file(str(path))
+            try:
+                t = load_file(str(path))
+            except Exception as e:  # unreadable (disk damage, another version): computed again below
+                log.warning("Recomputing tower features: the cache file %s cannot be read (%s)", path, e)
+        if t is not None:
             cached = [items[int(i)] for i in t["kept"]]
             kept_set = {int(i) for i in t["kept"]}
             not_cached = [

@@ -145,6 +145,12 @@ def test_tower_features_are_recomputed_for_a_changed_file_other_towers_or_a_torn
     cache = tmp_path / "features"
     first = compute_tower_features(encoder, split, items, cache_dir=cache, name="a")
     (cache / "torn.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")
+    # A damaged file under the split's own name is computed again, not a crash.
+    (own,) = cache.glob("a-*.safetensors")
+    own.write_bytes(own.read_bytes()[:100])
+    seen = image.seen
+    assert torch.equal(compute_tower_features(encoder, split, items, cache_dir=cache, name="a").image, first.image)
+    assert image.seen == seen + 4
 
     Image.new("RGB", (16, 16), (0, 255, 0)).save(items[1].path)  # same path, new picture
     os.utime(items[1].path, ns=(1, 1))

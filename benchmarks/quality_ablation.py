@@ -293,8 +293,15 @@ class Heads(nn.Module):
         return F.normalize(self.text(x), dim=-1)
 
 
-def _loss(heads: Heads, img, txt, kind: str):
+def _loss(heads: Heads, img, txt, kind: str, positives: torch.Tensor | None = None):
     logits = heads.logit_scale.exp() * img @ txt.T
+    if kind == "infonce-multi":  # every pair in `positives` is a match, not only the diagonal
+        assert positives is not None
+
+        def multi(lg):  # -log of the softmax mass on the row's matches
+            return (torch.logsumexp(lg, dim=1) - torch.logsumexp(lg.masked_fill(~positives, -1e9), dim=1)).mean()
+
+        return (multi(logits) + multi(logits.T)) / 2
     if kind == "infonce":
         labels = torch.arange(len(img))
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -557,7 +564,10 @@ def _fit(data: Data, r: Recipe, heldout: bool = True) -> tuple[Run, Heads]:
             x_txt = data.text_input(rows, norm) if r.unlock_text else norm(text[rows])
             for g in opt.param_groups:
                 g["lr"] = _lr(step, g["base"], warmup, total)
-            loss = _loss(heads, heads.enc_image(x_img), heads.enc_text(x_txt), r.loss)
+            # Same concept (its two styles) or the same caption text: a true match, not a negative.
+            sel_t, rows_t = torch.tensor(sel), torch.tensor(rows)
+            positives = (sel_t[:, None] == sel_t[None, :]) | (rows_t[:, None] == rows_t[None, :])
+            loss = _loss(heads, heads.enc_image(x_img), heads.enc_text(x_txt), r.loss, positives)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in heads.parameters() if p.requires_grad], 1.0)
@@ -732,6 +742,9 @@ def grid(name: str) -> list[Recipe]:
     if name == "style-refit":  # the demo recipe, then refit on train + validation for the chosen epoch count
         rows = replace(base, style_rows=True, embed_dim=1024, refit=True, epochs=0)
         return [replace(rows, name="openmoji rows, embed 1024, refit on train+val", seed=s) for s in (0, 1, 2)]
+    if name == "multi-positive":  # duplicate captions and a concept's two styles are not negatives
+        rows = replace(base, style_rows=True, embed_dim=1024, loss="infonce-multi")
+        return [replace(rows, name="openmoji rows, embed 1024, multi-positive InfoNCE", seed=s) for s in (0, 1, 2)]
     if name == "querybank":  # the demo recipe scored with querybank normalisation at a few temperatures
         rows = replace(base, style_rows=True, embed_dim=1024)
         return [

@@ -64,6 +64,7 @@ def run_domain_demo(
     from retriever.demo.icons import fontawesome_collection
     from retriever.demo.run import (
         DemoConfig,
+        check_same_recipe,
         demo_model_folder,
         demo_train_config,
         heldout_recall,
@@ -104,6 +105,7 @@ def run_domain_demo(
         seed=seed,
         model=f"local-dir:{base}",
     )
+    check_same_recipe(run, tcfg)
     if not (run / "best" / "open_clip_config.json").is_file() or not (run / "metrics.json").is_file():
         tcfg.resume = (run / "last" / "train_state.pt").is_file()
         blocks = f" and its last {unlock_image_last} EfficientNet block(s)" if unlock_image_last else ""

@@ -140,6 +140,7 @@ def run_demo(
         epochs=cfg.epochs,
         seed=cfg.seed,
     )
+    check_same_recipe(run, tcfg)
     history = _finished_history(run, cfg.epochs)
     if history is None:
         tcfg.resume = (run / "last" / "train_state.pt").is_file()
@@ -342,6 +343,7 @@ def refit_train_and_val(
         seed=cfg.seed,
         model=start,
     )
+    check_same_recipe(out, tcfg)
     if _finished_history(out, epochs) is None:
         say(f"Refitting on training + validation ({len(rows)} pictures) for the {epochs} epochs validation chose")
         tcfg.resume = (out / "last" / "train_state.pt").is_file()
@@ -401,6 +403,23 @@ def heldout_recall(tuned, untrained, manifest: Path, cache_dir: Path, name: str 
         img, txt = cached_eval_embeddings(split, cached, encoder.device)
         out.append(retrieval_metrics(img, txt, cached.text_image()).flat())
     return out[0], out[1]
+
+
+# Where the data, the towers and the starting model live: the machine's business, not the recipe's.
+_PLACES = frozenset({"source", "val", "test", "out", "feature_cache", "image_weights", "text_tower", "model"})
+
+
+def check_same_recipe(run: Path, tcfg) -> None:
+    """Refuse to reuse or resume a run in `run` that was trained with other settings (an older
+    recipe, another --seed or --epochs): its model would be reported as this recipe's."""
+    from retriever.training.loop import settings_differ
+
+    diff = settings_differ(tcfg, run, _PLACES)
+    if diff:
+        raise UserError(
+            f"{run} was trained with other settings ({', '.join(diff)}) than this run asks for; "
+            f"choose a new --workspace, or delete {run} to train it again."
+        )
 
 
 def _finished_history(run: Path, epochs: int) -> list[dict] | None:

@@ -561,10 +561,7 @@ def _check_run_dir(run: Path, cfg: TrainConfig, ranks: distributed.DistInfo) -> 
     elif cfg.resume:
         if not saved.is_file():
             raise UserError(f"Cannot resume: {run} has no run.json (was it written by `retriever train`?).")
-        theirs = json.loads(saved.read_text())
-        diff = sorted(
-            k for k in set(mine) | set(theirs) if k not in _RESUMABLE_CHANGES and mine.get(k) != theirs.get(k)
-        )
+        diff = settings_differ(cfg, run)
         if diff:
             raise UserError(
                 f"Cannot resume {run} with different settings ({', '.join(diff)}); use the original options."
@@ -577,6 +574,17 @@ def _check_run_dir(run: Path, cfg: TrainConfig, ranks: distributed.DistInfo) -> 
     distributed.barrier()  # every rank checks before rank 0 writes run.json
     if ranks.is_main:
         write_json_atomic(saved, mine)
+
+
+def settings_differ(cfg: TrainConfig, run: Path, ignore: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """The settings in which `cfg` differs from the run in `run` (its run.json), those a resume
+    may change and `ignore` apart; [] when `run` holds no run."""
+    saved = run / "run.json"
+    if not saved.is_file():
+        return []
+    mine, theirs = cfg.to_dict(), json.loads(saved.read_text())
+    skip = _RESUMABLE_CHANGES | set(ignore)
+    return sorted(k for k in set(mine) | set(theirs) if k not in skip and mine.get(k) != theirs.get(k))
 
 
 def has_checkpoint(run: Path) -> bool:

@@ -142,3 +142,14 @@ def test_reduced_font_awesome_fine_tune_reuses_the_demo_and_lifts_recall(demo_ws
     assert report["after"]["t2i_R@10"] > report["before"]["t2i_R@10"]
     assert report["after"]["i2t_R@10"] > report["before"]["i2t_R@10"]
     assert "Held-out R@10 lift" in res.stdout
+
+
+def test_a_rerun_with_other_settings_is_refused_not_reported_as_this_recipe(demo_ws):
+    """A finished demo trained with other settings (here --epochs) is not reused and reported as
+    this run's model: one sentence says which settings differ and what to do."""
+    ws, _ = demo_ws
+    args = ["demo", "--workspace", str(ws), "--limit", "200", "--epochs", "4", "--workers", "0"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code != 0
+    assert "other settings (epochs)" in res.output and "choose a new --workspace" in res.output
+    assert "Traceback" not in res.output

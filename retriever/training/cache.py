@@ -205,7 +205,10 @@ def view_seed(location: str) -> int:
     return zlib.crc32(location.encode())
 
 
-def item_identity(location: str) -> tuple[str, int, int] | None:
+Ident = tuple[str, int, int]
+
+
+def item_identity(location: str) -> Ident | None:
     """(location, size, mtime_ns) of the file holding an image (its tar or Parquet file for a member);
     None when it cannot be read. Cached rows are reused only for an unchanged file."""
     from retriever.data.locations import split_location
@@ -239,13 +242,14 @@ _TRUNK_VISION_KEYS = ("timm_model_name", "timm_pool", "image_size")
 _TRUNK_TEXT_KEYS = ("hf_pooler_type", "hf_tokenizer_name", "context_length")
 
 
-def cache_key(model: str, items: Sequence[SourceItem], views: int = 1) -> str:
-    """The name of a split's cache file: the model key, the views and every item with its captions."""
+def cache_key(model: str, items: Sequence[SourceItem], idents: Sequence[Ident | None], views: int = 1) -> str:
+    """The name of a split's cache file: the model key, the views and every item (its
+    `item_identity`, or its location when unreadable) with its captions."""
     h = hashlib.sha256(model.encode())
     if views > 1:
         h.update(f"views={views}".encode())
-    for it in items:
-        h.update(repr(item_identity(it.path) or it.path).encode())
+    for it, ident in zip(items, idents):
+        h.update(repr(ident or it.path).encode())
         h.update("\x1f".join(it.captions).encode())
         h.update(b"\x1e")
     return h.hexdigest()[:20]
@@ -260,7 +264,9 @@ class _Reused:
     text: dict[str, torch.Tensor]
 
 
-def reusable_rows(cache_dir: Path, model: str, items: Sequence[SourceItem], views: int) -> _Reused:
+def reusable_rows(
+    cache_dir: Path, model: str, items: Sequence[SourceItem], idents: Sequence[Ident | None], views: int
+) -> _Reused:
     """Tower outputs of `items` and their captions already computed into any cache file in
     `cache_dir` by the same model (`model_key`): a refit on training + validation, or a run on a
     grown collection, then computes only what is new. An item is reused when its file is unchanged
@@ -268,7 +274,7 @@ def reusable_rows(cache_dir: Path, model: str, items: Sequence[SourceItem], view
     is passed over."""
     from safetensors import safe_open
 
-    wanted = {ident: i for i, it in enumerate(items) if (ident := item_identity(it.path)) is not None}
+    wanted = {ident: i for i, ident in enumerate(idents) if ident is not None}
     captions = {c for it in items for c in it.captions}
     found = _Reused({}, {}, {})
     for path in sorted(Path(cache_dir).glob("*.safetensors")):
@@ -333,11 +339,12 @@ def compute_tower_features(
     """
     from safetensors.torch import load_file, save_file
 
-    path = None
-    model = model_key(encoder, split)
+    path, model, idents = None, "", []
     reused = _Reused({}, {}, {})
     if cache_dir is not None:
-        path = Path(cache_dir) / f"{name}-{cache_key(model, items, views)}.safetensors"
+        model = model_key(encoder, split)  # hashes the trunks' weights: only for a cache
+        idents = [item_identity(it.path) for it in items]  # one stat per image, used three times
+        path = Path(cache_dir) / f"{name}-{cache_key(model, items, idents, views)}.safetensors"
         t = None
         if path.is_file():
             try:
@@ -356,7 +363,7 @@ def compute_tower_features(
                 cached, t["image"], t["text"], t["caption_start"], not_cached, t.get("views"), len(cached)
             )
         if Path(cache_dir).is_dir():
-            reused = reusable_rows(Path(cache_dir), model, items, views)
+            reused = reusable_rows(Path(cache_dir), model, items, idents, views)
 
     for trunk in split.trunks:
         trunk.eval()
@@ -426,7 +433,7 @@ def compute_tower_features(
         if aug is not None:
             tensors["views"] = aug.contiguous()
         listing = {
-            "items": [item_identity(items[i].path) or [items[i].path, -1, -1] for i in kept],
+            "items": [idents[i] or [items[i].path, -1, -1] for i in kept],
             "captions": [list(items[i].captions) for i in kept],
         }
         # First: a listing whose tensors are missing is never read.

@@ -64,15 +64,14 @@ def run_domain_demo(
     from retriever.demo.icons import fontawesome_collection
     from retriever.demo.run import (
         DemoConfig,
-        check_same_recipe,
         demo_model_folder,
         demo_train_config,
         heldout_recall,
         refit_train_and_val,
+        train_or_reuse,
     )
     from retriever.errors import UserError
     from retriever.models.load import load_model
-    from retriever.training.loop import train
 
     say = status or (lambda s: None)
     if domain not in DOMAINS:
@@ -105,20 +104,9 @@ def run_domain_demo(
         seed=seed,
         model=f"local-dir:{base}",
     )
-    check_same_recipe(run, tcfg)
-    if not (run / "best" / "open_clip_config.json").is_file() or not (run / "metrics.json").is_file():
-        tcfg.resume = (run / "last" / "train_state.pt").is_file()
-        blocks = f" and its last {unlock_image_last} EfficientNet block(s)" if unlock_image_last else ""
-        say(f"Fine-tuning the demo model's heads{blocks} on the icons")
-        result = train(tcfg, train_callbacks)
-        best_epoch = result.best_epoch
-        if result.skipped:
-            say(result.skipped.summary())
-    else:
-        import json
-
-        history = json.loads((run / "metrics.json").read_text())["history"]
-        best_epoch = max(h["epoch"] for h in history if h["best"])
+    blocks = f" and its last {unlock_image_last} EfficientNet block(s)" if unlock_image_last else ""
+    history = train_or_reuse(tcfg, f"Fine-tuning the demo model's heads{blocks} on the icons", train_callbacks, say)
+    best_epoch = max(h["epoch"] for h in history if h["best"])
     seconds["train"] = time.perf_counter() - t
     final = run / "best"
     refit = refit and best_epoch > 0

@@ -100,7 +100,6 @@ def run_demo(
     from retriever.indexes import build_index
     from retriever.models.load import load_model
     from retriever.search import Retriever
-    from retriever.training.loop import train
 
     say = status or (lambda s: None)
     workers = default_workers() if cfg.workers is None else cfg.workers
@@ -140,20 +139,12 @@ def run_demo(
         epochs=cfg.epochs,
         seed=cfg.seed,
     )
-    check_same_recipe(run, tcfg)
-    history = _finished_history(run, cfg.epochs)
-    if history is None:
-        tcfg.resume = (run / "last" / "train_state.pt").is_file()
-        what = (
-            "the heads"
-            + (f", the last {cfg.unlock_text_last} MiniLM layer(s)" if cfg.unlock_text_last else "")
-            + (f", the last {cfg.unlock_image_last} EfficientNet block(s)" if cfg.unlock_image_last else "")
-        )
-        say("Resuming the fine-tuning run" if tcfg.resume else f"Fine-tuning {what} with InfoNCE")
-        trained = train(tcfg, train_callbacks)
-        history = trained.history
-        if trained.skipped:
-            say(trained.skipped.summary())
+    what = (
+        "the heads"
+        + (f", the last {cfg.unlock_text_last} MiniLM layer(s)" if cfg.unlock_text_last else "")
+        + (f", the last {cfg.unlock_image_last} EfficientNet block(s)" if cfg.unlock_image_last else "")
+    )
+    history = train_or_reuse(tcfg, f"Fine-tuning {what} with InfoNCE", train_callbacks, say)
     seconds["train"] = time.perf_counter() - t
     best = max((h for h in history if h["best"]), key=lambda h: h["epoch"])
     tuned_dir = run / "best"
@@ -328,8 +319,6 @@ def refit_train_and_val(
     the model `start` for `epochs` epochs, the count validation chose, with the same recipe and no
     validation, so best/ is the last epoch. With the first fit's `feature_cache`, only the
     validation items' tower outputs are new. A rerun reuses a finished refit."""
-    from retriever.training.loop import train
-
     write_manifest(rows, manifest)
     tcfg = demo_train_config(
         cfg,
@@ -343,13 +332,8 @@ def refit_train_and_val(
         seed=cfg.seed,
         model=start,
     )
-    check_same_recipe(out, tcfg)
-    if _finished_history(out, epochs) is None:
-        say(f"Refitting on training + validation ({len(rows)} pictures) for the {epochs} epochs validation chose")
-        tcfg.resume = (out / "last" / "train_state.pt").is_file()
-        result = train(tcfg, callbacks)
-        if result.skipped:
-            say(result.skipped.summary())
+    what = f"Refitting on training + validation ({len(rows)} pictures) for the {epochs} epochs validation chose"
+    train_or_reuse(tcfg, what, callbacks, say)
     return out / "best"
 
 
@@ -420,6 +404,24 @@ def check_same_recipe(run: Path, tcfg) -> None:
             f"{run} was trained with other settings ({', '.join(diff)}) than this run asks for; "
             f"choose a new --workspace, or delete {run} to train it again."
         )
+
+
+def train_or_reuse(tcfg, starting: str, callbacks=None, say: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """The history of the run in `tcfg.out`: reused when it finished with these settings, else
+    trained now (resumed where an interrupted one stopped). `starting` is said before training."""
+    from retriever.training.loop import train
+
+    run = Path(tcfg.out)
+    check_same_recipe(run, tcfg)
+    history = _finished_history(run, tcfg.epochs)
+    if history is not None:
+        return history
+    tcfg.resume = (run / "last" / "train_state.pt").is_file()
+    say(f"Resuming: {starting}" if tcfg.resume else starting)
+    result = train(tcfg, callbacks)
+    if result.skipped:
+        say(result.skipped.summary())
+    return result.history
 
 
 def _finished_history(run: Path, epochs: int) -> list[dict] | None:

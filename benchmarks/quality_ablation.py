@@ -339,6 +339,19 @@ def _lr(step, base, warmup, total):  # retriever.training.optim.lr_at
 def evaluate(heads: Heads, data: Data, idx: list[int], image: torch.Tensor, r: Recipe, norm) -> dict:
     from retriever.metrics import retrieval_metrics
 
+    img, emb, text_image = embed_split(heads, data, idx, image, r, norm)
+    if r.querybank:
+        out = _querybank_metrics(heads, data, img, emb, text_image, image, r, norm)
+    else:
+        out = retrieval_metrics(img, emb, text_image).flat()
+    _train_mode(heads, r)
+    return out
+
+
+@torch.no_grad()
+def embed_split(heads: Heads, data: Data, idx: list[int], image: torch.Tensor, r: Recipe, norm):
+    """(image embeddings, caption embeddings, caption -> image position) of the items `idx`, the
+    heads in eval mode (the caller puts them back)."""
     heads.eval()
     x = data.maps(r.tta)[idx, : r.tta] if r.unlock else norm(image[idx, : r.tta])  # (n, tta, C) or maps
     img = F.normalize(torch.cat([heads.enc_image(c) for c in x.split(128)]).mean(dim=1), dim=-1)
@@ -350,13 +363,7 @@ def evaluate(heads: Heads, data: Data, idx: list[int], image: torch.Tensor, r: R
     rows_t = torch.tensor(rows)  # (captions, templates)
     feats = data.text_input(rows_t.flatten(), norm) if r.unlock_text else norm(data.tensors["text"][rows_t.flatten()])
     emb = heads.enc_text(feats).reshape(rows_t.shape[0], rows_t.shape[1], -1).mean(dim=1)
-    emb = F.normalize(emb, dim=-1)
-    if r.querybank:
-        out = _querybank_metrics(heads, data, img, emb, text_image, image, r, norm)
-        _train_mode(heads, r)
-        return out
-    _train_mode(heads, r)
-    return retrieval_metrics(img, emb, text_image).flat()
+    return img, F.normalize(emb, dim=-1), text_image
 
 
 def _querybank_metrics(heads: Heads, data: Data, img, emb, text_image, image, r: Recipe, norm) -> dict:

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import quality_ablation as qa
 import torch
-import torch.nn.functional as F
 
 
 def emoji_kind(char: str, name: str) -> str:
@@ -41,20 +40,13 @@ def emoji_kind(char: str, name: str) -> str:
     return "symbols and other"
 
 
-@torch.no_grad()
-def heldout_ranks(heads: qa.Heads, data: qa.Data, image: torch.Tensor) -> tuple[np.ndarray, list[int]]:
-    """0-based rank of the true picture for every held-out caption, and the caption's item."""
+def heldout_ranks(heads: qa.Heads, data: qa.Data, image: torch.Tensor, r: qa.Recipe) -> tuple[np.ndarray, list[int]]:
+    """0-based rank of the true picture for every held-out caption (the eval view of each picture,
+    as `quality_ablation.evaluate` scores it), and the caption's item."""
     from retriever.metrics import first_hit_ranks
 
-    heads.eval()
     idx = data.splits["heldout"]
-    img = F.normalize(heads.enc_image(image[idx, 0]), dim=-1)
-    rows, owner = [], []
-    for j, i in enumerate(idx):
-        for c in data.items[i].captions:
-            rows.append(data.row[c])
-            owner.append(j)
-    txt = F.normalize(heads.enc_text(data.tensors["text"][rows]), dim=-1)
+    img, txt, owner = qa.embed_split(heads, data, idx, image, r, qa._identity)
     return first_hit_ranks(txt, img, [[j] for j in owner]), [idx[j] for j in owner]
 
 
@@ -73,7 +65,7 @@ def main() -> None:
     by_kind: dict[str, list[int]] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         _, heads = qa._fit(data, replace(recipe, seed=seed))
-        ranks, items = heldout_ranks(heads, data, image)
+        ranks, items = heldout_ranks(heads, data, image, recipe)
         for rank, i in zip(ranks.tolist(), items):
             it = data.items[i]
             by_kind.setdefault(emoji_kind(it.char, it.captions[0]), []).append(rank)

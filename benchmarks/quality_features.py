@@ -83,9 +83,10 @@ EXTRA_DOMAINS = ("mdi", "phosphor", "remix", "arcade")
 
 def _glyph_items(prefix: str, names: dict[str, str], font_path: str | Path, out: Path, size: int = 96):
     """Draw `{caption: glyph}` black on white, centred, 75 % of `size` (as Font Awesome is drawn)."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageFont
 
     from retriever.demo.emoji import EmojiImage
+    from retriever.demo.icons import draw_glyph
 
     font = ImageFont.truetype(str(font_path), int(size * 0.75))
     out.mkdir(parents=True, exist_ok=True)
@@ -94,12 +95,7 @@ def _glyph_items(prefix: str, names: dict[str, str], font_path: str | Path, out:
     for caption, glyph in sorted(names.items()):
         path = out / f"{prefix}-{caption.replace(' ', '_')}.png"
         if not path.is_file():
-            img = Image.new("RGB", (size, size), "white")
-            draw = ImageDraw.Draw(img)
-            left, top, right, bottom = draw.textbbox((0, 0), glyph, font=font)
-            draw.text(
-                ((size - (right - left)) / 2 - left, (size - (bottom - top)) / 2 - top), glyph, font=font, fill="black"
-            )
+            img = draw_glyph(font, glyph, size)
             if img.tobytes() == blank:
                 continue
             img.save(path, format="PNG")

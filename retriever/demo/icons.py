@@ -33,13 +33,24 @@ def fontawesome_folder() -> Path:
     return folder
 
 
+def draw_glyph(font, glyph: str, size: int):
+    """`glyph` of an icon font drawn black on white, its ink box centred in a `size`-pixel square."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    left, top, right, bottom = draw.textbbox((0, 0), glyph, font=font)
+    draw.text(((size - (right - left)) / 2 - left, (size - (bottom - top)) / 2 - top), glyph, font=font, fill="black")
+    return img
+
+
 def fontawesome_collection(out: str | Path, size: int = 96) -> list[EmojiImage]:
     """Render every solid-style icon to `out/NAME.png` (once) and return them with their captions.
 
     Captions: the label in lower case first, then the search terms that differ from it.
     """
     import yaml  # type: ignore[import-untyped]
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import ImageFont
 
     folder = fontawesome_folder()
     meta = yaml.safe_load(
@@ -55,13 +66,7 @@ def fontawesome_collection(out: str | Path, size: int = 96) -> list[EmojiImage]:
             continue
         path = out / f"{name}.png"
         if not path.is_file():
-            img = Image.new("RGB", (size, size), "white")
-            draw = ImageDraw.Draw(img)
-            glyph = chr(int(str(icon["unicode"]), 16))
-            left, top, right, bottom = draw.textbbox((0, 0), glyph, font=font)
-            draw.text(
-                ((size - (right - left)) / 2 - left, (size - (bottom - top)) / 2 - top), glyph, font=font, fill="black"
-            )
+            img = draw_glyph(font, chr(int(str(icon["unicode"]), 16)), size)
             tmp = path.with_suffix(".png.tmp")
             img.save(tmp, format="PNG")
             tmp.replace(path)

@@ -14,6 +14,7 @@ from retriever.errors import UserError
 from retriever.metrics import RetrievalMetrics, retrieval_metrics
 from retriever.models.encode import encode_image_tensors, encode_texts
 from retriever.models.load import LoadedModel
+from retriever.querybank import QueryBank
 from retriever.skipped import SkippedImages, skipped_entry
 
 
@@ -78,6 +79,7 @@ def evaluate(
     batch_size: int = 64,
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    querybank: QueryBank | None = None,
 ) -> EvalResult:
     """Recall@1/5/10 and ranks in both directions of `encoder` on `items`.
 
@@ -86,7 +88,11 @@ def evaluate(
         items: image–caption pairs (`read_source`); every caption of an image counts as a match.
         batch_size: images per forward pass; workers: image-decoding processes (0: in this one).
         progress: called with (images done, images in all).
+        querybank: score cross-modal pairs as an index built with this bank ranks them
+            (`retriever.querybank`; the model folder's own: `read_querybank(folder)`).
     """
     es = embed_eval_set(encoder, items, batch_size=batch_size, workers=workers, progress=progress)
-    metrics = retrieval_metrics(torch.from_numpy(es.image_emb), torch.from_numpy(es.text_emb), es.text_image)
+    metrics = retrieval_metrics(
+        torch.from_numpy(es.image_emb), torch.from_numpy(es.text_emb), es.text_image, querybank=querybank
+    )
     return EvalResult(metrics, SkippedImages(es.skipped))

@@ -8,7 +8,7 @@ from typing import Any
 
 from retriever.errors import UserError
 from retriever.indexes.manifest import MANIFEST, read_index_manifest
-from retriever.indexes.rows import file_schema
+from retriever.indexes.rows import HIDDEN_COLUMNS, file_schema
 from retriever.parts import ERRORS_PREFIX, errors_files, parts_status
 from retriever.shards import ShardSet
 from retriever.skipped import read_skipped
@@ -33,7 +33,8 @@ def folder_info(path: str | Path, check: bool = False) -> dict[str, Any]:
         size = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
         d = {"kind": "index", "path": str(p.resolve()), "bytes": size, **m.to_dict()}
         for name, entry in m.indexes.items():  # what --where can filter on and hits carry
-            d["indexes"][name]["columns"] = {f.name: str(f.type) for f in file_schema(p / entry.rows_file)}
+            schema = file_schema(p / entry.rows_file)
+            d["indexes"][name]["columns"] = {f.name: str(f.type) for f in schema if f.name not in HIDDEN_COLUMNS}
         return d
     ss = ShardSet(p)
     files = errors_files(p)  # _errors.jsonl, or one per part when embedded in parts

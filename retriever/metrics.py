@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from retriever.querybank import QueryBank
+
 KS = (1, 5, 10)
 
 
@@ -61,19 +63,27 @@ class RetrievalMetrics:
 
 
 def first_hit_ranks(
-    queries: torch.Tensor, gallery: torch.Tensor, positives: Sequence[Sequence[int]], chunk: int = 1024
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    positives: Sequence[Sequence[int]],
+    chunk: int = 1024,
+    gallery_bias: torch.Tensor | np.ndarray | None = None,
 ) -> np.ndarray:
     """0-based rank of each query's best-placed true match in the gallery, ties by gallery order.
 
-    Scores are `queries @ gallery.T`. Computed in chunks of queries so memory stays
+    Scores are `queries @ gallery.T`, plus `gallery_bias` per gallery item when given (querybank
+    normalisation, `retriever.querybank`). Computed in chunks of queries so memory stays
     O(chunk · gallery). A query without any true match gets rank = len(gallery) (never a hit).
     """
     n_gal = gallery.shape[0]
     order = torch.arange(n_gal)
+    bias = None if gallery_bias is None else torch.as_tensor(np.asarray(gallery_bias, np.float32))[None, :]
     out = np.empty(len(positives), dtype=np.int64)
     for s in range(0, len(positives), chunk):
         e = min(s + chunk, len(positives))
         scores = (queries[s:e].float() @ gallery.float().T).cpu()
+        if bias is not None:
+            scores = scores + bias
         mask = torch.zeros_like(scores, dtype=torch.bool)
         for row, pos in enumerate(positives[s:e]):
             mask[row, list(pos)] = True
@@ -98,19 +108,32 @@ def direction_metrics(ranks: np.ndarray, ks: Sequence[int] = KS) -> DirectionMet
 
 
 def retrieval_metrics(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: Sequence[int], ks: Sequence[int] = KS
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    text_image: Sequence[int],
+    ks: Sequence[int] = KS,
+    querybank: QueryBank | None = None,
 ) -> RetrievalMetrics:
-    """Both directions from normalised embeddings; `text_image[j]` is the image of caption j."""
+    """Both directions from normalised embeddings; `text_image[j]` is the image of caption j.
+
+    With `querybank`, cross-modal scores carry its per-item bias, as a search of an index built
+    with that bank ranks them (text→image: the images' bias, image→text: the captions')."""
     image_emb, text_emb = torch.as_tensor(image_emb), torch.as_tensor(text_emb)
     text_image = [int(i) for i in text_image]
     captions_of: list[list[int]] = [[] for _ in range(image_emb.shape[0])]
     for j, i in enumerate(text_image):
         captions_of[i].append(j)
-    t2i = first_hit_ranks(text_emb, image_emb, [[i] for i in text_image])
+    image_bias = text_bias = None
+    if querybank is not None:
+        image_bias = querybank.bias(image_emb.float().numpy(), "image")
+        text_bias = querybank.bias(text_emb.float().numpy(), "text")
+    t2i = first_hit_ranks(text_emb, image_emb, [[i] for i in text_image], gallery_bias=image_bias)
     # Images without a caption stay in the text→image gallery as distractors but cannot be
     # image→text queries: there is nothing to find.
     has_caption = [i for i, caps in enumerate(captions_of) if caps]
-    i2t = first_hit_ranks(image_emb[has_caption], text_emb, [captions_of[i] for i in has_caption])
+    i2t = first_hit_ranks(
+        image_emb[has_caption], text_emb, [captions_of[i] for i in has_caption], gallery_bias=text_bias
+    )
     return RetrievalMetrics(
         direction_metrics(t2i, ks), direction_metrics(i2t, ks), image_emb.shape[0], text_emb.shape[0]
     )

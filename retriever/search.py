@@ -20,7 +20,7 @@ from retriever.errors import UserError
 from retriever.identity import ModelIdentity
 from retriever.indexes.manifest import IndexManifest, ModalityIndex, read_index_manifest
 from retriever.indexes.open import OpenIndex, RowFilter
-from retriever.indexes.rows import json_value
+from retriever.indexes.rows import BASE_COLUMNS, HIDDEN_COLUMNS, json_value
 from retriever.indexes.settings import configure_faiss
 from retriever.indexes.where import where_mask
 from retriever.query import Query, QueryReport, Term, check_options
@@ -82,6 +82,10 @@ class QueryError(UserError):
 # Called with (queries_done, total).
 BatchProgress = Callable[[int, int], None]
 MASK_CACHE = 8  # filters remembered per Retriever (a batch usually repeats one)
+# A querybank-ranked query fetches at least this many candidates by cosine, and keeps fetching
+# (doubling) until no row left behind could outrank its k-th hit, up to QUERYBANK_MAX_FETCH.
+QUERYBANK_MIN_FETCH = 64
+QUERYBANK_MAX_FETCH = 4096
 
 
 class Retriever:
@@ -94,6 +98,10 @@ class Retriever:
     "auto", "onnx" or "torch"); pass `model=` to reuse one already loaded. A model whose weights
     differ from the index's is refused: its vectors would not be comparable. A query image that
     would decode to more than `max_pixels` pixels is refused before decoding (None: no limit).
+
+    An index built from a model with a querybank (`retriever.querybank`) ranks the hits of
+    text→image and image→text queries by cosine plus each row's bias, so hubs rank lower; hits
+    still carry their cosine as `score`. `querybank=False` ranks by cosine alone.
     """
 
     def __init__(
@@ -105,6 +113,7 @@ class Retriever:
         use_gpu: bool | None = None,
         backend: str = "auto",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        querybank: bool = True,
     ):
         configure_faiss()
         self.index_dir = Path(index_dir).expanduser()
@@ -117,6 +126,7 @@ class Retriever:
         self._use_gpu = use_gpu
         self._backend = backend
         self.max_pixels = max_pixels
+        self.querybank = querybank
         self._query_encoder: QueryEncoder | None = None
         self._open: dict[str, OpenIndex] = {}
         self._masks: dict[tuple[str, str], RowFilter] = {}
@@ -243,12 +253,13 @@ class Retriever:
         done = 0
         for lo in range(0, len(qs), batch_size):
             chunk = qs[lo : lo + batch_size]
-            vecs, own_rows = self._query_vectors(chunk, first=lo)
+            vecs, own_rows, cross = self._query_vectors(chunk, first=lo)
             groups: dict[tuple, list[int]] = {}
             for i, q in enumerate(chunk):
                 groups.setdefault((q.modality, q.k, q.where, q.min_score, q.dedup), []).append(i)
             for (modality, k, where, min_score, dedup), idx in groups.items():
-                hits = self._search_vectors(vecs[idx], modality, k, where, min_score, dedup, [own_rows[i] for i in idx])
+                own = [own_rows[i] for i in idx]
+                hits = self._search_vectors(vecs[idx], modality, k, where, min_score, dedup, own, cross[idx])
                 for i, h in zip(idx, hits):
                     h.query = chunk[i]
                     out[lo + i] = h
@@ -266,11 +277,16 @@ class Retriever:
         where: str | None = None,
         min_score: float | None = None,
         dedup: float | None = None,
+        query_modality: str | None = None,
     ) -> list[Hits]:
-        """Top-k results for each row of `queries` (unit vectors from this index's model)."""
+        """Top-k results for each row of `queries` (unit vectors from this index's model).
+
+        query_modality: "text" or "image" when the vectors are queries of that kind; a search of
+        the other modality then uses the index's querybank. None: rank by cosine alone."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         check_options(modality, k, where, min_score, dedup)
-        return self._search_vectors(q, modality, k, where, min_score, dedup, [np.zeros(0, np.int64)] * len(q))
+        cross = np.full(len(q), float(query_modality is not None and query_modality != modality), np.float32)
+        return self._search_vectors(q, modality, k, where, min_score, dedup, [np.zeros(0, np.int64)] * len(q), cross)
 
     def search_raw(self, queries: np.ndarray, k: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
         """faiss's (scores, rows) for a batch of queries; rows are -1 past the index's end."""
@@ -294,7 +310,7 @@ class Retriever:
         table = self._opened(modality).rows.take(rows[keep])
         sc = (np.asarray(scores)[keep] if scores is not None else np.full(int(keep.sum()), np.nan, np.float32)).tolist()
         base = [table.column(c).to_pylist() for c in ("id", "path", "caption")]
-        extra = [c for c in table.column_names if c not in ("id", "path", "caption")]
+        extra = [c for c in table.column_names if c not in BASE_COLUMNS and c not in HIDDEN_COLUMNS]
         if extra:
             meta = table.select(extra).to_pylist()
             hits = list(map(SearchResult, _ranks(keep), base[0], sc, base[1], base[2], meta))
@@ -305,7 +321,7 @@ class Retriever:
 
     def columns(self, modality: str = "image") -> dict[str, str]:
         """Column name → Arrow type of the rows file (what --where can use)."""
-        return {f.name: str(f.type) for f in self._opened(modality).rows.schema}
+        return {f.name: str(f.type) for f in self._opened(modality).rows.schema if f.name not in HIDDEN_COLUMNS}
 
     def filter_mask(self, modality: str, where: str) -> np.ndarray:
         """Boolean mask of the `modality` index's rows matching `where`."""
@@ -321,8 +337,13 @@ class Retriever:
         return self._masks[key]
 
     # --- Internals --------------------------------------------------------------------------------
-    def _query_vectors(self, queries: Sequence[Query], first: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One unit vector per query, and the rows of each query's own images/items (to leave out)."""
+    def _query_vectors(
+        self, queries: Sequence[Query], first: int = 0
+    ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """One unit vector per query, the rows of each query's own images/items (to leave out), and
+        each query's cross-modal weight: the signed weight of its terms of the other modality than
+        the searched one over the norm of the weighted sum (1 for a plain text→image query, 0 for
+        image→image), never below 0. It scales the querybank bias, which is linear in the terms."""
         texts = sorted({t.value for q in queries for t in q.terms if t.kind == "text"})
         text_vec = dict(zip(texts, self.encode_texts(texts))) if texts else {}
         for qi, q in enumerate(queries):
@@ -333,6 +354,7 @@ class Retriever:
         images = [(qi, t.value) for qi, q in enumerate(queries) for t in q.terms if t.kind == "image"]
         image_vec = self._encode_image_terms(images, first)
         out = np.zeros((len(queries), self._dim()), np.float32)
+        cross = np.zeros(len(queries), np.float32)
         own: list[np.ndarray] = []
         img_i = 0
         for qi, q in enumerate(queries):
@@ -340,26 +362,29 @@ class Retriever:
             own_rows = []
             for t in q.terms:
                 if t.kind == "text":
-                    v = text_vec[t.value]
+                    v, of = text_vec[t.value], "text"
                 elif t.kind == "image":
-                    v = image_vec[img_i]
+                    v, of = image_vec[img_i], "image"
                     img_i += 1
                     if q.modality == "image" and isinstance(t.value, (str, Path)):
                         own_rows.append(oi.rows.rows_where("path", [str(Path(t.value).expanduser().resolve())]))
                 else:
                     try:
-                        v, rows = self._item_vector(int(t.value), q.modality)
+                        v, rows, of = self._item_vector(int(t.value), q.modality)
                     except UserError as e:
                         raise QueryError(first + qi, e) from None
                     own_rows.append(rows)
-                out[qi] += (-t.weight if t.negative else t.weight) * v
+                w = -t.weight if t.negative else t.weight
+                out[qi] += w * v
+                cross[qi] += w if of != q.modality else 0.0
             norm = float(np.linalg.norm(out[qi]))
             if not np.isfinite(norm) or norm < 1e-6:
                 err = UserError("The query's terms cancel out (their weighted sum is zero); change a weight or a term.")
                 raise QueryError(first + qi, err)
             out[qi] /= norm
+            cross[qi] = max(cross[qi] / norm, 0.0)
             own.append(np.zeros(0, np.int64) if q.keep_query or not own_rows else np.unique(np.concatenate(own_rows)))
-        return out, own
+        return out, own, cross
 
     def _encode_image_terms(self, images: list[tuple[int, Any]], first: int) -> np.ndarray:
         """Vectors of (query position, image) pairs; an unreadable image is named with its query."""
@@ -380,18 +405,18 @@ class Retriever:
                     raise QueryError(first + qi, UserError(msg)) from None
             raise
 
-    def _item_vector(self, item_id: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
+    def _item_vector(self, item_id: int, modality: str) -> tuple[np.ndarray, np.ndarray, str]:
         """The stored vector of indexed item `item_id` (from the searched modality, else the image
-        index) and its rows in the searched modality."""
+        index), its rows in the searched modality, and the modality the vector came from."""
         searched = self._opened(modality)
         rows = searched.rows.rows_where("id", [item_id])
         if len(rows):
-            return searched.vectors(rows[:1])[0], rows
+            return searched.vectors(rows[:1])[0], rows, modality
         if modality != "image" and "image" in self.manifest.indexes:
             img = self._opened("image")
             img_rows = img.rows.rows_where("id", [item_id])
             if len(img_rows):
-                return img.vectors(img_rows[:1])[0], rows
+                return img.vectors(img_rows[:1])[0], rows, "image"
         raise UserError(f"No indexed item has id {item_id} (query term id:{item_id}).")
 
     def _search_vectors(
@@ -403,6 +428,7 @@ class Retriever:
         min_score: float | None,
         dedup: float | None,
         own_rows: list[np.ndarray],
+        cross: np.ndarray,
     ) -> list[Hits]:
         oi = self._opened(modality)
         q = self._check_vectors(q, oi)
@@ -412,6 +438,10 @@ class Retriever:
         todo = np.arange(len(q))
         extra = max((len(r) for r in own_rows), default=0)
         fetch = (3 * k if dedup is not None else k) + extra
+        tau = oi.entry.extra.get("querybank", {}).get("tau") if self.querybank and oi.has_querybank else None
+        lift = cross * oi.querybank_bias_max if tau is not None else np.zeros(len(q), np.float32)
+        if tau is not None and (cross > 0).any():
+            fetch = max(fetch, QUERYBANK_MIN_FETCH)
         while len(todo):
             cand = oi.candidates(q[todo], fetch, flt)
             exhausted = cand.exhausted or fetch >= oi.ntotal
@@ -420,17 +450,30 @@ class Retriever:
                 report = QueryReport(cand.strategy, matching)
                 s, r = cand.scores[j], cand.rows[j]
                 ok = r >= 0
+                # Every row not fetched has a cosine at most the last fetched one's (exact indexes).
+                tail = float(s[ok][-1]) if ok.any() else float("-inf")
                 if len(own_rows[qi]):
                     own = np.isin(r, own_rows[qi])
                     report.excluded_query_items = int((own & ok).sum())
                     ok &= ~own
                 s, r = s[ok], r[ok]
+                rank_by = s
+                if tau is not None and cross[qi] > 0:
+                    rank_by = s + cross[qi] * oi.querybank_bias(r)
+                    order = np.argsort(-rank_by, kind="stable")
+                    s, r, rank_by = s[order], r[order], rank_by[order]
+                    report.extra["querybank_tau"] = tau
                 absorbed = np.zeros(len(r), np.int64)
                 if dedup is not None and len(r):
                     keep, absorbed = fold_near_duplicates(oi.vectors(r), dedup)
-                    s, r, absorbed = s[keep], r[keep], absorbed[keep]
-                below_floor_tail = min_score is not None and len(s) and s[-1] < min_score
-                if len(r) >= k or exhausted or below_floor_tail:
+                    s, r, absorbed, rank_by = s[keep], r[keep], absorbed[keep], rank_by[keep]
+                below_floor_tail = min_score is not None and tail < min_score
+                # With the bias, a row not fetched could still outrank the k-th hit: it has a cosine
+                # of at most `tail` and a bias of at most the largest. Past the cap, accept.
+                settled = len(r) >= k and (
+                    rank_by[k - 1] >= tail + lift[qi] or fetch >= QUERYBANK_MAX_FETCH or lift[qi] == 0
+                )
+                if settled or exhausted or below_floor_tail:
                     s, r, absorbed = s[:k], r[:k], absorbed[:k]
                     if min_score is not None:
                         above = s >= min_score
@@ -518,4 +561,4 @@ def _ranks(keep: np.ndarray) -> list[int]:
 
 def search_many(retriever: Retriever, texts: Sequence[str], k: int = 10, modality: str = "image"):
     """Batch text search: one encoder pass, one faiss call."""
-    return retriever.search_vectors(retriever.encode_texts(list(texts)), k, modality)
+    return retriever.search_vectors(retriever.encode_texts(list(texts)), k, modality, query_modality="text")

@@ -34,14 +34,21 @@ def eval_cmd(
     device: str | None = DeviceOpt,
     precision: str | None = PrecisionOpt,
     as_json: bool = JsonOpt,
+    querybank: bool = typer.Option(
+        True,
+        "--querybank/--no-querybank",
+        help="Rank with the model folder's querybank, as searches of an index built from it do (when it has one).",
+    ),
 ):
     """Recall@1/5/10 and mean/median rank, text→image and image→text, of MODEL on SOURCE."""
     from retriever.cli.render import recall_table
     from retriever.data.sources import read_source
     from retriever.evaluation import evaluate
+    from retriever.querybank import model_querybank
 
     items = read_source(source, image_column=image_column, caption_column=caption_column)
     encoder = load_encoder(model, pretrained, device, precision)
+    bank = model_querybank(encoder.identity.name, encoder.identity.weights_sha256) if querybank else None
     with progress_bar() as bar:
         task = bar.add_task("Encoding", total=len(items))
         result = evaluate(
@@ -50,9 +57,12 @@ def eval_cmd(
             batch_size=batch_size,
             workers=workers_or_default(workers),
             progress=lambda n, t: bar.update(task, completed=n, total=t),
+            querybank=bank,
         )
+    ranked = {"querybank_tau": bank.tau if bank is not None else None}
     if as_json:
-        out.print_json(json.dumps({"model": encoder.identity.to_dict(), **result.to_dict()}))
+        out.print_json(json.dumps({"model": encoder.identity.to_dict(), **ranked, **result.to_dict()}))
         return
-    out.print(recall_table(result.metrics, f"{encoder.identity.label()} on {source}"))
+    how = f", querybank tau {bank.tau}" if bank is not None else ""
+    out.print(recall_table(result.metrics, f"{encoder.identity.label()} on {source}{how}"))
     print_skipped(result.skipped)

@@ -58,6 +58,12 @@ def index(
     onnx: bool = typer.Option(
         True, "--onnx/--no-onnx", help="Also export the model's towers to INDEX/onnx for torch-free queries."
     ),
+    querybank: bool = typer.Option(
+        BUILD.querybank,
+        "--querybank/--no-querybank",
+        help="Store each row's querybank bias when the model folder has a bank (retriever train writes one), "
+        "so that text→image and image→text searches rank hubs lower.",
+    ),
 ):
     """Build FAISS indexes (image, and text where captions exist) from shards, or --add shards to one.
 
@@ -66,7 +72,7 @@ def index(
     if str(shards) == "merge" and not shards.exists():
         return _merge(target, wait, as_json)
     if part is not None:
-        return _build_part(shards, out_dir, part, index_type, max_memory, target_recall, add, as_json)
+        return _build_part(shards, out_dir, part, index_type, max_memory, target_recall, add, as_json, querybank)
     from retriever.indexes import build_index
     from retriever.indexes.add import add_to_index
     from retriever.indexes.memory import parse_memory
@@ -104,6 +110,7 @@ def index(
                 on_disk=on_disk,
                 target_recall=target_recall,
                 k=k,
+                querybank=querybank,
             )
             assert out_dir is not None  # checked above
             manifest = build_index(ss, out_dir, cfg, progress=progress, wait=wait, on_message=note)
@@ -117,6 +124,11 @@ def index(
         out.print(
             f"{m.modality} index: {m.count} vectors, {m.factory}{where} {m.search_params or ''} on {m.built_on} in {m.build_seconds:.1f}s"
         )
+        if m.extra.get("querybank"):
+            other = "captions" if m.modality == "image" else "images"
+            out.print(
+                f"  querybank: tau {m.extra['querybank']['tau']}, a bias per row from the model's training {other}"
+            )
         t = m.extra.get("tuning")
         if t and not add:
             line = f"  tuned: recall@{t['k']} {t['recall']:.3f} at {t['qps']:.0f} queries/s ({t['queries']} sample queries)"
@@ -146,7 +158,7 @@ def _merge(target: Path | None, wait: bool, as_json: bool) -> None:
     out.print(f"Wrote {target}")
 
 
-def _build_part(shards, out_dir, part, index_type, max_memory, target_recall, add, as_json) -> None:
+def _build_part(shards, out_dir, part, index_type, max_memory, target_recall, add, as_json, querybank) -> None:
     from retriever.indexes.memory import parse_memory
     from retriever.indexes.partitioned import build_part, parse_part, staging_dir
 
@@ -160,6 +172,7 @@ def _build_part(shards, out_dir, part, index_type, max_memory, target_recall, ad
         max_memory=parse_memory(max_memory) if max_memory else None,
         on_disk=True,
         target_recall=target_recall,
+        querybank=querybank,
     )
     with err.status(f"Indexing part {i} of {n}…"):
         result = build_part(shards, out_dir, i, n, cfg)

@@ -81,6 +81,11 @@ def search(
         help="Refuse a query image that decodes to more pixels than this (0: no limit but Pillow's own); "
         "JPEGs are decoded scaled down first.",
     ),
+    querybank: bool = typer.Option(
+        True,  # Retriever's keyword default
+        "--querybank/--no-querybank",
+        help="Rank text→image and image→text hits by cosine plus the index's querybank bias, where it has one.",
+    ),
     server: str | None = typer.Option(None, "--server", help="Query this running server (http://HOST:PORT)."),
     api_key_file: Path | None = typer.Option(None, help="API key file for a server that needs one."),
 ):
@@ -100,6 +105,7 @@ def search(
             "--keep-query": keep_query,
             "--queries": queries is not None,
             "--max-pixels": max_pixels != DEFAULT_MAX_PIXELS,  # the server applies its own limit
+            "--no-querybank": not querybank,
         }
         extra = [flag for flag, used in local_only.items() if used]
         if extra:
@@ -140,7 +146,9 @@ def search(
         )
     _check_images(parsed if queries is not None else [(None, one)], queries)
     encoder = load_encoder(model, pretrained, device) if model else None
-    with Retriever(Path(index_dir), encoder, device=device, backend=backend, max_pixels=max_pixels or None) as r:
+    with Retriever(
+        Path(index_dir), encoder, device=device, backend=backend, max_pixels=max_pixels or None, querybank=querybank
+    ) as r:
         terms = [t for _, q in parsed for t in q.terms] if queries is not None else list(one.terms)
         towers = {t.kind for t in terms} - {"id"}  # id:N terms use stored vectors: no model needed
         if towers:

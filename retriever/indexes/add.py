@@ -28,13 +28,14 @@ import pyarrow.compute as pc
 from retriever.atomic import atomic_dir, clean_stale_siblings, write_json_atomic
 from retriever.errors import UserError
 from retriever.identity import ModelIdentity
-from retriever.indexes.build import BuildProgress, add_batches
+from retriever.indexes.build import BuildProgress, add_batches, row_bias
 from retriever.indexes.files import check_index, open_rows, read_index_file
 from retriever.indexes.manifest import MANIFEST, IndexManifest, read_index_manifest
-from retriever.indexes.rows import file_schema
+from retriever.indexes.rows import HIDDEN_COLUMNS, file_schema
 from retriever.indexes.settings import configure_faiss
 from retriever.locks import folder_lock
 from retriever.parts import missing_parts
+from retriever.querybank import BANK_FILE, BIAS_COLUMN, read_querybank
 from retriever.shards import ShardSet
 
 
@@ -90,7 +91,10 @@ def _add_locked(index_dir: Path, new_shards, renumber: bool, batch_size: int, pr
             "rebuild it with `retriever index` over all shards."
         )
     offset = _id_offset(index_dir, manifest, ss, renumber)
+    bank = read_querybank(index_dir, manifest.model["weights_sha256"])
     with atomic_dir(index_dir) as tmp:
+        if bank is not None:
+            _link(index_dir / BANK_FILE, tmp / BANK_FILE)
         for modality, old in manifest.indexes.items():
             entry = copy.deepcopy(old)
             for name in [*old.vectors_files, old.trained_file]:
@@ -106,7 +110,12 @@ def _add_locked(index_dir: Path, new_shards, renumber: bool, batch_size: int, pr
             old_ivf = index if old.ivfdata_file else None
             # Rows keep the index's columns: new shards' extra columns are dropped, missing ones null.
             schema = file_schema(index_dir / old.rows_file)
-            wanted = [c for c in schema.names if c in ss.column_names]
+            wanted = [c for c in schema.names if c in ss.column_names and c not in HIDDEN_COLUMNS]
+            if BIAS_COLUMN in schema.names and bank is None:
+                raise UserError(
+                    f"Index {index_dir} ranks with a querybank, but its {BANK_FILE} is missing or damaged; "
+                    "rebuild it with `retriever index` over all shards."
+                )
             batches = _shift_ids(ss.iter_vectors(modality, batch_size, extra_columns=wanted), offset)
             index = add_batches(
                 index,
@@ -119,6 +128,7 @@ def _add_locked(index_dir: Path, new_shards, renumber: bool, batch_size: int, pr
                 old_rows=index_dir / old.rows_file,
                 old_ivf=old_ivf,
                 progress=progress,
+                bias=row_bias(bank, modality) if BIAS_COLUMN in schema.names else None,
             )
             if not entry.ivfdata_file:
                 faiss.write_index(index, str(tmp / entry.file))

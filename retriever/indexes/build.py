@@ -28,10 +28,11 @@ from retriever.indexes.config import BuildConfig
 from retriever.indexes.manifest import MANIFEST, MODALITIES, IndexManifest, ModalityIndex, check_replaceable
 from retriever.indexes.open import set_search_params
 from retriever.indexes.rerank import VectorStore, VectorWriter, search_index
-from retriever.indexes.rows import conform, iter_file_batches, rows_schema
+from retriever.indexes.rows import conform, iter_file_batches, rows_schema, with_column
 from retriever.indexes.settings import configure_faiss
 from retriever.locks import folder_lock
 from retriever.parts import missing_parts
+from retriever.querybank import BIAS_COLUMN, QueryBank, model_querybank, write_querybank
 from retriever.shards import ShardSet
 
 # Called with (modality, vectors_added, total).
@@ -85,9 +86,12 @@ def build_index(
 
 def _build_into(ss: ShardSet, out: Path, specs: dict[str, IndexSpec], cfg: BuildConfig, progress) -> IndexManifest:
     built: dict[str, ModalityIndex] = {}
+    bank = model_querybank(ss.identity.name, ss.identity.weights_sha256) if cfg.querybank else None
     with atomic_dir(out) as tmp:
+        if bank is not None:
+            write_querybank(tmp, bank)  # --add biases its new rows with the same bank
         for modality, spec in specs.items():
-            built[modality] = _build_one(ss, modality, spec, tmp, cfg, progress)
+            built[modality] = _build_one(ss, modality, spec, tmp, cfg, progress, bank)
         manifest = IndexManifest(
             model=ss.meta["model"],
             shards={
@@ -164,7 +168,9 @@ def gpu_spec(spec: IndexSpec) -> IndexSpec:
     return replace(spec, factory=factory, search_params=params)
 
 
-def _build_one(ss: ShardSet, modality: str, spec: IndexSpec, out: Path, cfg: BuildConfig, progress) -> ModalityIndex:
+def _build_one(
+    ss: ShardSet, modality: str, spec: IndexSpec, out: Path, cfg: BuildConfig, progress, bank: QueryBank | None = None
+) -> ModalityIndex:
     t0 = time.perf_counter()
     total = ss.count(modality)
     index, on_gpu = _place_for_build(spec, ss.dim, total, cfg)
@@ -186,7 +192,9 @@ def _build_one(ss: ShardSet, modality: str, spec: IndexSpec, out: Path, cfg: Bui
         built_on="gpu" if on_gpu else "cpu",
         rerank=spec.rerank,
     )
-    schema = rows_schema(ss.metadata_fields)
+    schema = rows_schema(ss.metadata_fields, querybank=bank is not None)
+    if bank is not None:
+        entry.extra["querybank"] = {"tau": bank.tau, "bank_rows": len(bank.bank_for(modality))}
     batches = ss.iter_vectors(modality, cfg.batch_size, extra_columns=schema.names)
     index = add_batches(
         index,
@@ -198,6 +206,7 @@ def _build_one(ss: ShardSet, modality: str, spec: IndexSpec, out: Path, cfg: Bui
         on_disk=spec.on_disk,
         progress=progress,
         block_rows=select.block_rows(spec, total, ss.dim),
+        bias=row_bias(bank, modality),
     )
     index = gpu.to_cpu(index)
     if index.ntotal != total:
@@ -230,12 +239,14 @@ def add_batches(
     old_ivf: faiss.Index | None = None,
     progress: BuildProgress | None = None,
     block_rows: int = 1_000_000,
+    bias: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> faiss.Index:
     """Add `count` streamed vectors as rows first_row… and write the files that go with them.
 
     Used by build and by --add: the rows file (old rows copied first), a vectors segment when the
     index re-ranks from disk, and for on-disk indexes the blocks merged (with `old_ivf`'s lists)
-    into a fresh .ivfdata. Returns the index holding old and new rows.
+    into a fresh .ivfdata. `bias` gives the rows' querybank bias column (`row_bias`). Returns the
+    index holding old and new rows.
     """
     rows_path = out / entry.rows_file
     schema = schema or rows_schema()
@@ -270,6 +281,8 @@ def add_batches(
                 index.add(vectors)  # in RAM, faiss numbers rows ntotal…, which is first_row + added
             if writer_vec is not None:
                 writer_vec.write(vectors)
+            if bias is not None:
+                meta = with_column(meta, BIAS_COLUMN, pa.array(bias(vectors), pa.float32()))
             writer.write_batch(conform(meta, schema))
             added += len(vectors)
             if progress:
@@ -290,6 +303,13 @@ def add_batches(
             p.unlink()
         index = ondisk.open_on_disk(out / entry.file)
     return index
+
+
+def row_bias(bank: QueryBank | None, modality: str) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The querybank bias of a batch of `modality` vectors, for `add_batches` (None: no bank)."""
+    if bank is None:
+        return None
+    return lambda vectors: bank.bias(vectors, modality)
 
 
 def _write_block(block: faiss.Index, out: Path, i: int) -> Path:

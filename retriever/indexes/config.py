@@ -21,6 +21,8 @@ class BuildConfig:
         max_memory: bytes the index may use (None: no limit); on_disk: force on-disk inverted lists.
         target_recall: tune search parameters to reach this recall@k (None: no tuning); k: that k.
         tune_queries: queries drawn from the data for tuning.
+        querybank: when the shards' model folder carries a querybank (`retriever train` writes
+            one), store each row's bias so that cross-modal searches rank hubs lower.
     """
 
     index_type: str = "auto"  # auto | flat | hnsw | ivf | ivfpq | opq
@@ -33,6 +35,7 @@ class BuildConfig:
     target_recall: float | None = None  # tune search parameters to reach this recall@k
     k: int = 10
     tune_queries: int = 1000  # queries drawn from the data for tuning
+    querybank: bool = True  # use the model's querybank (retriever.querybank) when it has one
 
     def validate(self) -> None:
         """Raise `ConfigError` (naming the parameter) for settings that cannot work."""

@@ -29,6 +29,7 @@ from retriever.indexes.files import damaged, read_index_file
 from retriever.indexes.manifest import ModalityIndex
 from retriever.indexes.rerank import OWN_PARAMS, VectorStore, rerank, search_index
 from retriever.indexes.rows import RowsFile
+from retriever.querybank import BIAS_COLUMN
 
 # Below this fraction of matching rows the pre-filter's exhaustive scan of the matches beats
 # over-fetching k/selectivity candidates from the approximate index (see benchmarks/RESULTS.md).
@@ -119,6 +120,8 @@ class OpenIndex:
                 self.rows.path, ValueError(f"it holds {self.rows.num_rows} rows, the manifest says {entry.count}")
             )
         self._direct_map = False
+        self._bias: np.ndarray | None = None
+        self.has_querybank = BIAS_COLUMN in self.rows.schema.names
 
     @property
     def ntotal(self) -> int:
@@ -244,6 +247,21 @@ class OpenIndex:
             v = index.reconstruct_batch(rows.ravel()).reshape(*rows.shape, self.d)
         norms = np.linalg.norm(v, axis=-1, keepdims=True)
         return v / np.maximum(norms, 1e-12)
+
+    def querybank_bias(self, rows: np.ndarray) -> np.ndarray:
+        """The querybank bias of faiss rows (`retriever.querybank`), read once per open index."""
+        return self._biases()[np.asarray(rows, np.int64)]
+
+    @property
+    def querybank_bias_max(self) -> float:
+        """The largest bias of any row: how far a row not yet fetched could climb."""
+        b = self._biases()
+        return float(b.max()) if len(b) else 0.0
+
+    def _biases(self) -> np.ndarray:
+        if self._bias is None:
+            self._bias = self.rows.float_column(BIAS_COLUMN)
+        return self._bias
 
     def close(self) -> None:
         if self.store is not None:

@@ -38,13 +38,14 @@ from retriever.atomic import atomic_dir, clean_stale_siblings, write_json_atomic
 from retriever.errors import UserError
 from retriever.indexes import memory as select
 from retriever.indexes import ondisk
-from retriever.indexes.build import BuildConfig, add_batches, new_index, plan_index
+from retriever.indexes.build import BuildConfig, add_batches, new_index, plan_index, row_bias
 from retriever.indexes.choose import IndexSpec
 from retriever.indexes.files import damaged, open_rows, read_faiss
 from retriever.indexes.manifest import MANIFEST, MODALITIES, IndexManifest, ModalityIndex, check_replaceable
 from retriever.indexes.rows import rows_schema
 from retriever.locks import folder_lock
 from retriever.parts import missing_parts
+from retriever.querybank import BANK_FILE, model_querybank, read_querybank, write_querybank
 from retriever.shards import ShardSet
 
 PLAN = "plan.json"
@@ -117,6 +118,10 @@ def prepare(ss: ShardSet, out: Path, num_parts: int, cfg: BuildConfig) -> dict:
             return old
         trained = stage / "trained"
         trained.mkdir(parents=True, exist_ok=True)
+        bank = model_querybank(ss.identity.name, ss.identity.weights_sha256) if cfg.querybank else None
+        if bank is not None:  # every part biases its rows with this one copy
+            write_querybank(trained, bank)
+        plan["querybank"] = bank.tau if bank is not None else None
         for m, spec_d in plan["specs"].items():
             spec = IndexSpec(**spec_d)
             index = new_index(spec, ss.dim)
@@ -145,7 +150,10 @@ def build_part(shards: str | Path | ShardSet, out_dir: str | Path, part: int, nu
     view.shards = ss.shards[lo:hi]
     t0 = time.perf_counter()
     entries = {}
-    schema = rows_schema(ss.metadata_fields)  # the columns a one-process build's rows file has
+    bank = read_querybank(stage / "trained", plan["model"]["weights_sha256"]) if plan.get("querybank") else None
+    if plan.get("querybank") and bank is None:
+        raise damaged(stage / "trained" / BANK_FILE, FileNotFoundError("missing or unreadable"), _start_over(stage))
+    schema = rows_schema(ss.metadata_fields, querybank=bank is not None)  # as a one-process build's rows file
     with atomic_dir(done_dir) as tmp:
         for m, spec_d in plan["specs"].items():
             spec = IndexSpec(**spec_d)
@@ -165,6 +173,7 @@ def build_part(shards: str | Path | ShardSet, out_dir: str | Path, part: int, nu
                     first_row=first,
                     on_disk=True,
                     block_rows=select.block_rows(spec, max(count, 1), ss.dim),
+                    bias=row_bias(bank, m),
                 )
             entries[m] = {**asdict(entry), "first_row": first, "count": count}
         summary = {"part": part, "num_parts": num_parts, "shards": [lo, hi], "seconds": time.perf_counter() - t0}
@@ -226,9 +235,13 @@ def _merge_locked(out: Path) -> IndexManifest:
     t0 = time.perf_counter()
     built: dict[str, ModalityIndex] = {}
     with atomic_dir(out) as tmp:
+        if plan.get("querybank"):
+            shutil.copyfile(stage / "trained" / BANK_FILE, tmp / BANK_FILE)
         for m, spec_d in plan["specs"].items():
             spec = IndexSpec(**spec_d)
             entry = _entry(m, spec, parts[0]["entries"][m]["dim"])
+            if plan.get("querybank"):
+                entry.extra["querybank"] = {"tau": plan["querybank"]}
             entry.trained_file = f"{m}.trained.faiss"
             shutil.copyfile(stage / "trained" / entry.trained_file, tmp / entry.trained_file)
             blocks, rows_files = [], []

@@ -15,13 +15,26 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from retriever.querybank import BIAS_COLUMN
+
 BASE_COLUMNS = ("id", "path", "caption")
 BASE_SCHEMA = pa.schema([("id", pa.int64()), ("path", pa.string()), ("caption", pa.string())])
+# Columns retriever keeps for itself: not metadata, not shown with hits. The querybank bias
+# (retriever.querybank) is stored per row because it belongs to the row as much as its vector.
+HIDDEN_COLUMNS = (BIAS_COLUMN,)
 
 
-def rows_schema(metadata_fields: list[pa.Field] | tuple = ()) -> pa.Schema:
-    """The rows file's schema: id, path, caption, then the shards' metadata columns."""
-    return pa.schema([*BASE_SCHEMA, *metadata_fields])
+def rows_schema(metadata_fields: list[pa.Field] | tuple = (), *, querybank: bool = False) -> pa.Schema:
+    """The rows file's schema: id, path, caption, the shards' metadata columns, then the querybank
+    bias when the index has one."""
+    fields = [f for f in metadata_fields if f.name not in HIDDEN_COLUMNS]
+    return pa.schema([*BASE_SCHEMA, *fields, *([pa.field(BIAS_COLUMN, pa.float32())] if querybank else [])])
+
+
+def with_column(batch: pa.RecordBatch, name: str, values: pa.Array) -> pa.RecordBatch:
+    """`batch` with column `name` set to `values` (replaced if it is there)."""
+    i = batch.schema.get_field_index(name)
+    return batch.set_column(i, name, values) if i >= 0 else batch.append_column(name, values)
 
 
 def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
@@ -93,7 +106,12 @@ class RowsFile:
 
     @property
     def metadata_columns(self) -> list[str]:
-        return [n for n in self.schema.names if n not in BASE_COLUMNS]
+        return [n for n in self.schema.names if n not in BASE_COLUMNS and n not in HIDDEN_COLUMNS]
+
+    def float_column(self, name: str) -> np.ndarray:
+        """Every row's value of a float column, in row order (one copy out of the mapped batches)."""
+        parts = [b.column(name).to_numpy(zero_copy_only=False) for b in self.batches]
+        return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros(0, np.float32)
 
     def table(self) -> pa.Table:
         """Every row, zero-copy over the mapped batches (what filters scan)."""

@@ -103,7 +103,10 @@ class Searcher:
             vec = await self.vectors(served, q)
             extra = 1 if q.item_id is not None else 0
             loop = asyncio.get_running_loop()
-            hits = await loop.run_in_executor(None, _search_one, served, vec, k + extra, modality)
+            # An image or an item (searched with its image vector) may use the querybank; a raw vector
+            # is of no known modality.
+            of = "image" if q.image is not None or q.item_id is not None else None
+            hits = await loop.run_in_executor(None, _search_one, served, vec, k + extra, modality, of)
             if q.item_id is not None:
                 hits = [h for h in hits if h.id != q.item_id][:k]
         if min_score is not None:
@@ -161,12 +164,14 @@ def _text_batch(served: ServedIndex, modality: str, items: list[tuple[str, int]]
     """One encoder pass and one faiss call for many (text, k) queries; each gets its own top k."""
     vecs = served.retriever.query_encoder.encode_texts([t for t, _ in items])
     top = max(k for _, k in items)
-    per_query = served.retriever.search_vectors(vecs, top, modality)
+    per_query = served.retriever.search_vectors(vecs, top, modality, query_modality="text")
     return [hits[:k] for hits, (_, k) in zip(per_query, items)]
 
 
-def _search_one(served: ServedIndex, vec: np.ndarray, k: int, modality: str) -> list[SearchResult]:
-    return served.retriever.search_vectors(vec, k, modality)[0]
+def _search_one(
+    served: ServedIndex, vec: np.ndarray, k: int, modality: str, query_modality: str | None
+) -> list[SearchResult]:
+    return served.retriever.search_vectors(vec, k, modality, query_modality=query_modality)[0]
 
 
 def _encode_image_bytes(served: ServedIndex, data: bytes) -> np.ndarray:

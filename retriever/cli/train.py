@@ -114,6 +114,11 @@ def train(
     caption_template: list[str] = typer.Option(
         [], help='Also train on every caption under this template, e.g. "an icon of {}" (repeatable).'
     ),
+    querybank: str = typer.Option(
+        TRAIN.querybank,
+        help="Querybank normalisation of cross-modal search: auto (bank of training queries in best/, "
+        "temperature chosen on validation, or none), off, or a fixed temperature such as 0.1.",
+    ),
     grad_checkpointing: bool = typer.Option(
         TRAIN.grad_checkpointing,
         "--grad-checkpointing",

@@ -68,6 +68,10 @@ class TrainConfig:
             so a refit on training + validation computes only the validation items.
         caption_templates: train on every caption under each template too ("an icon of {}");
             validation and test keep the plain captions.
+        querybank: querybank normalisation of cross-modal search (`retriever.querybank`): "auto"
+            embeds the training split into best/ as a bank and chooses its temperature on the
+            validation split (none when plain cosine ranks as well); a number fixes the
+            temperature (no validation needed); "off" writes no bank.
         precision, device: as for `load_model`.
         seed: seed of shuffling, caption choice, augmentation and dropout.
     Housekeeping:
@@ -110,6 +114,7 @@ class TrainConfig:
     cache_views: int = 1
     feature_cache: str | None = None
     caption_templates: list[str] = field(default_factory=list)
+    querybank: str = "auto"
     precision: str | None = None
     device: str | None = None
     seed: int = 0
@@ -145,6 +150,14 @@ class TrainConfig:
             )
         if self.feature_cache and not self.cache_features:
             raise ConfigError("feature_cache needs cache_features.", "feature_cache", "cache_features")
+        from retriever.training.querybank import parse_querybank
+
+        try:
+            parse_querybank(self.querybank)
+        except ValueError:
+            raise ConfigError(
+                f"querybank must be auto, off or a temperature above 0, not {self.querybank!r}.", "querybank"
+            ) from None
         for t in self.caption_templates:
             if t.count("{}") != 1:
                 raise ConfigError(

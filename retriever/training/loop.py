@@ -105,6 +105,7 @@ class TrainResult:
     seconds: float
     stopped_early: bool  # max_steps reached before the last epoch ended
     skipped: SkippedImages = field(default_factory=SkippedImages)  # undecodable images, listed in RUN_DIR/_errors.jsonl
+    querybank: dict | None = None  # what fit_querybank decided for best/ ({"tau": …}); None if stopped early
 
 
 @dataclass
@@ -316,11 +317,14 @@ def _train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
         _save_last(run, state)
 
     stopped_early = state.stopped and state.epoch <= cfg.epochs
-    test = None
+    test = querybank = None
+    if not stopped_early:
+        querybank = _fit_querybank(run)
     if splits.test and not stopped_early:
         test = _evaluate_folder(run_dir / "best", splits.test, cfg, device, precision, ranks, cb)
-        if ranks.is_main:
-            write_json_atomic(run_dir / "metrics.json", {"history": state.history, "test": test})
+    if ranks.is_main and (test or querybank):
+        summary: dict[str, Any] = {"history": state.history, "querybank": querybank}
+        write_json_atomic(run_dir / "metrics.json", {**summary, "test": test} if test else summary)
     if writer:
         writer.close()
     distributed.barrier()
@@ -336,6 +340,7 @@ def _train(cfg: TrainConfig, callbacks: Callbacks | None = None) -> TrainResult:
         time.perf_counter() - started,
         stopped_early,
         _record_skipped(run),
+        querybank,
     )
 
 
@@ -714,12 +719,62 @@ def _cache(encoder, cfg, splits, run, cb, ranks):
     return out
 
 
+def _fit_querybank(run: _Run) -> dict | None:
+    """Give best/ its querybank (`retriever.training.querybank`): the best weights are loaded into
+    the model in memory (training is over) so that cached tower outputs serve as they are."""
+    result = None
+    if run.ranks.is_main:
+        from safetensors.torch import load_file
+
+        from retriever.models.folder import WEIGHTS_FILE, recorded_weights_sha256, state_sha256
+        from retriever.training.querybank import fit_querybank
+
+        best = run.dir / "best"
+        weights = load_file(str(best / WEIGHTS_FILE))
+        run.model.load_state_dict(weights)
+        run.model.eval()
+        if run.cfg.querybank == "auto" and run.splits.val:
+            _status(run.callbacks, run.ranks, "Querybank: embedding the training split, choosing tau on validation")
+        elif run.cfg.querybank == "auto":
+            _status(
+                run.callbacks,
+                run.ranks,
+                "No querybank: no validation split to choose tau on (--querybank 0.1 fixes one)",
+            )
+        elif run.cfg.querybank != "off":
+            _status(run.callbacks, run.ranks, f"Querybank: embedding the training split for tau {run.cfg.querybank}")
+        with torch.no_grad():
+            result = fit_querybank(
+                run.encoder,
+                best,
+                recorded_weights_sha256(best) or state_sha256(weights),
+                run.splits.train,
+                run.splits.val,
+                run.cfg.querybank,
+                cached=run.cached,
+                batch_size=run.cfg.eval_batch_size,
+                workers=run.cfg.workers,
+                seed=run.cfg.seed,
+            )
+        if result.get("tau") is not None:
+            _status(run.callbacks, run.ranks, f"Querybank normalisation on, tau {result['tau']} ({BANK_NOTE})")
+    distributed.barrier()
+    return distributed.broadcast_object(result)
+
+
+BANK_NOTE = "cross-modal searches of indexes built from best/ rank hubs lower"
+
+
 def _evaluate_folder(folder: Path, items, cfg, device, precision, ranks, cb) -> dict | None:
     result = None
     if ranks.is_main:
         from retriever.evaluation import evaluate
+        from retriever.querybank import read_querybank
 
         _status(cb, ranks, f"Evaluating {folder} on {len(items)} test images")
         encoder = load_model(f"local-dir:{folder}", device=device, precision=precision)
-        result = evaluate(encoder, items, batch_size=cfg.eval_batch_size, workers=cfg.workers).metrics.to_dict()
+        bank = read_querybank(folder, encoder.identity.weights_sha256)
+        result = evaluate(
+            encoder, items, batch_size=cfg.eval_batch_size, workers=cfg.workers, querybank=bank
+        ).metrics.to_dict()
     return distributed.broadcast_object(result)

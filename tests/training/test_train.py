@@ -109,6 +109,51 @@ def test_best_checkpoint_loads_in_retriever_and_plain_open_clip(tiny, tuned):
     assert encoder.identity.weights_sha256 != start.identity.weights_sha256
 
 
+@pytest.mark.e2e
+def test_best_model_carries_the_querybank_validation_chose(tuned):
+    """querybank="auto": best/ gets the bank of training queries when a temperature beats plain
+    cosine on validation, and the recorded choice is the best of the recorded scores. Evaluating
+    the saved folder with its bank reproduces the chosen score (the bank is stored as chosen)."""
+    from retriever.querybank import TAUS, read_querybank
+
+    cfg, result = tuned
+    best = Path(result.best_dir)
+    decided = json.loads((Path(result.run_dir) / "metrics.json").read_text())["querybank"]
+    assert decided == result.querybank
+    scores = decided["val_mean_recall"]
+    assert set(scores) == {"plain", *map(repr, TAUS)}
+    top = max(scores.values())
+    chosen = "plain" if scores["plain"] == top else repr(decided["tau"])
+    assert scores[chosen] == top
+    encoder = load_model(f"local-dir:{best}")
+    bank = read_querybank(best, encoder.identity.weights_sha256)
+    if decided["tau"] is None:
+        assert bank is None
+        return
+    assert bank is not None and bank.tau == decided["tau"]
+    assert len(bank.text) == decided["bank"]["text"] and len(bank.image) == decided["bank"]["image"]
+    again = evaluate(encoder, read_source(cfg.val), querybank=bank).metrics.mean_recall
+    assert again == pytest.approx(scores[chosen], abs=1e-6)
+    # best/'s recorded val metrics stay plain cosine (the epoch was chosen without the bank)
+    plain = evaluate(encoder, read_source(cfg.val)).metrics.mean_recall
+    assert plain == pytest.approx(scores["plain"], abs=1e-6)
+
+
+@pytest.mark.parametrize("setting", ["0.2", "off"])
+def test_a_fixed_querybank_temperature_needs_no_validation_and_off_writes_none(tiny, small_manifest, tmp_path, setting):
+    from retriever.querybank import read_querybank
+
+    result = train(quick_run(tiny, small_manifest, tmp_path / "run", querybank=setting, val_fraction=0.0))
+    bank = read_querybank(result.best_dir)
+    if setting == "off":
+        assert bank is None and result.querybank == {"tau": None, "reason": "off"}
+    else:
+        assert bank is not None and bank.tau == 0.2 and result.querybank["tau"] == 0.2
+        assert len(bank.image) == 200 - 0 and len(bank.text) == sum(
+            len(it.captions) for it in read_source(small_manifest)
+        )
+
+
 def _weights(folder):
     return load_file(str(Path(folder) / "open_clip_model.safetensors"))
 
@@ -169,6 +214,8 @@ def test_resume_refuses_changed_settings_and_new_run_refuses_used_folder(tiny, s
         (dict(cache_views=2), "cache_views needs cache_features"),
         (dict(feature_cache="somewhere"), "feature_cache needs cache_features"),
         (dict(caption_templates=["an icon of"]), "exactly once"),
+        (dict(querybank="sometimes"), "querybank must be auto, off or a temperature"),
+        (dict(querybank="-0.1"), "querybank must be auto, off or a temperature"),
     ],
 )
 def test_user_errors(tiny, small_manifest, tmp_path, bad, match):

@@ -64,6 +64,7 @@ def run_domain_demo(
     from retriever.demo.icons import fontawesome_collection
     from retriever.demo.run import (
         DemoConfig,
+        chosen_querybank,
         demo_model_folder,
         demo_train_config,
         heldout_recall,
@@ -121,6 +122,7 @@ def run_domain_demo(
             best_epoch,
             feature_cache=features,
             workers=workers,
+            querybank=chosen_querybank(run),
             callbacks=train_callbacks,
             say=say,
         )

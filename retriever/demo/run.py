@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from retriever.atomic import write_json_atomic
 from retriever.demo.emoji import EmojiImage, emoji_collection, limit_items, split_and_write, write_manifest
@@ -163,6 +164,7 @@ def run_demo(
             best["epoch"],
             feature_cache=features,
             workers=workers,
+            querybank=chosen_querybank(run),
             callbacks=train_callbacks,
             say=say,
         )
@@ -251,13 +253,15 @@ def demo_train_config(
     epochs: int,
     seed: int,
     model: str | None = None,
+    querybank: str = "auto",
 ):
     """The default recipe as a TrainConfig: the demo's, and the Font Awesome fine-tune's (`model`).
 
     `source` and `val` are manifests (no `val`: train on all of `source`, as the refit does); tower
     outputs are cached in `feature_cache`, which the runs of one workspace share. Without `model`,
     the towers are composed afresh; with it, training continues from that model's heads (the
-    towers stay locked either way).
+    towers stay locked either way). `querybank`: "auto" chooses the temperature on `val`; the
+    refit, which has no validation, is given the one its validation run chose.
     """
     from retriever.models.compose import DEFAULT_IMAGE_TOWER, default_tower_paths
     from retriever.training.loop import TrainConfig
@@ -293,7 +297,18 @@ def demo_train_config(
         augment=False,
         seed=seed,
         workers=workers,
+        querybank=querybank,
     )
+
+
+def chosen_querybank(run: Path) -> str:
+    """The querybank setting that repeats what validation chose in `run` (its metrics.json):
+    the temperature, or "off" when plain cosine ranked as well or nothing was decided."""
+    try:
+        tau = json.loads((run / "metrics.json").read_text())["querybank"]["tau"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "off"
+    return repr(float(tau)) if tau is not None else "off"
 
 
 def demo_batch_size(cfg: DemoConfig, n_train: int) -> int:
@@ -312,13 +327,15 @@ def refit_train_and_val(
     *,
     feature_cache: Path,
     workers: int,
+    querybank: str,
     callbacks=None,
     say: Callable[[str], None] = lambda s: None,
 ) -> Path:
     """The final fit; returns its model folder. `rows` (training + validation items) train from
     the model `start` for `epochs` epochs, the count validation chose, with the same recipe and no
     validation, so best/ is the last epoch. With the first fit's `feature_cache`, only the
-    validation items' tower outputs are new. A rerun reuses a finished refit."""
+    validation items' tower outputs are new; `querybank` is the setting validation chose
+    (`chosen_querybank`). A rerun reuses a finished refit."""
     write_manifest(rows, manifest)
     tcfg = demo_train_config(
         cfg,
@@ -331,6 +348,7 @@ def refit_train_and_val(
         epochs=epochs,
         seed=cfg.seed,
         model=start,
+        querybank=querybank,
     )
     what = f"Refitting on training + validation ({len(rows)} pictures) for the {epochs} epochs validation chose"
     train_or_reuse(tcfg, what, callbacks, say)
@@ -369,13 +387,17 @@ def openmoji_rows(items: list[EmojiImage], folder: Path, *, missing_ok: bool = F
 
 
 def heldout_recall(tuned, untrained, manifest: Path, cache_dir: Path, name: str = "heldout") -> tuple[dict, dict]:
-    """Held-out RetrievalMetrics.flat() of the untrained and the tuned heads.
+    """Held-out RetrievalMetrics.flat() of the untrained and the tuned heads, each ranked as a
+    search of an index built from it ranks: with the querybank its folder carries, if any
+    (`retriever.querybank`). Such a model's figures also hold "querybank_tau" and, under
+    "plain", the figures of plain cosine ranking.
 
     Both models share their locked towers, so the towers run once over the held-out emoji (cached
     in `cache_dir`) and only the two pairs of heads differ.
     """
     from retriever.data.sources import read_source
     from retriever.metrics import retrieval_metrics
+    from retriever.querybank import model_querybank
     from retriever.training.cache import cached_eval_embeddings, compute_tower_features, split_towers
 
     items = [it for it in read_source(manifest) if it.captions]
@@ -385,7 +407,12 @@ def heldout_recall(tuned, untrained, manifest: Path, cache_dir: Path, name: str 
         split = split_towers(encoder.model)
         cached = compute_tower_features(encoder, split, items, cache_dir=cache_dir, name=name)
         img, txt = cached_eval_embeddings(split, cached, encoder.device)
-        out.append(retrieval_metrics(img, txt, cached.text_image()).flat())
+        figures: dict[str, Any] = retrieval_metrics(img, txt, cached.text_image()).flat()
+        bank = model_querybank(encoder.identity.name, encoder.identity.weights_sha256)
+        if bank is not None:
+            ranked = retrieval_metrics(img, txt, cached.text_image(), querybank=bank).flat()
+            figures = {**ranked, "querybank_tau": bank.tau, "plain": figures}
+        out.append(figures)
     return out[0], out[1]
 
 

@@ -59,6 +59,16 @@ def test_reduced_demo_tunes_reports_and_indexes(demo_ws):
     assert not {r["image"] for r in refit_rows} & heldout
     refit_history = json.loads((ws / "refit" / "metrics.json").read_text())["history"]
     assert max(h["epoch"] for h in refit_history) == report["best_epoch"]
+    # Validation chose the querybank temperature (or none); the refit repeats that choice, and
+    # its index and its reported figures rank with the refit's own bank.
+    tau = json.loads((ws / "run" / "metrics.json").read_text())["querybank"]["tau"]
+    refit_setting = json.loads((ws / "refit" / "run.json").read_text())["querybank"]
+    assert refit_setting == (repr(tau) if tau is not None else "off")
+    assert ((ws / "index" / "querybank.safetensors").is_file()) == (tau is not None)
+    assert report["after"].get("querybank_tau") == tau
+    if tau is not None:
+        assert set(report["after"]["plain"]) >= {"t2i_R@10", "i2t_R@10"}
+        assert "querybank normalisation (tau" in stdout
     # Untrained heads are near chance on 40 held-out emoji; tuned heads are far above it.
     assert report["before"]["t2i_R@5"] < 0.3
     assert report["after"]["t2i_R@5"] > report["before"]["t2i_R@5"] + 0.2

@@ -28,8 +28,10 @@ BANK_FILE = "querybank.safetensors"
 # The temperatures training chooses among on validation (or none of them: plain cosine). The
 # paper's best values for CLIP-like models lie in this range; RESULTS.md has the demo's.
 TAUS = (0.05, 0.1, 0.2)
-# Rows kept per modality (a seeded sample of larger training sets): biasing costs gallery·bank·dim.
-MAX_BANK_ROWS = 16_384
+# Rows kept per modality (a seeded sample of larger training sets): biasing an index costs
+# rows·bank·dim multiply-adds when it is built (RESULTS.md measures it). The logsumexp is led by a
+# row's nearest captions, which a sample of this size still holds.
+MAX_BANK_ROWS = 8192
 # The rows file column holding each row's bias (float32), in indexes built with a bank.
 BIAS_COLUMN = "_querybank_bias"
 
@@ -57,17 +59,19 @@ class QueryBank:
         return hub_bias(gallery, self.bank_for(gallery_modality), self.tau)
 
 
-def hub_bias(gallery: np.ndarray, bank: np.ndarray, tau: float, chunk: int = 4096) -> np.ndarray:
-    """-tau·logsumexp(bank @ g / tau) for each row g of `gallery`, as float32 (computed in float64
-    per chunk of rows, so memory stays chunk·len(bank))."""
+def hub_bias(gallery: np.ndarray, bank: np.ndarray, tau: float, chunk: int = 1024) -> np.ndarray:
+    """-tau·logsumexp(bank @ g / tau) for each row g of `gallery`, as float32 (per chunk of rows, so
+    memory stays chunk·len(bank); the row's largest term is factored out, so exp never overflows)."""
     gallery = np.asarray(gallery, np.float32)
     bank = np.asarray(bank, np.float32)
     out = np.empty(len(gallery), np.float32)
     for lo in range(0, len(gallery), chunk):
-        sims = (gallery[lo : lo + chunk] @ bank.T).astype(np.float64) / tau
+        sims = gallery[lo : lo + chunk] @ bank.T
+        sims /= np.float32(tau)
         top = sims.max(axis=1, keepdims=True)
-        lse = top[:, 0] + np.log(np.exp(sims - top).sum(axis=1))
-        out[lo : lo + chunk] = -tau * lse
+        sims -= top
+        np.exp(sims, out=sims)
+        out[lo : lo + chunk] = -tau * (top[:, 0] + np.log(sims.sum(axis=1, dtype=np.float64)))
     return out
 
 

@@ -463,6 +463,7 @@ class Retriever:
                     order = np.argsort(-rank_by, kind="stable")
                     s, r, rank_by = s[order], r[order], rank_by[order]
                     report.extra["querybank_tau"] = tau
+                    report.extra["querybank_candidates"] = int(len(cand.rows[j]))
                 absorbed = np.zeros(len(r), np.int64)
                 if dedup is not None and len(r):
                     keep, absorbed = fold_near_duplicates(oi.vectors(r), dedup)

@@ -3,6 +3,7 @@
     python benchmarks/bench_search.py filter --n 1000000 --dim 128 --json bench-out/filter.json
     python benchmarks/bench_search.py dedup  --n 1000000 --dim 128 --json bench-out/dedup.json
     python benchmarks/bench_search.py batch  --queries 1000 --json bench-out/batch.json
+    python benchmarks/bench_search.py querybank --n 200000 --dim 256 --index-type flat --json bench-out/qb.json
 
 filter: synthetic CLIP-like shards (retriever/indexes/synthetic.py; metadata column bucket = id
 mod 1000), one index built through the library, 200 held-out queries run one at a time (as a
@@ -19,6 +20,13 @@ batch: the tiny test model over 100k random vectors written as shards under its 
 1,000 text queries through Retriever.search_batch (what `--queries` calls) against the raw loop
 (encode_texts in chunks + faiss index.search, no metadata), side by side; plus the CLI with
 --queries (whole process, model load included) and single CLI calls (a few, per-call cost).
+
+querybank: the cost and exactness of querybank ranking (retriever.querybank). CLIP-like shards
+written under a local-dir model whose folder carries a bank (captions drawn from the same
+generator, tau 0.1); one index built with the bank and one without (--no-querybank), build times
+side by side; then --queries text-like queries one at a time, cosine ranking against querybank
+ranking (alternating), and how often querybank hits equal brute force over every vector
+(cosine + bias), with the candidates each query needed.
 
 threads: single queries over flat indexes (d=512) of a few sizes, through the library's search
 (`indexes/rerank.search_index`: one faiss thread when the search is small) against the same call
@@ -315,6 +323,80 @@ def bench_batch(args) -> dict:
     return row
 
 
+def bench_querybank(args) -> dict:
+    import hashlib
+
+    from retriever.identity import ModelIdentity
+    from retriever.querybank import QueryBank, write_querybank
+
+    work = Path(args.workdir) / f"querybank-{args.n}-{args.dim}"
+    gen = ClipLike(dim=args.dim, latent=min(32, args.dim // 2), clusters=1000, seed=0)
+    model = work / "model"
+    sha = hashlib.sha256(f"querybank bench {args.dim}".encode()).hexdigest()
+    bank = QueryBank(gen.sample(4096, stream=99), gen.sample(4096, stream=98), 0.1, sha)
+    shards = work / "shards"
+    if not (shards / shard_name(0)).exists():
+        model.mkdir(parents=True, exist_ok=True)
+        write_querybank(model, bank)
+        schema = shard_schema(ModelIdentity(f"local-dir:{model.resolve()}", None, sha, args.dim))
+        for s, lo in enumerate(range(0, args.n, 100_000)):
+            hi = min(args.n, lo + 100_000)
+            v = gen.sample(hi - lo, stream=s)
+            ids = list(range(lo, hi))
+            none = np.zeros(hi - lo, bool)
+            write_shard(
+                shards / shard_name(s), schema, ids, [f"img/{i}.jpg" for i in ids], [None] * (hi - lo), v, v, none
+            )
+    vecs = all_vectors(shards)
+    bias = bank.bias(vecs, "image")
+    builds = {}
+    for name, on in (("plain", False), ("querybank", True)):
+        t0 = time.perf_counter()
+        cfg = BuildConfig(index_type=args.index_type, flat_max=0, querybank=on)
+        build_index(shards, work / f"index-{args.index_type}-{name}", cfg)
+        builds[name] = time.perf_counter() - t0
+    q = gen.sample(args.queries, stream=77)
+    with Retriever(work / f"index-{args.index_type}-querybank") as r:
+        factory = r.manifest.indexes["image"].factory
+        r.search_vectors(q[:2], 10, query_modality="text")  # warm: reads the bias column once
+        hits = [r.search_vectors(q[i : i + 1], 10, query_modality="text")[0] for i in range(len(q))]
+        plain_ms, qb_ms = paired_ms(
+            lambda x: r.search_vectors(x, 10), lambda x: r.search_vectors(x, 10, query_modality="text"), q
+        )
+        plain = [r.search_vectors(q[i : i + 1], 10)[0] for i in range(len(q))]
+    truth = [np.argsort(-(vecs @ qi + bias), kind="stable")[:10].tolist() for qi in q]
+    same = float(np.mean([[h.id for h in hs] == t for hs, t in zip(hits, truth)]))
+    overlap = float(np.mean([len({h.id for h in hs} & set(t)) / 10 for hs, t in zip(hits, truth)]))
+    moved = float(np.mean([[h.id for h in a] != [h.id for h in b] for a, b in zip(hits, plain)]))
+    fetched = [h.report.extra["querybank_candidates"] for h in hits]
+    row = {
+        "n": args.n,
+        "dim": args.dim,
+        "factory": factory,
+        "build_s_plain": round(builds["plain"], 2),
+        "build_s_querybank": round(builds["querybank"], 2),
+        "ms_cosine": round(plain_ms, 3),
+        "ms_querybank": round(qb_ms, 3),
+        "latency_ratio": round(qb_ms / plain_ms, 2),
+        "top10_equal_to_brute_force": round(same, 4),
+        "recall@10_vs_brute_force": round(overlap, 4),
+        "queries_reordered": round(moved, 4),
+        "candidates_median": int(np.median(fetched)),
+        "candidates_max": int(max(fetched)),
+    }
+    print(f"\nquerybank ranking, N={args.n}, d={args.dim}, {factory}, {args.queries} queries one at a time, bank 4,096")
+    print(
+        "| build s (plain / bank) | ms cosine | ms querybank | ratio | top-10 = brute force | recall@10 | reordered | candidates median / max |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {row['build_s_plain']} / {row['build_s_querybank']} | {row['ms_cosine']} | {row['ms_querybank']} | "
+        f"{row['latency_ratio']} | {row['top10_equal_to_brute_force']} | {row['recall@10_vs_brute_force']} | "
+        f"{row['queries_reordered']} | {row['candidates_median']} / {row['candidates_max']} |"
+    )
+    return row
+
+
 def _burn(seconds: float) -> subprocess.Popen:
     """A child that keeps one core busy for `seconds` (stands in for any other work on the machine)."""
     code = f"import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass"
@@ -365,7 +447,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_child_dedup":
         child_dedup(sys.argv[2], sys.argv[3], float(sys.argv[4]))
         return
-    p.add_argument("what", choices=["filter", "dedup", "batch", "threads"])
+    p.add_argument("what", choices=["filter", "dedup", "batch", "threads", "querybank"])
     p.add_argument("--threshold", type=float, default=0.99)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--single-calls", type=int, default=5)
@@ -382,7 +464,13 @@ def main() -> None:
 
     if args.what != "threads":  # that mode compares thread counts itself
         faiss.omp_set_num_threads(args.threads)
-    benches = {"filter": bench_filter, "dedup": bench_dedup, "batch": bench_batch, "threads": bench_threads}
+    benches = {
+        "filter": bench_filter,
+        "dedup": bench_dedup,
+        "batch": bench_batch,
+        "threads": bench_threads,
+        "querybank": bench_querybank,
+    }
     result = benches[args.what](args)
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)

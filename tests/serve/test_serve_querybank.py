@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from serve_fixtures import make_client
 
 from retriever.data.sources import read_source
 from retriever.embed import EmbedConfig, embed_items
@@ -16,7 +17,6 @@ from retriever.models.folder import write_model_files
 from retriever.models.load import load_model
 from retriever.querybank import QueryBank, write_querybank
 from retriever.search import Retriever
-from serve_fixtures import make_client
 
 
 @pytest.fixture(scope="module")

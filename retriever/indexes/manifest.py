@@ -9,6 +9,8 @@
       image.ivfdata        (on-disk indexes) the inverted lists, memory-mapped at search time
       image.trained.faiss  (on-disk indexes) the trained empty index, to add blocks without retraining
       image.vectors*.npy   (re-ranking from disk) float32 vectors in row order, one file per build/add
+      querybank.safetensors  (a model with a querybank) its bank, to bias rows that --add appends;
+                           the rows files then hold each row's bias (retriever.querybank)
 
 The rows file is uncompressed Arrow so that search memory-maps it and reads only the k hits.
 """
@@ -92,7 +94,8 @@ def read_index_manifest(index_dir: str | Path) -> IndexManifest:
 # Names an index folder holds (see the module docstring); anything else means the folder is not ours.
 _INDEX_FILE = re.compile(
     r"^(manifest\.json|[a-z]+(\.trained)?\.faiss|[a-z]+\.rows\.arrow|[a-z]+\.ivfdata"
-    r"|[a-z]+\.vectors(\.\d+)?\.npy|\.block-\d+\.faiss|\..*\.tmp|onnx)$"  # onnx/: the model's export (retriever.onnx)
+    r"|[a-z]+\.vectors(\.\d+)?\.npy|\.block-\d+\.faiss|\..*\.tmp"
+    r"|onnx|querybank\.safetensors)$"  # onnx/: the model's export (retriever.onnx); the model's querybank
 )
 
 

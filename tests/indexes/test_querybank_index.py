@@ -144,6 +144,10 @@ def test_index_stores_the_bias_and_cross_modal_search_ranks_by_it_exactly(qb_ind
         off = r.search_vectors(queries, 10, "image", query_modality="text")
     assert [[h.id for h in hits] for hits in off] == [[h.id for h in hits] for hits in plain]
 
+    # an index holding a bank is still recognised as one: a rebuild replaces it
+    build_index(tmp_path / "shards", index_dir, BuildConfig(index_type="flat"))
+    assert (index_dir / BANK_FILE).is_file()
+
 
 def test_filtered_and_id_queries_use_the_bias_where_the_query_is_cross_modal(qb_index):
     tmp_path, bank, image, text, rng = qb_index

@@ -83,8 +83,10 @@ class QueryError(UserError):
 BatchProgress = Callable[[int, int], None]
 MASK_CACHE = 8  # filters remembered per Retriever (a batch usually repeats one)
 # A querybank-ranked query fetches at least this many candidates by cosine, and keeps fetching
-# (doubling) until no row left behind could outrank its k-th hit, up to QUERYBANK_MAX_FETCH.
-QUERYBANK_MIN_FETCH = 64
+# (four times as many each round) until no row left behind could outrank its k-th hit, up to
+# QUERYBANK_MAX_FETCH. Each round is a new faiss search, whose cost hardly depends on k: one
+# round of 256 costs what one of 64 does (bench_search.py querybank).
+QUERYBANK_MIN_FETCH = 256
 QUERYBANK_MAX_FETCH = 4096
 
 
@@ -484,7 +486,7 @@ class Retriever:
                     results[qi] = (s, r, absorbed, report)
                     finished.append(j)
             todo = np.delete(todo, finished)
-            fetch = min(oi.ntotal, fetch * 2)
+            fetch = min(oi.ntotal, fetch * (4 if lift.any() else 2))
         return self._to_hits(modality, results)  # type: ignore[arg-type]
 
     def _to_hits(self, modality: str, results: list[tuple[np.ndarray, np.ndarray, np.ndarray, QueryReport]]):

@@ -367,32 +367,20 @@ def embed_split(heads: Heads, data: Data, idx: list[int], image: torch.Tensor, r
 
 
 def _querybank_metrics(heads: Heads, data: Data, img, emb, text_image, image, r: Recipe, norm) -> dict:
-    """Recall with querybank normalisation (Bogolin et al. 2022, inverted softmax): a gallery
-    item's score is divided by its summed exp-similarity (temperature `r.querybank`) to a bank of
-    queries of the other modality, here the training split's captions and (eval-view) images, so
-    items that are near every query (hubs) rank lower. It is a per-item bias, so an index could
-    store it as one more dimension; the bias enters as that extra dimension here too."""
-    from retriever.metrics import RetrievalMetrics, direction_metrics, first_hit_ranks
+    """Recall with querybank normalisation (Bogolin et al. 2022, inverted softmax; the product's
+    `retriever.querybank`): a gallery item's score is divided by its summed exp-similarity
+    (temperature `r.querybank`) to a bank of queries of the other modality, here the training
+    split's captions and (eval-view) images, so items that are near every query (hubs) rank lower."""
+    from retriever.metrics import retrieval_metrics
+    from retriever.querybank import QueryBank
 
     assert not (r.unlock or r.unlock_text), "querybank scores the heads-only recipes"
     bank = data.splits["train+val" if (r.refit or r.old_protocol) else "train"]
     bank_img = F.normalize(heads.enc_image(norm(image[bank, 0])), dim=-1)
     rows = [data.row[c] for i in bank for c in data.items[i].captions]
     bank_txt = F.normalize(heads.enc_text(norm(data.tensors["text"][rows])), dim=-1)
-    tau = r.querybank
-
-    def biased(gallery, bank_rows):  # [g, -tau * log sum_b exp(<b, g> / tau)]
-        return torch.cat([gallery, -tau * torch.logsumexp(gallery @ bank_rows.T / tau, dim=1, keepdim=True)], 1)
-
-    def ones(x):
-        return torch.cat([x, torch.ones(len(x), 1)], 1)
-
-    captions_of: list[list[int]] = [[] for _ in range(len(img))]
-    for j, i in enumerate(text_image):
-        captions_of[i].append(j)
-    t2i = first_hit_ranks(ones(emb), biased(img, bank_txt), [[i] for i in text_image])
-    i2t = first_hit_ranks(ones(img), biased(emb, bank_img), captions_of)
-    return RetrievalMetrics(direction_metrics(t2i), direction_metrics(i2t), len(img), len(emb)).flat()
+    qb = QueryBank(bank_txt.numpy(), bank_img.numpy(), r.querybank, "")
+    return retrieval_metrics(img, emb, text_image, querybank=qb).flat()
 
 
 def _train_mode(heads: Heads, r: Recipe) -> None:

@@ -441,7 +441,13 @@ class Retriever:
         extra = max((len(r) for r in own_rows), default=0)
         fetch = (3 * k if dedup is not None else k) + extra
         tau = oi.entry.extra.get("querybank", {}).get("tau") if self.querybank and oi.has_querybank else None
-        lift = cross * oi.querybank_bias_max if tau is not None else np.zeros(len(q), np.float32)
+        # How far a row not yet fetched could climb: the largest bias among the rows it may be.
+        top_bias = 0.0
+        if tau is not None and flt is None:
+            top_bias = oi.querybank_bias_max
+        elif tau is not None and flt is not None and flt.matching:
+            top_bias = float(oi.querybank_bias(flt.rows).max())
+        lift = cross * top_bias if tau is not None else np.zeros(len(q), np.float32)
         if tau is not None and (cross > 0).any():
             fetch = max(fetch, QUERYBANK_MIN_FETCH)
         while len(todo):

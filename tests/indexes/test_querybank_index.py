@@ -161,6 +161,9 @@ def test_filtered_and_id_queries_use_the_bias_where_the_query_is_cross_modal(qb_
         same = r.search("id:2", modality="text", k=5, keep_query=True)
     score = np.where(blue, image @ q[0] + bank.bias(image, "image"), -np.inf)
     assert [h.id for h in hits] == np.argsort(-score, kind="stable")[:5].tolist()
+    assert hits.report.extra["querybank_candidates"] >= 5
+    with Retriever(tmp_path / "index") as r:  # a filter nothing matches: no hits, no error
+        assert list(r.search_vectors(q, 5, "image", where="colour = 'green'", query_modality="text")[0]) == []
     assert cross.report.extra.get("querybank_tau") == pytest.approx(0.1)
     assert "querybank_tau" not in same.report.extra
     assert same[0].id == 2

@@ -137,7 +137,7 @@ def add_compat_routes(app: FastAPI, registry: Registry, searcher: Searcher, conf
                 return Query(item_id=item[1])
             loop = asyncio.get_running_loop()
             vec = await loop.run_in_executor(None, item_query_vector, served, item[1])
-            return Query(vector=vec[0].tolist())
+            return Query(vector=vec[0].tolist(), vector_of="image")  # an item's image vector
         return Query(image=await image_from_url(config, registry, base_url, url))
 
 

@@ -34,6 +34,7 @@ class Query:
     image: bytes | None = None
     item_id: int | None = None
     vector: list[float] | None = None
+    vector_of: str | None = None  # the modality a vector came from ("image"), when the server knows it
 
     @property
     def kind(self) -> str:
@@ -105,7 +106,7 @@ class Searcher:
             loop = asyncio.get_running_loop()
             # An image or an item (searched with its image vector) may use the querybank; a raw vector
             # is of no known modality.
-            of = "image" if q.image is not None or q.item_id is not None else None
+            of = "image" if q.image is not None or q.item_id is not None else q.vector_of
             hits = await loop.run_in_executor(None, _search_one, served, vec, k + extra, modality, of)
             if q.item_id is not None:
                 hits = [h for h in hits if h.id != q.item_id][:k]

@@ -63,3 +63,21 @@ def test_served_text_and_image_queries_rank_like_the_library(qb_served):
         i2i = c.post("/v1/search", json={"image": data, "k": 5, "modality": "image"}).json()["hits"]
     assert [h["id"] for h in i2t] == want_i2t
     assert [h["id"] for h in i2i] == want_i2i  # image→image: cosine, the bank is not used
+
+
+def test_the_front_similar_button_on_captions_ranks_as_an_image_query(qb_served):
+    """clip-retrieval's front sends a hit's url back as image_url: the server searches with that
+    item's stored image vector, so asking for captions is image→text and uses the querybank."""
+    import json
+
+    model, index, _ = qb_served
+    with Retriever(index, model) as r:
+        vec = r._opened("image").vectors(np.array([7]))
+        want = [h.id for h in r.search_vectors(vec, 5, "text", query_modality="image")[0]]
+    body = {"text": "", "image": None, "embedding_input": None, "modality": "text", "num_images": 5}
+    body.update(indice_name="emoji", num_result_ids=5, deduplicate=False, use_mclip=False)
+    with make_client(index, model, watch_seconds=0) as c:
+        url = "http://testserver/v1/indexes/emoji/items/7/image"  # a hit's url, as /knn-service gives it
+        got = c.post("/knn-service", content=json.dumps({**body, "image_url": url}))
+    assert got.status_code == 200, got.text
+    assert [h["id"] for h in got.json()] == want

@@ -99,20 +99,17 @@ def write_querybank(folder: str | Path, bank: QueryBank) -> Path:
 def read_querybank(folder: str | Path, weights_sha256: str | None = None) -> QueryBank | None:
     """The bank in `folder`, or None when there is none, or it belongs to other weights than
     `weights_sha256` (a model retrained in place keeps no stale bank), or it cannot be read."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
+    from safetensors import SafetensorError, safe_open
 
-    path = Path(folder) / BANK_FILE
     try:
-        data = path.read_bytes()
-        tensors = load(data)
-        meta = _metadata(data)
-        bank = QueryBank(
-            text=tensors["text"].astype(np.float32),
-            image=tensors["image"].astype(np.float32),
-            tau=float(meta["tau"]),
-            weights_sha256=str(meta["weights_sha256"]),
-        )
+        with safe_open(str(Path(folder) / BANK_FILE), framework="numpy") as f:
+            meta = f.metadata() or {}
+            bank = QueryBank(
+                text=f.get_tensor("text").astype(np.float32),
+                image=f.get_tensor("image").astype(np.float32),
+                tau=float(meta["tau"]),
+                weights_sha256=str(meta["weights_sha256"]),
+            )
     except (OSError, KeyError, ValueError, SafetensorError):
         return None
     if weights_sha256 is not None and bank.weights_sha256 != weights_sha256:
@@ -126,13 +123,4 @@ def model_querybank(model_name: str, weights_sha256: str) -> QueryBank | None:
     """The bank of a model given as `local-dir:FOLDER` (the only kind that can carry one)."""
     if not model_name.startswith("local-dir:"):
         return None
-    return read_querybank(Path(model_name[len("local-dir:") :]).expanduser(), weights_sha256)
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    """A safetensors file's `__metadata__` (safetensors.numpy.load drops it)."""
-    import json
-    import struct
-
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+    return read_querybank(Path(model_name.removeprefix("local-dir:")).expanduser(), weights_sha256)

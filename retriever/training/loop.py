@@ -733,16 +733,6 @@ def _fit_querybank(run: _Run) -> dict | None:
         weights = load_file(str(best / WEIGHTS_FILE))
         run.model.load_state_dict(weights)
         run.model.eval()
-        if run.cfg.querybank == "auto" and run.splits.val:
-            _status(run.callbacks, run.ranks, "Querybank: embedding the training split, choosing tau on validation")
-        elif run.cfg.querybank == "auto":
-            _status(
-                run.callbacks,
-                run.ranks,
-                "No querybank: no validation split to choose tau on (--querybank 0.1 fixes one)",
-            )
-        elif run.cfg.querybank != "off":
-            _status(run.callbacks, run.ranks, f"Querybank: embedding the training split for tau {run.cfg.querybank}")
         with torch.no_grad():
             result = fit_querybank(
                 run.encoder,
@@ -755,14 +745,10 @@ def _fit_querybank(run: _Run) -> dict | None:
                 batch_size=run.cfg.eval_batch_size,
                 workers=run.cfg.workers,
                 seed=run.cfg.seed,
+                say=lambda line: _status(run.callbacks, run.ranks, line),
             )
-        if result.get("tau") is not None:
-            _status(run.callbacks, run.ranks, f"Querybank normalisation on, tau {result['tau']} ({BANK_NOTE})")
     distributed.barrier()
     return distributed.broadcast_object(result)
-
-
-BANK_NOTE = "cross-modal searches of indexes built from best/ rank hubs lower"
 
 
 def _evaluate_folder(folder: Path, items, cfg, device, precision, ranks, cb) -> dict | None:

@@ -441,14 +441,10 @@ class Retriever:
         extra = max((len(r) for r in own_rows), default=0)
         fetch = (3 * k if dedup is not None else k) + extra
         tau = oi.entry.extra.get("querybank", {}).get("tau") if self.querybank and oi.has_querybank else None
+        biased = cross > 0 if tau is not None else np.zeros(len(q), bool)  # queries ranked with the bias
         # How far a row not yet fetched could climb: the largest bias among the rows it may be.
-        top_bias = 0.0
-        if tau is not None and flt is None:
-            top_bias = oi.querybank_bias_max
-        elif tau is not None and flt is not None and flt.matching:
-            top_bias = float(oi.querybank_bias(flt.rows).max())
-        lift = cross * top_bias if tau is not None else np.zeros(len(q), np.float32)
-        if tau is not None and (cross > 0).any():
+        lift = cross * oi.querybank_bias_max(flt) if biased.any() else np.zeros(len(q), np.float32)
+        if biased.any():
             fetch = max(fetch, QUERYBANK_MIN_FETCH)
         while len(todo):
             cand = oi.candidates(q[todo], fetch, flt)
@@ -466,7 +462,7 @@ class Retriever:
                     ok &= ~own
                 s, r = s[ok], r[ok]
                 rank_by = s
-                if tau is not None and cross[qi] > 0:
+                if biased[qi]:
                     rank_by = s + cross[qi] * oi.querybank_bias(r)
                     order = np.argsort(-rank_by, kind="stable")
                     s, r, rank_by = s[order], r[order], rank_by[order]
@@ -480,7 +476,7 @@ class Retriever:
                 # With the bias, a row not fetched could still outrank the k-th hit: it has a cosine
                 # of at most `tail` and a bias of at most the largest. Past the cap, accept.
                 settled = len(r) >= k and (
-                    rank_by[k - 1] >= tail + lift[qi] or fetch >= QUERYBANK_MAX_FETCH or lift[qi] == 0
+                    not biased[qi] or rank_by[k - 1] >= tail + lift[qi] or fetch >= QUERYBANK_MAX_FETCH
                 )
                 if settled or exhausted or below_floor_tail:
                     s, r, absorbed = s[:k], r[:k], absorbed[:k]
@@ -492,7 +488,7 @@ class Retriever:
                     results[qi] = (s, r, absorbed, report)
                     finished.append(j)
             todo = np.delete(todo, finished)
-            fetch = min(oi.ntotal, fetch * (4 if lift.any() else 2))
+            fetch = min(oi.ntotal, fetch * (4 if biased.any() else 2))
         return self._to_hits(modality, results)  # type: ignore[arg-type]
 
     def _to_hits(self, modality: str, results: list[tuple[np.ndarray, np.ndarray, np.ndarray, QueryReport]]):

@@ -51,6 +51,7 @@ class RowFilter:
     mask: np.ndarray  # bool per faiss row
     rows: np.ndarray = None  # type: ignore[assignment]  # faiss rows where mask is True
     gathered: faiss.IndexFlatIP | None = None
+    bias_max: float | None = None  # the largest querybank bias among the rows (OpenIndex sets it)
 
     def __post_init__(self):
         self.mask = np.asarray(self.mask, bool)
@@ -121,6 +122,7 @@ class OpenIndex:
             )
         self._direct_map = False
         self._bias: np.ndarray | None = None
+        self._bias_max: float | None = None
         self.has_querybank = BIAS_COLUMN in self.rows.schema.names
 
     @property
@@ -252,11 +254,17 @@ class OpenIndex:
         """The querybank bias of faiss rows (`retriever.querybank`), read once per open index."""
         return self._biases()[np.asarray(rows, np.int64)]
 
-    @property
-    def querybank_bias_max(self) -> float:
-        """The largest bias of any row: how far a row not yet fetched could climb."""
-        b = self._biases()
-        return float(b.max()) if len(b) else 0.0
+    def querybank_bias_max(self, flt: RowFilter | None = None) -> float:
+        """The largest bias of any row (of the filter's rows): how far a row not yet fetched could
+        climb. Computed once per index and once per filter (filters are cached with their rows)."""
+        if flt is None:
+            if self._bias_max is None:
+                b = self._biases()
+                self._bias_max = float(b.max()) if len(b) else 0.0
+            return self._bias_max
+        if flt.bias_max is None:
+            flt.bias_max = float(self.querybank_bias(flt.rows).max()) if flt.matching else 0.0
+        return flt.bias_max
 
     def _biases(self) -> np.ndarray:
         if self._bias is None:

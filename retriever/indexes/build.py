@@ -86,7 +86,7 @@ def build_index(
 
 def _build_into(ss: ShardSet, out: Path, specs: dict[str, IndexSpec], cfg: BuildConfig, progress) -> IndexManifest:
     built: dict[str, ModalityIndex] = {}
-    bank = model_querybank(ss.identity.name, ss.identity.weights_sha256) if cfg.querybank else None
+    bank = build_querybank(ss, cfg)
     with atomic_dir(out) as tmp:
         if bank is not None:
             write_querybank(tmp, bank)  # --add biases its new rows with the same bank
@@ -194,7 +194,7 @@ def _build_one(
     )
     schema = rows_schema(ss.metadata_fields, querybank=bank is not None)
     if bank is not None:
-        entry.extra["querybank"] = {"tau": bank.tau, "bank_rows": len(bank.bank_for(modality))}
+        entry.extra["querybank"] = querybank_extra(bank, modality)
     batches = ss.iter_vectors(modality, cfg.batch_size, extra_columns=schema.names)
     index = add_batches(
         index,
@@ -303,6 +303,16 @@ def add_batches(
             p.unlink()
         index = ondisk.open_on_disk(out / entry.file)
     return index
+
+
+def build_querybank(ss: ShardSet, cfg: BuildConfig) -> QueryBank | None:
+    """The bank an index of `ss` biases its rows with: its model folder's, unless turned off."""
+    return model_querybank(ss.identity.name, ss.identity.weights_sha256) if cfg.querybank else None
+
+
+def querybank_extra(bank: QueryBank, modality: str) -> dict:
+    """What a `modality` index's manifest entry records of its bank."""
+    return {"tau": bank.tau, "bank_rows": len(bank.bank_for(modality))}
 
 
 def row_bias(bank: QueryBank | None, modality: str) -> Callable[[np.ndarray], np.ndarray] | None:

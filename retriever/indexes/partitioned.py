@@ -38,14 +38,22 @@ from retriever.atomic import atomic_dir, clean_stale_siblings, write_json_atomic
 from retriever.errors import UserError
 from retriever.indexes import memory as select
 from retriever.indexes import ondisk
-from retriever.indexes.build import BuildConfig, add_batches, new_index, plan_index, row_bias
+from retriever.indexes.build import (
+    BuildConfig,
+    add_batches,
+    build_querybank,
+    new_index,
+    plan_index,
+    querybank_extra,
+    row_bias,
+)
 from retriever.indexes.choose import IndexSpec
 from retriever.indexes.files import damaged, open_rows, read_faiss
 from retriever.indexes.manifest import MANIFEST, MODALITIES, IndexManifest, ModalityIndex, check_replaceable
 from retriever.indexes.rows import rows_schema
 from retriever.locks import folder_lock
 from retriever.parts import missing_parts
-from retriever.querybank import BANK_FILE, model_querybank, read_querybank, write_querybank
+from retriever.querybank import BANK_FILE, QueryBank, read_querybank, write_querybank
 from retriever.shards import ShardSet
 
 PLAN = "plan.json"
@@ -118,7 +126,7 @@ def prepare(ss: ShardSet, out: Path, num_parts: int, cfg: BuildConfig) -> dict:
             return old
         trained = stage / "trained"
         trained.mkdir(parents=True, exist_ok=True)
-        bank = model_querybank(ss.identity.name, ss.identity.weights_sha256) if cfg.querybank else None
+        bank = build_querybank(ss, cfg)
         if bank is not None:  # every part biases its rows with this one copy
             write_querybank(trained, bank)
         plan["querybank"] = bank.tau if bank is not None else None
@@ -150,9 +158,7 @@ def build_part(shards: str | Path | ShardSet, out_dir: str | Path, part: int, nu
     view.shards = ss.shards[lo:hi]
     t0 = time.perf_counter()
     entries = {}
-    bank = read_querybank(stage / "trained", plan["model"]["weights_sha256"]) if plan.get("querybank") else None
-    if plan.get("querybank") and bank is None:
-        raise damaged(stage / "trained" / BANK_FILE, FileNotFoundError("missing or unreadable"), _start_over(stage))
+    bank = _staged_querybank(stage, plan)
     schema = rows_schema(ss.metadata_fields, querybank=bank is not None)  # as a one-process build's rows file
     with atomic_dir(done_dir) as tmp:
         for m, spec_d in plan["specs"].items():
@@ -234,14 +240,15 @@ def _merge_locked(out: Path) -> IndexManifest:
             _check_part_files(stage, i, n, p["entries"][m])
     t0 = time.perf_counter()
     built: dict[str, ModalityIndex] = {}
+    bank = _staged_querybank(stage, plan)
     with atomic_dir(out) as tmp:
-        if plan.get("querybank"):
-            shutil.copyfile(stage / "trained" / BANK_FILE, tmp / BANK_FILE)
+        if bank is not None:
+            write_querybank(tmp, bank)
         for m, spec_d in plan["specs"].items():
             spec = IndexSpec(**spec_d)
             entry = _entry(m, spec, parts[0]["entries"][m]["dim"])
-            if plan.get("querybank"):
-                entry.extra["querybank"] = {"tau": plan["querybank"]}
+            if bank is not None:
+                entry.extra["querybank"] = querybank_extra(bank, m)
             entry.trained_file = f"{m}.trained.faiss"
             shutil.copyfile(stage / "trained" / entry.trained_file, tmp / entry.trained_file)
             blocks, rows_files = [], []
@@ -277,6 +284,16 @@ def _merge_locked(out: Path) -> IndexManifest:
         write_json_atomic(tmp / MANIFEST, manifest.to_dict())
     shutil.rmtree(stage, ignore_errors=True)  # the index now holds copies of everything it needs
     return manifest
+
+
+def _staged_querybank(stage: Path, plan: dict) -> QueryBank | None:
+    """The bank the plan's first part staged for every part and the merge (None: the plan has none)."""
+    if not plan.get("querybank"):
+        return None
+    bank = read_querybank(stage / "trained", plan["model"]["weights_sha256"])
+    if bank is None:
+        raise damaged(stage / "trained" / BANK_FILE, FileNotFoundError("missing or unreadable"), _start_over(stage))
+    return bank
 
 
 def _start_over(stage: Path) -> str:

@@ -21,8 +21,8 @@ def _before_after(title: str, *rows: tuple[str, dict]) -> Table:
     return t
 
 
-def querybank_line(after: dict) -> str | None:
-    """One sentence on querybank ranking of a tuned model's figures (`heldout_recall`), or None."""
+def querybank_line(after: dict, whose: str = "Tuned") -> str | None:
+    """One sentence on querybank ranking of a model's figures (`heldout_recall`), or None."""
     tau, plain = after.get("querybank_tau"), after.get("plain")
     if tau is None or not plain:
         return None
@@ -31,7 +31,7 @@ def querybank_line(after: dict) -> str | None:
         " / ".join(f"{100 * plain[k]:.1f}" for k in _KEYS[3:]),
     )
     return (
-        f"Tuned figures rank with querybank normalisation (tau {tau}, chosen on validation), as searches of its "
+        f"{whose} figures rank with querybank normalisation (tau {tau}, chosen on validation), as searches of its "
         f"index do; by plain cosine they would be t2i {figures[0]}, i2t {figures[1]} (R@1/5/10, %)."
     )
 
@@ -99,10 +99,10 @@ def print_domain_report(console: Console, r) -> None:
         else f"fine-tuned on {r.train_images} (epoch {r.best_epoch})"
     )
     console.print(_before_after(title, ("demo model", r.before), (tuned, r.after)))
-    for label, figures in (("The demo model's", r.before), ("The fine-tuned model's", r.after)):
-        line = querybank_line(figures)
+    for whose, figures in (("The demo model's", r.before), ("The fine-tuned model's", r.after)):
+        line = querybank_line(figures, whose)
         if line:
-            console.print(line.replace("Tuned figures", f"{label} figures"), highlight=False)
+            console.print(line, highlight=False)
     console.print(
         f"Held-out R@10 lift: text→image {r.lift('t2i_R@10'):.2f}×, image→text {r.lift('i2t_R@10'):.2f}× "
         f"(epoch count chosen on {r.val_images} validation items"

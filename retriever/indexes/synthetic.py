@@ -63,12 +63,14 @@ def write_synthetic_shards(
     first_id: int = 0,
     stream: int = 0,
     captions_every: int = 0,
+    identity: ModelIdentity | None = None,
 ) -> Path:
     """Write n generated rows as shards part-00000… (ids first_id…); every `captions_every`-th row
     gets a caption and a text vector (0: none). Each row has a metadata column `bucket` = id mod
-    1000, so `bucket < 50` selects 5% of the rows, spread over every cluster. Returns the folder."""
+    1000, so `bucket < 50` selects 5% of the rows, spread over every cluster. `identity`: the model
+    the shards claim (default: the generator's own). Returns the folder."""
     folder = Path(folder)
-    schema = shard_schema(gen.identity(), metadata_fields=[pa.field("bucket", pa.int64())])
+    schema = shard_schema(identity or gen.identity(), metadata_fields=[pa.field("bucket", pa.int64())])
     for s, lo in enumerate(range(0, n, shard_rows)):
         m = min(shard_rows, n - lo)
         img = gen.sample(m, stream=stream * 1_000_003 + s)

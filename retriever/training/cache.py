@@ -288,8 +288,8 @@ def reusable_rows(
                 listed = json.loads(_listing(path).read_text())
                 hits = []
                 if int(meta["views"]) >= views:  # captions are reusable whatever the views
-                    idents = [tuple(x) for x in listed["items"]]
-                    hits = [(row, wanted[x]) for row, x in enumerate(idents) if x in wanted]
+                    theirs = (tuple(x) for x in listed["items"])  # the file's rows' item identities
+                    hits = [(row, wanted[x]) for row, x in enumerate(theirs) if x in wanted]
                     hits = [(row, i) for row, i in hits if i not in found.image]
                 if hits:
                     image = f.get_tensor("image")

@@ -559,9 +559,10 @@ def _fit(data: Data, r: Recipe, heldout: bool = True) -> tuple[Run, Heads]:
             x_txt = data.text_input(rows, norm) if r.unlock_text else norm(text[rows])
             for g in opt.param_groups:
                 g["lr"] = _lr(step, g["base"], warmup, total)
-            # Same concept (its two styles) or the same caption text: a true match, not a negative.
-            sel_t, rows_t = torch.tensor(sel), torch.tensor(rows)
-            positives = (sel_t[:, None] == sel_t[None, :]) | (rows_t[:, None] == rows_t[None, :])
+            positives = None
+            if r.loss == "infonce-multi":  # same concept (its two styles) or caption text: a match
+                sel_t, rows_t = torch.tensor(sel), torch.tensor(rows)
+                positives = (sel_t[:, None] == sel_t[None, :]) | (rows_t[:, None] == rows_t[None, :])
             loss = _loss(heads, heads.enc_image(x_img), heads.enc_text(x_txt), r.loss, positives)
             opt.zero_grad(set_to_none=True)
             loss.backward()
